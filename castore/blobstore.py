@@ -1,0 +1,216 @@
+"""Key -> bytes on LMDB: environments, named databases, map growth, the writer lock.
+
+Knows nothing of manifests or arrays.  Guarantees:
+
+* one LMDB environment per store path per process, shared by every opener (LMDB refuses
+  a second one), and never reused in a forked child;
+* the LMDB map grows by itself: writes are run through :meth:`BlobStore.write`, which
+  retries its function after growing the map when LMDB reports it full;
+* a single writer process per store: :meth:`BlobStore.acquire_writer` takes an exclusive
+  ``flock`` at once or raises :class:`StoreLockedError` naming the holder's PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+
+import lmdb
+
+from .errors import FormatError, StoreLockedError, UsageError
+
+log = logging.getLogger(__name__)
+
+DATABASES = (b"meta", b"chunks", b"pages", b"steps")
+INITIAL_MAP_BYTES = 1 << 30
+LOCK_FILE = "writer.lock"
+
+
+class _SharedLock:
+    """Many holders of ``shared()`` or one of ``exclusive()``: txns vs. map resizes."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class BlobStore:
+    """An LMDB environment with the named databases of a castore store."""
+
+    _open: dict[str, "BlobStore"] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str, *, create: bool = True, readonly: bool = False) -> "BlobStore":
+        """The process's shared environment for ``path``; each call must be paired with close()."""
+        real = os.path.realpath(path)
+        with cls._registry_lock:
+            existing = cls._open.get(real)
+            if existing is not None and existing.pid == os.getpid():
+                if existing.readonly and not readonly:
+                    raise UsageError(f"store {path} is already open read-only in this process")
+                existing.refs += 1
+                return existing
+            store = cls(real, create=create, readonly=readonly)
+            cls._open[real] = store
+            return store
+
+    def __init__(self, path: str, *, create: bool, readonly: bool):
+        if not os.path.isdir(path):
+            if not create or readonly:
+                raise FileNotFoundError(f"no castore store at {path}")
+            os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.readonly = readonly
+        self.pid = os.getpid()
+        self.refs = 1
+        self._lock = _SharedLock()
+        self._write_mutex = threading.RLock()
+        self._writer_fd: int | None = None
+        try:
+            self.env = lmdb.open(
+                path, map_size=INITIAL_MAP_BYTES, max_dbs=len(DATABASES), subdir=True,
+                readonly=readonly, create=not readonly, max_readers=256,
+            )
+            self.dbs = {name.decode(): self.env.open_db(name, create=not readonly) for name in DATABASES}
+        except lmdb.Error as exc:
+            raise FormatError(f"cannot open LMDB store at {path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._registry_lock:
+            self.refs -= 1
+            if self.refs > 0:
+                return
+            if self._open.get(self.path) is self:
+                del self._open[self.path]
+        self._release_writer()
+        self.env.close()
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def read(self):
+        """A read transaction whose ``get`` returns memoryviews valid until it ends."""
+        while True:
+            with self._lock.shared():
+                txn = self._begin(write=False)
+                if txn is not None:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            self._adopt_map_size()
+
+    def write(self, fn, *args):
+        """Run ``fn(txn, *args)`` in a write transaction and commit; returns its result.
+
+        ``fn`` may be run more than once: when the map is full the transaction is aborted,
+        the map grown and ``fn`` run again, so ``fn`` must only put and delete.
+        """
+        if self.readonly:
+            raise UsageError(f"store {self.path} is open read-only")
+        with self._write_mutex:
+            resized = False
+            while True:
+                if resized:
+                    self._adopt_map_size()
+                    resized = False
+                with self._lock.shared():
+                    txn = self._begin(write=True)
+                    if txn is None:
+                        resized = True
+                        continue
+                    try:
+                        result = fn(txn, *args)
+                        txn.commit()
+                        return result
+                    except lmdb.MapFullError:
+                        txn.abort()
+                    except BaseException:
+                        txn.abort()
+                        raise
+                self._grow_map()
+
+    def reserve(self, nbytes: int) -> None:
+        """Grow the map ahead of a write of about ``nbytes`` so it rarely hits the limit."""
+        info = self.env.info()
+        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        if info["map_size"] - used < 2 * nbytes + (64 << 20):
+            self._grow_map(used + 2 * nbytes + (64 << 20))
+
+    def _begin(self, *, write: bool):
+        """A transaction, or None when another process grew the map (adopt, then retry)."""
+        try:
+            return self.env.begin(write=write, buffers=True)
+        except lmdb.MapResizedError:
+            return None
+
+    def _adopt_map_size(self) -> None:
+        with self._lock.exclusive():
+            self.env.set_mapsize(0)
+
+    def _grow_map(self, at_least: int = 0) -> None:
+        with self._lock.exclusive():
+            current = self.env.info()["map_size"]
+            new = max(current * 2, at_least)
+            log.info("growing LMDB map of %s from %d to %d bytes", self.path, current, new)
+            self.env.set_mapsize(new)
+
+    # -- the single-writer lock -----------------------------------------------------------
+
+    def acquire_writer(self) -> None:
+        """Take the store's writer lock for this process, or raise at once if held elsewhere."""
+        with self._registry_lock:
+            if self._writer_fd is not None:
+                return
+            if self.readonly:
+                raise UsageError(f"store {self.path} is open read-only")
+            fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise StoreLockedError(self.path, int(holder) if holder.isdigit() else None) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._writer_fd = fd
+
+    def _release_writer(self) -> None:
+        if self._writer_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._writer_fd, 0)
+            os.close(self._writer_fd)  # closing the descriptor drops the flock
+            self._writer_fd = None
+
+    def file_bytes(self) -> int:
+        return os.path.getsize(os.path.join(self.path, "data.mdb"))

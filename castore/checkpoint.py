@@ -1,0 +1,278 @@
+"""The elements-style facade: register components by attribute, save and load them.
+
+``cp.agent = agent`` registers anything with ``save() -> state`` and ``load(state)``;
+any other value is stored as it is and, after a load, the attribute holds the loaded
+value.  ``save()`` may return a generator of shards; ``load`` then gets an iterator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from . import codec
+from .errors import SelectionError, StepNotFoundError, UsageError
+from .store import SaveResult, Store
+
+log = logging.getLogger(__name__)
+
+
+def _is_component(value) -> bool:
+    return callable(getattr(value, "save", None)) and callable(getattr(value, "load", None))
+
+
+class Checkpoint:
+    """Components registered as attributes, saved as steps of a :class:`Store`.
+
+    ``Checkpoint(path)`` opens (or creates) the store at ``path``.  Keyword arguments go
+    to :class:`Store`: ``verify``, ``allow_pickle``, ``chunk_bytes``, ``readonly``.
+    """
+
+    def __init__(self, path: str | os.PathLike, **store_options):
+        object.__setattr__(self, "_components", {})
+        object.__setattr__(self, "_store", Store(path, **store_options))
+        object.__setattr__(self, "_options", store_options)
+
+    # -- components as attributes ---------------------------------------------------------------
+
+    def __setattr__(self, name: str, value) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        elif hasattr(type(self), name):
+            raise UsageError(f"{name!r} is a Checkpoint method; register the component under another name")
+        else:
+            self._components[name] = value
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._components[name]
+        except KeyError:
+            raise AttributeError(f"no component {name!r} is registered on this Checkpoint") from None
+
+    def __delattr__(self, name: str) -> None:
+        if self._components.pop(name, None) is None:
+            raise AttributeError(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._components
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def path(self) -> str:
+        return self._store.path
+
+    # -- saving -------------------------------------------------------------------------------------
+
+    def save(self, step: int | None = None, *, keys=None, overwrite: bool = False) -> SaveResult:
+        """Save the registered components (or ``keys``) as one step; returns what it did.
+
+        The step number is ``step`` if given, else ``int()`` of the state of a component
+        named ``step``, else one past the latest step.  Saving the same state again under
+        an existing step does nothing; different state under it needs ``overwrite=True``.
+        """
+        names = self._names(keys)
+        states = {name: self._state_of(name) for name in names}
+        if step is None:
+            step = self._step_number(states)
+        result = self._store.save(step, states, overwrite=overwrite)
+        log.info("saved step %d: %d new of %d logical bytes in %.3fs", result.step,
+                 result.new_bytes, result.logical_bytes, result.seconds)
+        return result
+
+    def _names(self, keys) -> list[str]:
+        if keys is None:
+            if not self._components:
+                raise UsageError("no components are registered: assign some first (cp.agent = agent)")
+            return list(self._components)
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        unknown = [k for k in keys if k not in self._components]
+        if unknown:
+            raise UsageError(f"components {unknown} are not registered on this Checkpoint")
+        return keys
+
+    def _state_of(self, name: str):
+        value = self._components[name]
+        return value.save() if _is_component(value) else value
+
+    def _step_number(self, states: dict) -> int:
+        if "step" in states:
+            state = states["step"]
+            try:
+                return int(state)
+            except (TypeError, ValueError):
+                raise UsageError(
+                    f"the 'step' component saved {type(state).__name__}, not a number; pass save(step=...)"
+                ) from None
+        latest = self._store.latest()
+        return 0 if latest is None else latest + 1
+
+    # -- loading ------------------------------------------------------------------------------------
+
+    def load(self, path: str | os.PathLike | None = None, *, step: int | None = None, keys=None,
+             regex: str | None = None, verify: bool | None = None) -> int:
+        """Load a step (default: latest) into the registered components; returns the step.
+
+        ``path`` loads from another store.  ``keys`` picks components (default: every
+        registered one).  ``regex`` picks leaves by path (``re.match``); the rest keep their
+        current values.  Raises StepNotFoundError, SelectionError, IntegrityError.
+        """
+        if path is None or os.path.realpath(path) == os.path.realpath(self.path):
+            return self._load_from(self._store, step, keys, regex, verify)
+        with Store(path, create=False, allow_pickle=self._options.get("allow_pickle", False)) as other:
+            return self._load_from(other, step, keys, regex, verify)
+
+    def _load_from(self, store: Store, step, keys, regex, verify) -> int:
+        if keys is None:
+            keys = list(self._components)
+            if not keys:
+                raise UsageError("no components are registered: assign some first, or pass keys=")
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        step = store.latest() if step is None else step
+        if step is None:
+            raise StepNotFoundError(f"store {store.path} has no steps yet")
+        data = store.load(step, keys=keys, regex=regex, verify=verify)
+        if regex is not None:
+            data = self._merge_selected(data, regex)
+        for name, state in data.items():
+            self._apply(name, state)
+        log.info("loaded step %d (%s) from %s", step, ", ".join(data), store.path)
+        return step
+
+    def _apply(self, name: str, state) -> None:
+        value = self._components.get(name)
+        if _is_component(value):
+            value.load(state)
+        else:
+            self._components[name] = state
+
+    def _merge_selected(self, data: dict, regex: str) -> dict:
+        """Merge each component's selected leaves into its current state, checking fit."""
+        merged, problems = {}, []
+        for name, selected in data.items():
+            if name not in self._components:
+                raise UsageError(f"regex loading needs a current state: register {name!r} first")
+            current = self._state_of(name)
+            if not isinstance(current, (dict, list, tuple)):
+                raise UsageError(f"regex loading of {name!r} needs a dict/list state, got {type(current).__name__}")
+            have = dict(codec.leaves(current))
+            for path, value in selected.items():
+                problem = _mismatch(path, have, value)
+                if problem:
+                    problems.append(f"{name}/{path}: {problem}")
+            merged[name] = codec.replace_leaves(current, selected)
+        if problems:
+            raise SelectionError(f"regex {regex!r} selects leaves that do not fit: " + "; ".join(problems[:50]))
+        return {name: state for name, state in merged.items() if data[name]}
+
+    def load_or_save(self) -> int:
+        """Load the latest step if the store has one, else save the current state as a step."""
+        if self.exists():
+            return self.load()
+        return self.save().step
+
+    # -- listing and lifecycle -------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        return self._store.steps()
+
+    def latest(self) -> int | None:
+        return self._store.latest()
+
+    def exists(self, step: int | None = None) -> bool:
+        """Whether the store has any step (or the given one)."""
+        return self._store.latest() is not None if step is None else self._store.has_step(step)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _mismatch(path: str, have: dict, value) -> str | None:
+    if path not in have:
+        return "not in the current state"
+    current = have[path]
+    if isinstance(current, np.ndarray) or isinstance(value, np.ndarray):
+        cur_shape, cur_dtype = np.shape(current), getattr(current, "dtype", type(current).__name__)
+        if not isinstance(value, np.ndarray) or value.shape != cur_shape or value.dtype != cur_dtype:
+            new = (value.shape, value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
+            return f"stored {new} vs current {(cur_shape, cur_dtype)}"
+    elif type(current) is not type(value):
+        return f"stored {type(value).__name__} vs current {type(current).__name__}"
+    return None
+
+
+class Every:
+    """``should_save = Every(steps=10_000)`` or ``Every(seconds=900)``: the save_every habit.
+
+    Calling it with the current step returns True on the first call (unless
+    ``initial=False``) and then each time the step has advanced by ``steps`` or
+    ``seconds`` have passed since it last returned True; with both, whichever comes first.
+    """
+
+    def __init__(self, steps: int | None = None, seconds: float | None = None, *, initial: bool = True):
+        if steps is None and seconds is None:
+            raise UsageError("Every needs steps= or seconds=")
+        if (steps is not None and steps < 0) or (seconds is not None and seconds < 0):
+            raise UsageError("Every intervals must not be negative")
+        self.steps, self.seconds, self.initial = steps, seconds, initial
+        self._last_step: int | None = None
+        self._last_time: float | None = None
+
+    def __call__(self, step: int | None = None) -> bool:
+        if self.steps and step is None:
+            raise UsageError("Every(steps=...) must be called with the current step")
+        now = time.monotonic()
+        if self._last_time is None:
+            self._last_time, self._last_step = now, None if step is None else int(step)
+            return self.initial
+        fire = False
+        if self.steps:
+            step = int(step)
+            if self._last_step is None:
+                self._last_step = step
+            elif step >= self._last_step + self.steps:
+                self._last_step += self.steps * ((step - self._last_step) // self.steps)
+                fire = True
+        if self.seconds and now >= self._last_time + self.seconds:
+            fire = True
+        if fire:
+            self._last_time = now
+        return fire
+
+
+class Counter:
+    """A step counter component: ``int(counter)``, ``counter.increment()``, save/load."""
+
+    def __init__(self, value: int = 0):
+        self.value = int(value)
+
+    def increment(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def __int__(self) -> int:
+        return self.value
+
+    def __index__(self) -> int:
+        return self.value
+
+    def __repr__(self) -> str:
+        return f"Counter({self.value})"
+
+    def save(self) -> int:
+        return self.value
+
+    def load(self, value) -> None:
+        self.value = int(value)

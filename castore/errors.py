@@ -1,0 +1,94 @@
+"""The castore error hierarchy.
+
+Every error castore raises on purpose derives from :class:`CastoreError`; where a builtin
+fits, the error derives from it too, so ``except KeyError`` keeps working for callers that
+do not know castore.  Errors carry the ids and paths a user needs to act on them.
+"""
+
+from __future__ import annotations
+
+
+class CastoreError(Exception):
+    """Base of every error castore raises on purpose."""
+
+
+class UsageError(CastoreError, ValueError):
+    """The caller asked for something castore cannot do (bad argument, bad state)."""
+
+
+class UnsupportedValueError(CastoreError, TypeError):
+    """A state tree holds a value castore does not store without explicit opt-in."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"at {path or '<root>'!r}: {message}")
+
+
+class StepNotFoundError(CastoreError, KeyError):
+    """The requested step (or component of a step) does not exist in the store."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class StepExistsError(CastoreError, FileExistsError):
+    """A save would replace a committed step without ``overwrite=True``."""
+
+
+class StoreLockedError(CastoreError, BlockingIOError):
+    """Another process holds the single-writer lock of the store."""
+
+    def __init__(self, path: str, pid: int | None):
+        self.path = path
+        self.pid = pid
+        who = f"PID {pid}" if pid else "another process"
+        super().__init__(
+            f"store {path} is locked by {who} (one writer per store); "
+            "readers may still open it and load"
+        )
+
+
+class FormatError(CastoreError):
+    """The store's on-disk format is unknown, newer than this castore, or inconsistent."""
+
+
+class CorruptDataError(CastoreError):
+    """Bytes read from the store do not decode as the format says (damaged or hostile)."""
+
+
+class IntegrityError(CastoreError):
+    """A chunk is missing or its bytes do not match its BLAKE3 id.
+
+    Attributes name where it was needed: ``step``, ``component``, ``path`` (leaf path
+    inside the component) and ``chunk_id`` (hex).
+    """
+
+    def __init__(self, what: str, *, step=None, component=None, path=None, chunk_id=None):
+        self.step = step
+        self.component = component
+        self.path = path
+        self.chunk_id = chunk_id
+        where = f"step {step}, component {component!r}, leaf {path!r}, chunk {chunk_id}"
+        super().__init__(f"{what} ({where}); run Store.verify() to find every damaged step")
+
+
+class ChunkMissingError(IntegrityError, KeyError):
+    """A manifest names a chunk (or chunk-list page) that the store does not hold."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ChunkCorruptError(IntegrityError):
+    """A chunk's bytes do not hash to its id."""
+
+
+class SelectionError(CastoreError, KeyError):
+    """A ``keys``/``regex`` selection matched nothing or does not fit the current state."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SaveError(CastoreError):
+    """A save failed; the store still holds exactly the steps committed before it."""

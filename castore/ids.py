@@ -1,0 +1,23 @@
+"""Chunk ids: the BLAKE3-256 digest of a chunk's raw bytes."""
+
+from __future__ import annotations
+
+import blake3
+
+HASH_NAME = "blake3-256"
+ID_BYTES = 32
+
+
+def chunk_id(data) -> bytes:
+    """BLAKE3-256 of a C-contiguous bytes-like object; releases the GIL for large inputs."""
+    return blake3.blake3(data).digest()
+
+
+def short(cid: bytes) -> str:
+    """Hex form of an id for messages (the full id: it is what users grep for)."""
+    return bytes(cid).hex()
+
+
+def split_ids(packed: bytes) -> list[bytes]:
+    """Split a concatenation of ids into the ids; caller checks the length first."""
+    return [packed[i : i + ID_BYTES] for i in range(0, len(packed), ID_BYTES)]

@@ -1,0 +1,448 @@
+"""Store: commit a step atomically, read a step back verified, list and delete steps.
+
+Guarantees:
+
+* a step is visible only once its manifest is committed, which happens after every chunk
+  it names is committed; a reader never sees half a step;
+* chunks are content-addressed (BLAKE3-256 of their bytes) and written once;
+* reads verify each chunk's digest unless ``verify=False`` and raise
+  :class:`IntegrityError` naming step, component, leaf path and chunk id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from . import codec
+from .blobstore import BlobStore
+from .chunker import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, chunk_count
+from .errors import (
+    ChunkCorruptError,
+    ChunkMissingError,
+    CorruptDataError,
+    FormatError,
+    SelectionError,
+    StepExistsError,
+    StepNotFoundError,
+    UsageError,
+)
+from .ids import HASH_NAME, ID_BYTES, chunk_id, short
+from .manifest import (
+    FORMAT_VERSION,
+    PAGE_IDS,
+    Blob,
+    ChunkedBlob,
+    Manifest,
+    PagedBlob,
+    ShardsNode,
+    decode_manifest,
+    encode_manifest,
+    page_ids_in,
+)
+from .pipeline import BlobWriter, ChunkSink
+
+log = logging.getLogger(__name__)
+MAX_STEP = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    """What one save did."""
+
+    step: int
+    logical_bytes: int  #: bytes of every leaf of the state, before deduplication
+    new_bytes: int  #: bytes of chunks (and chunk-list pages) this save added to the store
+    new_chunks: int  #: chunks and pages added
+    reused_chunks: int  #: chunks and pages that were already stored
+    manifest_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Totals of a store."""
+
+    steps: int
+    chunks: int  #: chunks and chunk-list pages held (including garbage not yet collected)
+    stored_bytes: int  #: bytes of those chunks and pages
+    logical_bytes: int  #: sum over steps of each step's logical bytes
+    file_bytes: int  #: size of the LMDB data file
+
+    @property
+    def dedup_ratio(self) -> float:
+        """Logical bytes of all steps per stored chunk byte (higher is better)."""
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+def step_key(step: int) -> bytes:
+    return step.to_bytes(8, "big")
+
+
+def check_step(step) -> int:
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise UsageError(f"step must be an int, got {type(step).__name__}")
+    if not 0 <= int(step) <= MAX_STEP:
+        raise UsageError(f"step must be in [0, 2**63), got {step}")
+    return int(step)
+
+
+class Store:
+    """A content-addressed, deduplicating store of steps, each a dict of component trees.
+
+    ``Store(path)`` opens the store in directory ``path``, creating it unless
+    ``create=False``.  Opening the same path again in one process shares one LMDB
+    environment.  The first save or delete takes the store's single-writer lock, raising
+    :class:`StoreLockedError` at once if another process holds it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        chunk_bytes: int | None = None,
+        verify: bool = True,
+        allow_pickle: bool = False,
+        workers: int | None = None,
+    ):
+        self.path = os.fspath(path)
+        self.verify = verify
+        self.allow_pickle = allow_pickle
+        self._blobs = BlobStore.open(self.path, create=create, readonly=readonly)
+        try:
+            self.chunk_bytes = self._open_config(chunk_bytes)
+        except BaseException:
+            self._blobs.close()
+            raise
+        self._pool = ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="castore-hash")
+        self._closed = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the environment (and the writer lock with the last opener). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True)
+            self._blobs.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError(f"store {self.path} is closed")
+
+    def _open_config(self, chunk_bytes: int | None) -> int:
+        if chunk_bytes is not None and not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise UsageError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
+        with self._blobs.read() as txn:
+            raw = txn.get(b"config", db=self._blobs.dbs["meta"])
+            config = None if raw is None else bytes(raw)
+        if config is None:
+            if self._blobs.readonly:
+                raise FormatError(f"{self.path} is not a castore store (no config record)")
+            config = self._blobs.write(self._create_config, chunk_bytes or DEFAULT_CHUNK_BYTES)
+        stored = parse_config(config, self.path)
+        if chunk_bytes is not None and chunk_bytes != stored:
+            raise UsageError(
+                f"store {self.path} was created with chunk_bytes={stored}; "
+                f"it cannot be opened with chunk_bytes={chunk_bytes} (omit the argument)"
+            )
+        return stored
+
+    def _create_config(self, txn, chunk_bytes: int) -> bytes:
+        meta = self._blobs.dbs["meta"]
+        existing = txn.get(b"config", db=meta)
+        if existing is not None:  # another opener created it first
+            return bytes(existing)
+        if txn.stat(self._blobs.dbs["steps"])["entries"]:
+            raise FormatError(f"{self.path} holds steps but no config record")
+        config = msgpack.packb(
+            {"format": FORMAT_VERSION, "hash": HASH_NAME, "chunk_bytes": chunk_bytes,
+             "page_ids": PAGE_IDS, "created": time.time()},
+            use_bin_type=True,
+        )
+        txn.put(b"config", config, db=meta)
+        return config
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def save(self, step: int, tree: dict, *, overwrite: bool = False) -> SaveResult:
+        """Commit ``tree`` (component name -> state) as ``step``; atomic and durable.
+
+        A component whose state is a generator or iterator is saved as shards.  Saving
+        the same state again under an existing step is a no-op.  Raises
+        :class:`StepExistsError` if the step exists with other content and ``overwrite``
+        is false,
+        :class:`UnsupportedValueError` for values castore does not store (nothing becomes
+        visible then), :class:`StoreLockedError` if another process writes this store.
+        """
+        self._check_open()
+        step = check_step(step)
+        if type(tree) is not dict or not all(type(k) is str and k for k in tree):
+            raise UsageError("a step's tree must be a dict of non-empty str component names")
+        self._blobs.acquire_writer()
+        started = time.perf_counter()
+        sink = ChunkSink(self._blobs)
+        encoder = codec.Encoder(
+            BlobWriter(sink, self._pool, self.chunk_bytes), allow_pickle=self.allow_pickle,
+            on_shard=sink.flush,
+        )
+        try:
+            components = tuple((name, encoder.component(value, name)) for name, value in tree.items())
+            sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+        manifest = Manifest(step, time.time(), encoder.logical_bytes, components)
+        data = encode_manifest(manifest)
+        if not overwrite and self._is_same_as_committed(manifest):
+            data = b""  # the same state saved again under its step: nothing to commit
+        else:
+            self._blobs.write(self._commit_manifest, step, data, overwrite)
+        return SaveResult(
+            step, encoder.logical_bytes, sink.new_bytes, sink.new_chunks, sink.reused_chunks,
+            len(data), time.perf_counter() - started,
+        )
+
+    def _is_same_as_committed(self, manifest: Manifest) -> bool:
+        """True if ``manifest.step`` exists with the same content; raises if it differs."""
+        with self._blobs.read() as txn:
+            raw = txn.get(step_key(manifest.step), db=self._blobs.dbs["steps"])
+            if raw is None:
+                return False
+            committed = self._manifest(txn, manifest.step)
+        if encode_manifest(dataclasses.replace(manifest, created=committed.created)) == bytes(raw):
+            return True
+        raise StepExistsError(
+            f"step {manifest.step} exists in {self.path} with different content; "
+            "pass overwrite=True to replace it"
+        )
+
+    def _commit_manifest(self, txn, step: int, data: bytes, overwrite: bool) -> None:
+        if not txn.put(step_key(step), data, db=self._blobs.dbs["steps"], overwrite=overwrite):
+            raise StepExistsError(f"step {step} exists in {self.path}; pass overwrite=True to replace it")
+
+    def delete(self, step: int) -> None:
+        """Remove a step's manifest; its chunks stay until garbage collection frees them."""
+        self._check_open()
+        step = check_step(step)
+        self._blobs.acquire_writer()
+        self._blobs.write(self._delete_manifest, step)
+
+    def _delete_manifest(self, txn, step: int) -> None:
+        if not txn.delete(step_key(step), db=self._blobs.dbs["steps"]):
+            raise StepNotFoundError(f"step {step} does not exist in {self.path}")
+
+    # -- listing ----------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed step numbers, ascending."""
+        self._check_open()
+        with self._blobs.read() as txn:
+            return [int.from_bytes(k, "big") for k in txn.cursor(db=self._blobs.dbs["steps"]).iternext(values=False)]
+
+    def latest(self) -> int | None:
+        """The highest committed step, or None for an empty store."""
+        self._check_open()
+        with self._blobs.read() as txn:
+            cursor = txn.cursor(db=self._blobs.dbs["steps"])
+            return int.from_bytes(cursor.key(), "big") if cursor.last() else None
+
+    def has_step(self, step: int) -> bool:
+        self._check_open()
+        with self._blobs.read() as txn:
+            return txn.get(step_key(check_step(step)), db=self._blobs.dbs["steps"]) is not None
+
+    def manifest(self, step: int | None = None) -> Manifest:
+        """The decoded manifest of ``step`` (default: latest); raises StepNotFoundError."""
+        self._check_open()
+        with self._blobs.read() as txn:
+            return self._manifest(txn, self._resolve_step(txn, step))
+
+    def _resolve_step(self, txn, step: int | None) -> int:
+        if step is not None:
+            return check_step(step)
+        cursor = txn.cursor(db=self._blobs.dbs["steps"])
+        if not cursor.last():
+            raise StepNotFoundError(f"store {self.path} has no steps yet")
+        return int.from_bytes(cursor.key(), "big")
+
+    def _manifest(self, txn, step: int) -> Manifest:
+        raw = txn.get(step_key(step), db=self._blobs.dbs["steps"])
+        if raw is None:
+            raise StepNotFoundError(f"step {step} does not exist in {self.path}")
+        try:
+            manifest = decode_manifest(raw)
+        except CorruptDataError as exc:
+            raise CorruptDataError(f"step {step}: {exc}") from None
+        if manifest.step != step:
+            raise CorruptDataError(f"step {step}: its manifest says step {manifest.step}")
+        return manifest
+
+    def stats(self) -> StoreStats:
+        """Store totals; reads every manifest (small) but no chunk."""
+        self._check_open()
+        with self._blobs.read() as txn:
+            raw = txn.get(b"counters", db=self._blobs.dbs["meta"])
+            chunks, stored = (0, 0) if raw is None else (int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"))
+            logical = 0
+            steps = 0
+            for key, value in txn.cursor(db=self._blobs.dbs["steps"]):
+                logical += decode_manifest(value).logical_bytes
+                steps += 1
+        return StoreStats(steps, chunks, stored, logical, self._blobs.file_bytes())
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def load(self, step: int | None = None, keys=None, regex: str | None = None, *, verify: bool | None = None) -> dict:
+        """Read a step (default: latest) as component name -> state.
+
+        ``keys`` restricts the components.  With ``regex``, each component's value is a flat
+        dict ``{leaf path: value}`` of the leaves whose path matches from its start, and
+        only those leaves are read.  A sharded component comes back as an iterator that
+        reads one shard at a time.  Raises StepNotFoundError, SelectionError (regex
+        matched nothing), IntegrityError (missing or damaged chunk).
+        """
+        self._check_open()
+        verify = self.verify if verify is None else verify
+        with self._blobs.read() as txn:
+            step = self._resolve_step(txn, step)
+            manifest = self._manifest(txn, step)
+            names = self._select_components(manifest, keys)
+            if regex is not None:
+                return self._load_selected(txn, manifest, names, regex, verify)
+            result = {}
+            for name in names:
+                node = manifest.component(name)
+                if isinstance(node, ShardsNode):
+                    result[name] = self._iter_shards(step, name, node, verify)
+                else:
+                    reader = self._reader(txn, step, name, verify)
+                    result[name] = codec.decode(node, reader, "", allow_pickle=self.allow_pickle)
+            return result
+
+    def _select_components(self, manifest: Manifest, keys) -> list[str]:
+        if keys is None:
+            return manifest.names
+        if isinstance(keys, str):
+            keys = [keys]
+        missing = [k for k in keys if k not in manifest.names]
+        if missing:
+            raise StepNotFoundError(
+                f"step {manifest.step} has no component {', '.join(map(repr, missing))}; "
+                f"it has {', '.join(map(repr, manifest.names)) or 'none'}"
+            )
+        return list(keys)
+
+    def _load_selected(self, txn, manifest: Manifest, names, regex: str, verify: bool) -> dict:
+        result, available = {}, []
+        for name in names:
+            node = manifest.component(name)
+            reader = self._reader(txn, manifest.step, name, verify)
+            chosen = codec.select(node, regex)
+            result[name] = {p: codec.decode(n, reader, p, allow_pickle=self.allow_pickle) for p, n in chosen}
+            if not chosen:
+                available += [f"{name}:{p}" for p, _ in codec.leaf_nodes(node)][:20]
+        if not any(result.values()):
+            raise SelectionError(
+                f"regex {regex!r} selects no leaf of {', '.join(names)} at step {manifest.step}; "
+                f"leaf paths include: {', '.join(available[:40])}"
+            )
+        return result
+
+    def _iter_shards(self, step: int, name: str, node: ShardsNode, verify: bool):
+        for index, shard in enumerate(node.shards):
+            with self._blobs.read() as txn:
+                reader = self._reader(txn, step, name, verify)
+                value = codec.decode(shard, reader, str(index), allow_pickle=self.allow_pickle)
+            yield value
+
+    def _reader(self, txn, step: int, component: str, verify: bool):
+        """``read_blob`` for the codec: fill ``out`` with a blob's chunks, verified."""
+        chunks_db = self._blobs.dbs["chunks"]
+
+        def read_blob(blob: Blob, out: np.ndarray, path: str) -> None:
+            context = {"step": step, "component": component, "path": path}
+            ids = self._chunk_ids(txn, blob, verify, context)
+            stride = blob.chunk_nbytes
+            views = []
+            for index in range(chunk_count(blob.nbytes, stride)):
+                cid = ids[index * ID_BYTES : (index + 1) * ID_BYTES]
+                view = txn.get(cid, db=chunks_db)
+                if view is None:
+                    raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
+                views.append((index, cid, view))
+
+            def fill(item) -> None:
+                index, cid, view = item
+                start = index * stride
+                stop = min(start + stride, blob.nbytes)
+                if len(view) != stop - start or (verify and chunk_id(view) != cid):
+                    raise ChunkCorruptError("chunk bytes do not match its id", chunk_id=short(cid), **context)
+                out[start:stop] = np.frombuffer(view, np.uint8)
+
+            if len(views) == 1:
+                fill(views[0])
+            else:
+                for _ in self._pool.map(fill, views):
+                    pass
+
+        return read_blob
+
+    def _chunk_ids(self, txn, blob: Blob, verify: bool, context: dict) -> bytes:
+        if isinstance(blob, ChunkedBlob):
+            return blob.ids
+        if not isinstance(blob, PagedBlob):
+            raise CorruptDataError(f"unexpected blob {type(blob).__name__}")
+        pages = bytearray()
+        for start in range(0, len(blob.page_ids), ID_BYTES):
+            pid = blob.page_ids[start : start + ID_BYTES]
+            page = txn.get(pid, db=self._blobs.dbs["pages"])
+            if page is None:
+                raise ChunkMissingError("chunk-list page is missing", chunk_id=short(pid), **context)
+            if verify and chunk_id(page) != pid:
+                raise ChunkCorruptError("chunk-list page does not match its id", chunk_id=short(pid), **context)
+            pages += page_ids_in(bytes(page))
+        if len(pages) != chunk_count(blob.nbytes, blob.chunk_nbytes) * ID_BYTES:
+            raise CorruptDataError(f"chunk-list pages of {context} list a wrong number of chunks")
+        return bytes(pages)
+
+
+def parse_config(raw: bytes, path: str) -> int:
+    """Check a store's config record; returns its chunk size."""
+    try:
+        config = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
+        raise FormatError(f"{path}: config record is not valid msgpack: {exc}") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: config record is not a map")
+    version = config.get("format")
+    if not isinstance(version, int) or version < 1:
+        raise FormatError(f"{path}: config has no valid format version")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{path} was written in castore format {version}; this castore reads up to "
+            f"{FORMAT_VERSION}: upgrade castore to open it"
+        )
+    if config.get("hash") != HASH_NAME:
+        raise FormatError(f"{path}: unknown chunk hash {config.get('hash')!r}")
+    chunk_bytes = config.get("chunk_bytes")
+    if not isinstance(chunk_bytes, int) or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise FormatError(f"{path}: config chunk_bytes {chunk_bytes!r} is out of range")
+    if config.get("page_ids") != PAGE_IDS:
+        raise FormatError(f"{path}: config page_ids {config.get('page_ids')!r} is not {PAGE_IDS}")
+    return chunk_bytes
