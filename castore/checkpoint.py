@@ -161,7 +161,10 @@ class Checkpoint:
                 raise UsageError(f"regex loading needs a current state: register {name!r} first")
             current = self._state_of(name)
             if not isinstance(current, (dict, list, tuple)):
-                raise UsageError(f"regex loading of {name!r} needs a dict/list state, got {type(current).__name__}")
+                raise UsageError(
+                    f"regex loading of {name!r} needs a dict/list state, got {type(current).__name__} "
+                    "(sharded components load whole: drop regex= or keys= it out)"
+                )
             have = dict(codec.leaves(current))
             for path, value in selected.items():
                 problem = _mismatch(path, have, value)

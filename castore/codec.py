@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .chunker import row_nbytes_of
 from .errors import CorruptDataError, UnsupportedValueError
 from .manifest import (
     MAX_DEPTH,
@@ -145,11 +146,11 @@ class Encoder:
 
     def _array(self, array: np.ndarray, path: str) -> ArrayLeaf:
         name = dtype_name(array.dtype, path)
-        contiguous = np.ascontiguousarray(array)  # copies only when strided
+        # copies only when strided (np.ascontiguousarray would also turn 0-d into 1-d)
+        contiguous = array if array.flags.c_contiguous else array.copy(order="C")
         flat = contiguous.reshape(-1).view(np.uint8) if contiguous.size else np.empty(0, np.uint8)
-        row = contiguous.nbytes // contiguous.shape[0] if contiguous.ndim and contiguous.shape[0] else contiguous.nbytes
-        blob = self._blob(memoryview(flat), row, contiguous.dtype.itemsize, path)
-        return ArrayLeaf(name, tuple(contiguous.shape), blob)
+        blob = self._blob(memoryview(flat), row_nbytes_of(contiguous), contiguous.dtype.itemsize, path)
+        return ArrayLeaf(name, tuple(array.shape), blob)
 
     def _blob(self, buffer: memoryview, row_nbytes: int, itemsize: int, path: str) -> Blob:
         self.logical_bytes += buffer.nbytes
