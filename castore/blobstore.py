@@ -20,7 +20,7 @@ import threading
 
 import lmdb
 
-from .errors import FormatError, StoreLockedError, UsageError
+from .errors import FormatError, StoreLockedError, StoreNotFoundError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class BlobStore:
     def __init__(self, path: str, *, create: bool, readonly: bool):
         if not os.path.isdir(path):
             if not create or readonly:
-                raise FileNotFoundError(f"no castore store at {path}")
+                raise StoreNotFoundError(f"no castore store at {path}")
             os.makedirs(path, exist_ok=True)
         self.path = path
         self.readonly = readonly

@@ -180,7 +180,10 @@ class Encoder:
 def _read_bytes(blob: Blob, read_blob: ReadBlob, path: str) -> bytes:
     if isinstance(blob, InlineBlob):
         return blob.data
-    out = np.empty(blob.nbytes, np.uint8)
+    try:
+        out = np.empty(blob.nbytes, np.uint8)
+    except MemoryError:
+        raise CorruptDataError(f"at {path!r}: cannot allocate {blob.nbytes} bytes") from None
     read_blob(blob, out, path)
     return out.tobytes()
 

@@ -31,6 +31,10 @@ class StepNotFoundError(CastoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class StoreNotFoundError(CastoreError, FileNotFoundError):
+    """No store at the path, and it was not to be created."""
+
+
 class StepExistsError(CastoreError, FileExistsError):
     """A save would replace a committed step without ``overwrite=True``."""
 

@@ -13,6 +13,7 @@ from typing import Union
 
 import msgpack
 
+from .chunker import MAX_CHUNK_BYTES
 from .errors import CorruptDataError
 from .ids import ID_BYTES
 
@@ -229,7 +230,7 @@ def _blob_from_wire(w) -> Blob:
         return InlineBlob(_bytes(w[1], "inline blob"))
     if tag in ("c", "p") and len(w) == 4:
         nbytes = _int(w[1], "blob size")
-        chunk_nbytes = _int(w[2], "chunk size", lo=1)
+        chunk_nbytes = _int(w[2], "chunk size", lo=1, hi=MAX_CHUNK_BYTES)
         if tag == "c":
             ids = _ids(w[3], "chunk ids")
             if len(ids) // ID_BYTES != -(-nbytes // chunk_nbytes):

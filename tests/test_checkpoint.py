@@ -187,3 +187,10 @@ def test_every_steps_and_seconds():
         castore.Every()
     with pytest.raises(castore.UsageError):
         castore.Every(steps=10)()
+
+
+def test_loading_from_a_missing_store_is_a_typed_error(tmp_path):
+    with make(tmp_path / "ck") as cp:
+        with pytest.raises(castore.StoreNotFoundError, match="no castore store"):
+            cp.load(tmp_path / "nowhere", keys=["agent"])
+        assert not (tmp_path / "nowhere").exists()

@@ -68,3 +68,15 @@ def test_deep_nesting_is_bounded():
         decode_manifest(data)
     except castore.CorruptDataError:
         pass
+
+
+def test_claimed_sizes_are_bounded_by_the_format():
+    huge = ["c", 1 << 60, 1 << 60, ID]  # one chunk id claiming an exabyte
+    data = msgpack.packb({"format": 1, "step": 1, "created": 1.0, "logical_bytes": 0,
+                          "components": [["c", ["Y", huge]]]}, use_bin_type=True)
+    try:
+        decode_manifest(data)
+    except castore.CorruptDataError as exc:
+        assert "chunk size" in str(exc)
+    else:
+        raise AssertionError("an exabyte chunk was accepted")
