@@ -30,17 +30,23 @@ LOCK_FILE = "writer.lock"
 
 
 class _SharedLock:
-    """Many holders of ``shared()`` or one of ``exclusive()``: txns vs. map resizes."""
+    """Many holders of ``shared()`` or one of ``exclusive()``: txns vs. map resizes.
+
+    Exclusive requests take precedence: once one waits, new shared holders wait too, so a
+    map resize cannot be starved by threads that keep loading.  ``shared()`` must not be
+    nested in one thread.
+    """
 
     def __init__(self):
         self._cond = threading.Condition()
         self._shared = 0
         self._exclusive = False
+        self._waiting = 0
 
     @contextlib.contextmanager
     def shared(self):
         with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
             self._shared += 1
         try:
             yield
@@ -52,7 +58,9 @@ class _SharedLock:
     @contextlib.contextmanager
     def exclusive(self):
         with self._cond:
+            self._waiting += 1
             self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            self._waiting -= 1
             self._exclusive = True
         try:
             yield
@@ -204,6 +212,10 @@ class BlobStore:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self._writer_fd = fd
+        # A writer killed inside its commit may have written the new meta page without
+        # publishing it to readers; taking LMDB's write mutex recovers it, so this writer
+        # starts from the true latest step.
+        self.write(lambda txn: None)
 
     def _release_writer(self) -> None:
         if self._writer_fd is not None:

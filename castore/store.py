@@ -115,6 +115,7 @@ class Store:
         workers: int | None = None,
     ):
         self.path = os.fspath(path)
+        self.readonly = readonly
         self.verify = verify
         self.allow_pickle = allow_pickle
         self._blobs = BlobStore.open(self.path, create=create, readonly=readonly)
@@ -144,6 +145,12 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError(f"store {self.path} is closed")
+
+    def _take_writer_lock(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise UsageError(f"store {self.path} is open read-only")
+        self._blobs.acquire_writer()
 
     def _open_config(self, chunk_bytes: int | None) -> int:
         if chunk_bytes is not None and not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
@@ -190,11 +197,10 @@ class Store:
         :class:`UnsupportedValueError` for values castore does not store (nothing becomes
         visible then), :class:`StoreLockedError` if another process writes this store.
         """
-        self._check_open()
         step = check_step(step)
         if type(tree) is not dict or not all(type(k) is str and k for k in tree):
             raise UsageError("a step's tree must be a dict of non-empty str component names")
-        self._blobs.acquire_writer()
+        self._take_writer_lock()
         started = time.perf_counter()
         sink = ChunkSink(self._blobs)
         encoder = codec.Encoder(
@@ -238,9 +244,8 @@ class Store:
 
     def delete(self, step: int) -> None:
         """Remove a step's manifest; its chunks stay until garbage collection frees them."""
-        self._check_open()
         step = check_step(step)
-        self._blobs.acquire_writer()
+        self._take_writer_lock()
         self._blobs.write(self._delete_manifest, step)
 
     def _delete_manifest(self, txn, step: int) -> None:
