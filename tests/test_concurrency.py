@@ -1,0 +1,325 @@
+"""Concurrency: readers beside a writer, the single-writer lock, one store opened twice in a
+process, and readers in other processes while the writer grows the LMDB map.
+
+Every test runs real processes on a real store (``workload.py`` scripts) and bounds every
+wait in time; leaving a ``Child`` block kills and reaps its process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+
+import pytest
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # workload.py beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workload import Child, assert_state_equal, state_for  # noqa: E402
+
+import castore  # noqa: E402
+
+LOCK_SECONDS = 0.5  # "at once": a locked save must fail well within this
+
+
+@pytest.fixture(autouse=True)
+def _drop_stores_of_passing_tests(request, tmp_path):
+    """Stores here take tens to hundreds of MB: keep them only for tests that failed."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def reader_result(reader: Child, timeout: float = 60) -> dict:
+    words = reader.expect("result", timeout)
+    assert reader.finish(10) == 0, reader.describe()
+    return json.loads(" ".join(words[1:]))
+
+
+def assert_clean_reads(result: dict, reader: Child, first: int, last: int) -> None:
+    """The reader loaded, never failed, saw the latest step only grow, and reached ``last``."""
+    assert not result["errors"], f"reader PID {reader.pid} failed:\n" + "\n".join(result["errors"])
+    assert result["loads"] > 0
+    seen = result["seen"]
+    assert seen == sorted(set(seen)) and first <= seen[0] and seen[-1] == last, seen
+
+
+# --- (a) readers never see half a step ---------------------------------------------------------
+
+
+def test_reader_process_loads_only_whole_steps_while_writer_process_saves(tmp_path):
+    path = tmp_path / "store"
+    count = 30
+    with Child("writer", path, "--count", count, "--pause", 0.03, "--max-seconds", 60) as writer:
+        writer.expect("committed", 30)  # the store and step 0 exist
+        with Child("reader", path, "--until-step", count - 1, "--max-seconds", 60) as reader:
+            reader.expect("reading", 30)
+            assert writer.finish(60) == 0, writer.describe()
+            result = reader_result(reader)
+        writer_lines = [line for _, line in writer.lines]
+    assert_clean_reads(result, reader, 0, count - 1)
+    # The reader was at work while steps were being committed, not only afterwards.
+    assert len(result["seen"]) >= 3, (result, writer_lines)
+    print(f"reader: {result['loads']} loads of {len(result['seen'])} steps")
+
+
+def test_reader_process_loads_only_whole_steps_while_this_process_saves(tmp_path):
+    path = tmp_path / "store"
+    with castore.Store(path) as store:
+        store.save(0, state_for(0))
+        with Child("reader", path, "--max-seconds", 60, stdin=True) as reader:
+            reader.expect("reading", 30)
+            deadline = time.monotonic() + 20
+            step = 0
+            while step < 25 and time.monotonic() < deadline:
+                step += 1
+                store.save(step, state_for(step))
+                time.sleep(0.02)
+            reader.send(f"until {step}")
+            result = reader_result(reader)
+        assert store.steps() == list(range(step + 1))
+    assert_clean_reads(result, reader, 0, step)
+    assert len(result["seen"]) >= 3, result
+    print(f"reader: {result['loads']} loads of {len(result['seen'])} steps")
+
+
+def test_save_that_grows_the_map_finishes_while_a_thread_of_this_process_keeps_loading(tmp_path, monkeypatch):
+    import castore.blobstore
+
+    monkeypatch.setattr(castore.blobstore, "INITIAL_MAP_BYTES", 1 << 20)  # read at open: every save grows the map
+    path = tmp_path / "store"
+    with castore.Store(path) as store:
+        store.save(0, state_for(0))
+        stop, loads, errors = threading.Event(), [], []
+
+        def poll() -> None:  # e.g. a thread serving the latest weights
+            while not stop.is_set():
+                try:
+                    loads.append(store.load()["step"])
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+
+        def save(step: int, outcome: list) -> None:
+            try:
+                store.save(step, state_for(step))
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                outcome.append(exc)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            for step in range(1, 4):
+                outcome: list = []
+                saver = threading.Thread(target=save, args=(step, outcome), daemon=True)
+                started = time.monotonic()
+                saver.start()
+                saver.join(5)
+                stuck = saver.is_alive()
+                if stuck:  # unblock it so the test ends: stop loading, then it goes through
+                    stop.set()
+                    stopped = time.monotonic()
+                    saver.join(60)
+                assert not stuck, (
+                    f"saving step {step} was stuck for {stopped - started:.1f} s while another thread "
+                    f"kept loading; it finished {time.monotonic() - stopped:.2f} s after the loads stopped"
+                )
+                assert outcome == [None], outcome
+        finally:
+            stop.set()
+            poller.join(60)
+        assert not errors, errors
+        assert loads and loads == sorted(loads)
+        assert store.steps() == [0, 1, 2, 3]
+        assert_state_equal(store.load(3), state_for(3))
+
+
+# --- (b) one writer process per store ----------------------------------------------------------
+
+
+def test_second_writer_process_gets_store_locked_error_at_once(tmp_path):
+    path = tmp_path / "store"
+    with Child("holder", path, "--max-seconds", 60, stdin=True) as holder:
+        holder_pid = int(holder.expect("holding", 30)[1])
+        assert holder_pid == holder.pid
+        with castore.Store(path) as store:
+            # Reading a locked store works ...
+            assert store.steps() == [0]
+            assert_state_equal(store.load(0), state_for(0))
+            # ... writing fails at once, naming the holder.
+            for attempt in (lambda: store.save(1, state_for(1)), lambda: store.delete(0)):
+                started = time.monotonic()
+                with pytest.raises(castore.StoreLockedError) as info:
+                    attempt()
+                assert time.monotonic() - started < LOCK_SECONDS
+                assert info.value.pid == holder_pid
+                assert f"PID {holder_pid}" in str(info.value)
+                assert isinstance(info.value, BlockingIOError)
+            assert store.steps() == [0]
+
+            # So does a writer in yet another process.
+            with Child("writer", path, "--count", 1, "--max-seconds", 60) as second:
+                assert second.finish(60) == 3, second.describe()
+                words = second.words("locked")[0]
+            assert float(words[1]) < LOCK_SECONDS
+            assert f"PID {holder_pid}" in " ".join(words[2:])
+
+            # Once the holder exits, this process takes the lock, and holds it against others.
+            holder.send_eof()
+            assert holder.finish(30) == 0, holder.describe()
+            store.save(1, state_for(1))
+            with Child("writer", path, "--count", 1, "--max-seconds", 60) as third:
+                assert third.finish(60) == 3, third.describe()
+                assert f"PID {os.getpid()}" in " ".join(third.words("locked")[0][2:])
+            assert store.steps() == [0, 1]
+        # Closing the store released the lock.
+        with Child("writer", path, "--count", 1, "--max-seconds", 60) as fourth:
+            assert fourth.finish(60) == 0, fourth.describe()
+    with castore.Store(path) as store:
+        assert store.steps() == [0, 1, 2]
+        assert_state_equal(store.load(2), state_for(2))
+
+
+def test_lock_of_a_killed_writer_is_free_at_once(tmp_path):
+    path = tmp_path / "store"
+    with Child("holder", path, "--max-seconds", 60, stdin=True) as holder:
+        holder.expect("holding", 30)
+        holder.kill()
+    with castore.Store(path) as store:
+        started = time.monotonic()
+        store.save(1, state_for(1))
+        assert time.monotonic() - started < 5
+        assert store.steps() == [0, 1]
+
+
+# --- (c) one store opened twice in one process ---------------------------------------------------
+
+
+def test_two_stores_on_one_path_in_one_process_share_steps_and_close_independently(tmp_path):
+    path = tmp_path / "store"
+    a = castore.Store(path)
+    b = castore.Store(path)
+    try:
+        assert a.latest() is None and b.latest() is None
+        a.save(0, state_for(0))
+        assert b.latest() == 0
+        assert_state_equal(b.load(0), state_for(0))
+        b.save(1, state_for(1))  # the process holds the lock once, for both
+        assert a.steps() == [0, 1]
+        assert_state_equal(a.load(), state_for(1))
+        a.close()
+        with pytest.raises(castore.UsageError):
+            a.load(0)
+        # b keeps working after a closed: reads, saves, and still holds the writer lock.
+        assert_state_equal(b.load(0), state_for(0))
+        b.save(2, state_for(2))
+        assert_state_equal(b.load(2), state_for(2))
+        with Child("writer", path, "--count", 1, "--max-seconds", 60) as other:
+            assert other.finish(60) == 3, other.describe()  # locked by this process
+        # Other spellings of the path are the same store too.
+        link = tmp_path / "link"
+        link.symlink_to(path, target_is_directory=True)
+        for alias in (str(path) + os.sep, link, os.path.relpath(path)):
+            with castore.Store(alias) as c:
+                assert c.steps() == [0, 1, 2]
+                assert_state_equal(c.load(1), state_for(1))
+        assert_state_equal(b.load(1), state_for(1))
+    finally:
+        a.close()
+        b.close()
+    # With every opener closed the lock is free for another process.
+    with Child("writer", path, "--count", 1, "--max-seconds", 60) as other:
+        assert other.finish(60) == 0, other.describe()
+    with castore.Store(path) as store:
+        assert store.steps() == [0, 1, 2, 3]
+        assert_state_equal(store.load(3), state_for(3))
+
+
+def test_checkpoint_beside_a_store_on_one_path(tmp_path):
+    path = tmp_path / "store"
+    store = castore.Store(path)
+    cp = castore.Checkpoint(path)
+    try:
+        store.save(0, state_for(0))
+        assert cp.latest() == 0
+        state = state_for(1)
+        cp.replay, cp.agent, cp.step = state["replay"], state["agent"], state["step"]
+        assert cp.save().step == 1  # the step number comes from the "step" component
+        assert store.latest() == 1
+        assert_state_equal(store.load(1), state_for(1))
+        assert cp.load(step=0) == 0
+        assert_state_equal({"replay": cp.replay, "agent": cp.agent, "step": cp.step}, state_for(0))
+        store.close()
+        # The Checkpoint keeps working after the Store beside it closed.
+        state = state_for(2)
+        cp.replay, cp.agent, cp.step = state["replay"], state["agent"], state["step"]
+        cp.save()
+        assert cp.steps() == [0, 1, 2]
+        assert cp.load() == 2
+        assert_state_equal({"replay": cp.replay, "agent": cp.agent, "step": cp.step}, state_for(2))
+    finally:
+        store.close()
+        cp.close()
+    with castore.Store(path) as again:
+        assert again.steps() == [0, 1, 2]
+        assert_state_equal(again.load(2), state_for(2))
+
+
+def test_read_only_store_beside_a_writable_one_refuses_to_write(tmp_path):
+    path = tmp_path / "store"
+    with castore.Store(path) as writable:
+        writable.save(0, state_for(0))
+        with castore.Store(path, readonly=True) as read_only:
+            assert_state_equal(read_only.load(0), state_for(0))
+            try:
+                with pytest.raises(castore.UsageError):
+                    read_only.save(1, state_for(1))
+                with pytest.raises(castore.UsageError):
+                    read_only.delete(0)
+            finally:
+                steps = writable.steps()
+        assert steps == [0], f"the read-only Store changed the steps to {steps}"
+
+
+# --- (d) readers survive map growth --------------------------------------------------------------
+
+
+def test_reader_processes_keep_working_while_the_writer_grows_the_map(tmp_path):
+    path = tmp_path / "store"
+    # 1 MiB initial map in the writer (and in one reader): LMDB must grow it several times.
+    with Child("writer", path, "--tiny-map", "--report-map", "--until-map-sizes", 4, "--count", 200,
+               "--wait-go", "--pause", 0.01, "--max-seconds", 60, stdin=True) as writer:
+        writer.expect("committed", 30)  # step 0 exists; the writer waits for the readers
+        with Child("reader", path, "--tiny-map", "--max-seconds", 90, stdin=True) as tiny, \
+                Child("reader", path, "--max-seconds", 90, stdin=True) as default:
+            tiny.expect("reading", 30)
+            default.expect("reading", 30)
+            writer.send("go")
+            assert writer.finish(90) == 0, writer.describe()
+            last = int(writer.words("committed")[-1][1])
+            for reader in (tiny, default):
+                reader.send(f"until {last}")
+            results = {"tiny": reader_result(tiny), "default": reader_result(default)}
+        maps = [(at, int(line.split()[1])) for at, line in writer.lines if line.startswith("map ")]
+        readers_started = max(at for r in (tiny, default) for at, line in r.lines if line.startswith("reading"))
+    sizes = sorted({size for _, size in maps})
+    assert sizes[0] == 1 << 20 and len(sizes) >= 4, f"the map grew only through {sizes}"
+    grown_while_reading = {size for at, size in maps if at > readers_started} - {
+        size for at, size in maps if at <= readers_started}
+    assert len(grown_while_reading) >= 2, f"map sizes {maps}, readers started at {readers_started}"
+    for name, reader in (("tiny", tiny), ("default", default)):
+        assert_clean_reads(results[name], reader, 0, last)
+        assert len(results[name]["seen"]) >= 3, (name, results[name])
+    # The reader that opened with a tiny map had to follow the writer's growth.
+    assert len(results["tiny"]["map_sizes"]) >= 2, results["tiny"]
+    with castore.Store(path) as store:
+        assert store.steps() == list(range(last + 1))
+        for step in (0, last // 2, last):
+            assert_state_equal(store.load(step), state_for(step))
+    print(f"map sizes {sizes}; reader loads: tiny {results['tiny']['loads']} "
+          f"(maps {results['tiny']['map_sizes']}), default {results['default']['loads']}")
