@@ -326,6 +326,8 @@ class Store:
         verify = self.verify if verify is None else verify
         with self._blobs.read() as txn:
             step = self._resolve_step(txn, step)
+            if not verify:
+                log.info("loading step %d of %s WITHOUT checking chunk digests (verify=False)", step, self.path)
             manifest = self._manifest(txn, step)
             names = self._select_components(manifest, keys)
             if regex is not None:

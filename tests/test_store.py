@@ -219,3 +219,15 @@ def test_closed_store_is_a_usage_error(tmp_path):
     s.close()
     with pytest.raises(castore.UsageError, match="closed"):
         s.steps()
+
+
+def test_incremental_metadata_is_a_small_fraction_of_the_chunk_list(tmp_path):
+    with castore.Store(tmp_path / "s", chunk_bytes=4096) as s:
+        rows = np.random.default_rng(3).integers(0, 255, (20_000, 4096), dtype=np.uint8)  # 20,000 chunks
+        s.save(1, {"replay": rows})
+        rows[5000:5200] ^= 1  # 1% of the rows
+        result = s.save(2, {"replay": rows})
+    full_chunk_list = 20_000 * 32
+    metadata = result.manifest_bytes + (result.new_bytes - 200 * 4096)
+    assert result.new_bytes >= 200 * 4096
+    assert metadata < full_chunk_list / 20, (metadata, full_chunk_list)
