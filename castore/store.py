@@ -193,9 +193,9 @@ class Store:
         A component whose state is a generator or iterator is saved as shards.  Saving
         the same state again under an existing step is a no-op.  Raises
         :class:`StepExistsError` if the step exists with other content and ``overwrite``
-        is false,
-        :class:`UnsupportedValueError` for values castore does not store (nothing becomes
-        visible then), :class:`StoreLockedError` if another process writes this store.
+        is false, :class:`UnsupportedValueError` for values castore does not store,
+        :class:`StoreLockedError` if another process writes this store.  A save that
+        raises commits no step (chunks it wrote stay as garbage for GC).
         """
         step = check_step(step)
         if type(tree) is not dict or not all(type(k) is str and k for k in tree):
