@@ -20,7 +20,7 @@ import threading
 
 import lmdb
 
-from .errors import FormatError, StoreLockedError, StoreNotFoundError, UsageError
+from .errors import CorruptDataError, FormatError, SaveError, StoreLockedError, StoreNotFoundError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class BlobStore:
                 if txn is not None:
                     try:
                         yield txn
+                    except lmdb.Error as exc:  # a damaged file: never a raw lmdb error
+                        raise CorruptDataError(f"LMDB could not read {self.path}: {exc}") from exc
                     finally:
                         txn.abort()
                     return
@@ -163,6 +165,9 @@ class BlobStore:
                         return result
                     except lmdb.MapFullError:
                         txn.abort()
+                    except lmdb.Error as exc:  # e.g. no space left on the device
+                        txn.abort()
+                        raise SaveError(f"LMDB write to {self.path} failed, nothing committed: {exc}") from exc
                     except BaseException:
                         txn.abort()
                         raise

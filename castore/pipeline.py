@@ -56,6 +56,8 @@ class ChunkSink:
         self._thread.join()
 
     def _raise_if_failed(self) -> None:
+        if isinstance(self._error, SaveError):
+            raise self._error
         if self._error is not None:
             raise SaveError(f"writing chunks failed: {self._error}") from self._error
 

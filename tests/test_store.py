@@ -231,3 +231,31 @@ def test_incremental_metadata_is_a_small_fraction_of_the_chunk_list(tmp_path):
     metadata = result.manifest_bytes + (result.new_bytes - 200 * 4096)
     assert result.new_bytes >= 200 * 4096
     assert metadata < full_chunk_list / 20, (metadata, full_chunk_list)
+
+
+def test_a_full_disk_is_a_save_error_and_the_store_stays_usable(tmp_path):
+    import resource
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "s"
+    with castore.Store(path) as s:
+        s.save(1, {"a": np.arange(1000)})
+    # a child whose file-size limit is hit by the next save (RLIMIT_FSIZE acts like a full disk)
+    script = textwrap.dedent(f"""
+        import resource, signal, numpy as np, castore
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({(path / "data.mdb").stat().st_size + (1 << 20)}, resource.RLIM_INFINITY))
+        with castore.Store({str(path)!r}) as s:
+            try:
+                s.save(2, {{"a": np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)}})
+            except castore.SaveError as exc:
+                print("SaveError", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "SaveError" in out.stdout, out.stdout + out.stderr
+    with castore.Store(path) as s:
+        assert s.steps() == [1] and s.load(1)["a"].tolist() == list(range(1000))
+        s.save(2, {"a": np.arange(5)})
+        assert s.load(2)["a"].tolist() == list(range(5))
