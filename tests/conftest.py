@@ -1,7 +1,19 @@
+import shutil
+
 import numpy as np
 import pytest
 
 import castore
+
+
+@pytest.fixture
+def drop_big_stores_of_passing_tests(request, tmp_path):
+    """Stores of the crash and concurrency tests take tens to hundreds of MB: keep them
+    only for tests that failed, for a post-mortem."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import threading
 import time
@@ -25,13 +24,7 @@ import castore  # noqa: E402
 LOCK_SECONDS = 0.5  # "at once": a locked save must fail well within this
 
 
-@pytest.fixture(autouse=True)
-def _drop_stores_of_passing_tests(request, tmp_path):
-    """Stores here take tens to hundreds of MB: keep them only for tests that failed."""
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed == failed:
-        shutil.rmtree(tmp_path, ignore_errors=True)
+pytestmark = pytest.mark.usefixtures("drop_big_stores_of_passing_tests")
 
 
 def reader_result(reader: Child, timeout: float = 60) -> dict:

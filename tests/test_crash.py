@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -42,13 +41,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _drop_stores_of_passing_tests(request, tmp_path):
-    """Stores here take tens to hundreds of MB: keep them only for tests that failed."""
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed == failed:
-        shutil.rmtree(tmp_path, ignore_errors=True)
+pytestmark = pytest.mark.usefixtures("drop_big_stores_of_passing_tests")
 
 
 class Expected:
