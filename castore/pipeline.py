@@ -110,13 +110,19 @@ class ChunkSink:
         return new_chunks, reused, new_bytes
 
 
+def read_counters(txn, blobs: BlobStore) -> tuple[int, int]:
+    """The store's ``(chunks and pages held, their bytes)`` from ``meta/counters``."""
+    raw = txn.get(b"counters", db=blobs.dbs["meta"])
+    if raw is None:
+        return 0, 0
+    return int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big")
+
+
 def add_counters(txn, blobs: BlobStore, chunks: int, nbytes: int) -> None:
     """Keep the store's chunk count and stored bytes in the same transaction as the chunks."""
-    meta = blobs.dbs["meta"]
-    raw = txn.get(b"counters", db=meta)
-    have_chunks, have_bytes = (0, 0) if raw is None else (int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"))
+    have_chunks, have_bytes = read_counters(txn, blobs)
     value = (have_chunks + chunks).to_bytes(8, "big") + (have_bytes + nbytes).to_bytes(8, "big")
-    txn.put(b"counters", value, db=meta)
+    txn.put(b"counters", value, db=blobs.dbs["meta"])
 
 
 class BlobWriter:

@@ -47,7 +47,7 @@ from .manifest import (
     encode_manifest,
     page_ids_in,
 )
-from .pipeline import BlobWriter, ChunkSink
+from .pipeline import BlobWriter, ChunkSink, read_counters
 
 log = logging.getLogger(__name__)
 MAX_STEP = (1 << 63) - 1
@@ -84,6 +84,10 @@ class StoreStats:
 
 def step_key(step: int) -> bytes:
     return step.to_bytes(8, "big")
+
+
+def step_of(key) -> int:
+    return int.from_bytes(key, "big")
 
 
 def check_step(step) -> int:
@@ -258,14 +262,17 @@ class Store:
         """Committed step numbers, ascending."""
         self._check_open()
         with self._blobs.read() as txn:
-            return [int.from_bytes(k, "big") for k in txn.cursor(db=self._blobs.dbs["steps"]).iternext(values=False)]
+            return [step_of(k) for k in txn.cursor(db=self._blobs.dbs["steps"]).iternext(values=False)]
 
     def latest(self) -> int | None:
         """The highest committed step, or None for an empty store."""
         self._check_open()
         with self._blobs.read() as txn:
-            cursor = txn.cursor(db=self._blobs.dbs["steps"])
-            return int.from_bytes(cursor.key(), "big") if cursor.last() else None
+            return self._latest(txn)
+
+    def _latest(self, txn) -> int | None:
+        cursor = txn.cursor(db=self._blobs.dbs["steps"])
+        return step_of(cursor.key()) if cursor.last() else None
 
     def has_step(self, step: int) -> bool:
         self._check_open()
@@ -281,10 +288,10 @@ class Store:
     def _resolve_step(self, txn, step: int | None) -> int:
         if step is not None:
             return check_step(step)
-        cursor = txn.cursor(db=self._blobs.dbs["steps"])
-        if not cursor.last():
+        latest = self._latest(txn)
+        if latest is None:
             raise StepNotFoundError(f"store {self.path} has no steps yet")
-        return int.from_bytes(cursor.key(), "big")
+        return latest
 
     def _manifest(self, txn, step: int) -> Manifest:
         raw = txn.get(step_key(step), db=self._blobs.dbs["steps"])
@@ -302,11 +309,9 @@ class Store:
         """Store totals; reads every manifest (small) but no chunk."""
         self._check_open()
         with self._blobs.read() as txn:
-            raw = txn.get(b"counters", db=self._blobs.dbs["meta"])
-            chunks, stored = (0, 0) if raw is None else (int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"))
-            logical = 0
-            steps = 0
-            for key, value in txn.cursor(db=self._blobs.dbs["steps"]):
+            chunks, stored = read_counters(txn, self._blobs)
+            logical = steps = 0
+            for value in txn.cursor(db=self._blobs.dbs["steps"]).iternext(keys=False):
                 logical += decode_manifest(value).logical_bytes
                 steps += 1
         return StoreStats(steps, chunks, stored, logical, self._blobs.file_bytes())

@@ -100,7 +100,7 @@ def test_keys_and_regex_load_only_what_was_asked(store):
         store.load(1, keys=["critic"])
 
 
-def _corrupt_one_chunk(store, path):
+def _corrupt_one_chunk(path):
     """Flip a byte of one stored chunk through LMDB itself (the store must be closed)."""
     env = lmdb.open(str(path), max_dbs=8)
     chunks = env.open_db(b"chunks")
@@ -117,7 +117,7 @@ def test_damaged_chunk_raises_integrity_error_naming_everything(tmp_path):
     path = tmp_path / "s"
     with castore.Store(path, chunk_bytes=CHUNK) as s:
         s.save(1, {"agent": {"enc": {"w": np.arange(50_000, dtype=np.float32)}}})
-    cid = _corrupt_one_chunk(None, path)
+    cid = _corrupt_one_chunk(path)
     with castore.Store(path) as s:
         with pytest.raises(castore.ChunkCorruptError) as info:
             s.load(1)
@@ -234,7 +234,6 @@ def test_incremental_metadata_is_a_small_fraction_of_the_chunk_list(tmp_path):
 
 
 def test_a_full_disk_is_a_save_error_and_the_store_stays_usable(tmp_path):
-    import resource
     import subprocess
     import sys
     import textwrap
