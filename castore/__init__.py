@@ -1,7 +1,10 @@
 """castore: a content-addressed, deduplicating checkpoint store for long training runs."""
 
 from .errors import *  # noqa: F401,F403
+from .background import SaveHandle
 from .checkpoint import Checkpoint, Counter, Every
+from .replay import RingBuffer
 from .store import SaveResult, Store, StoreStats
+from .tracking import TrackedArray
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

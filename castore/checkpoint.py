@@ -15,7 +15,9 @@ import numpy as np
 
 from . import codec
 from .errors import SelectionError, StepNotFoundError, UsageError
+from .background import SaveHandle
 from .store import SaveResult, Store
+from .tracking import TrackedArray
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class Checkpoint:
         object.__setattr__(self, "_components", {})
         object.__setattr__(self, "_store", Store(path, **store_options))
         object.__setattr__(self, "_options", store_options)
+        object.__setattr__(self, "_last_submitted", None)
 
     # -- components as attributes ---------------------------------------------------------------
 
@@ -71,21 +74,38 @@ class Checkpoint:
 
     # -- saving -------------------------------------------------------------------------------------
 
-    def save(self, step: int | None = None, *, keys=None, overwrite: bool = False) -> SaveResult:
-        """Save the registered components (or ``keys``) as one step; returns what it did.
+    def save(self, step: int | None = None, *, keys=None, overwrite: bool = False,
+             block: bool = True) -> SaveResult | SaveHandle:
+        """Save the registered components (or ``keys``) as one step.
 
         The step number is ``step`` if given, else ``int()`` of the state of a component
-        named ``step``, else one past the latest step.  Saving the same state again under
-        an existing step does nothing; different state under it needs ``overwrite=True``.
+        named ``step``, else one past the latest step (counting saves still in flight).
+        Saving the same state again under an existing step does nothing; different state
+        under it needs ``overwrite=True``.
+
+        With ``block=True`` (default) returns the :class:`SaveResult` once committed.  With
+        ``block=False`` the state is captured (changed chunks copied) and a
+        :class:`SaveHandle` returned at once; the step commits in the background.  At most
+        ``max_pending`` (default 1) saves are in flight: a further save first waits for the
+        oldest.  An error of a background save is raised by ``handle.result()``, or else by
+        the next ``save``, ``wait`` or ``close``.
         """
         names = self._names(keys)
         states = {name: self._state_of(name) for name in names}
         if step is None:
             step = self._step_number(states)
+        if not block:
+            handle = self._store.save_async(step, states, overwrite=overwrite)
+            object.__setattr__(self, "_last_submitted", handle.step)
+            return handle
         result = self._store.save(step, states, overwrite=overwrite)
         log.info("saved step %d: %d new of %d logical bytes in %.3fs", result.step,
                  result.new_bytes, result.logical_bytes, result.seconds)
         return result
+
+    def wait(self) -> None:
+        """Wait for background saves; raise the first error no handle has shown yet."""
+        self._store.wait()
 
     def _names(self, keys) -> list[str]:
         if keys is None:
@@ -112,6 +132,8 @@ class Checkpoint:
                     f"the 'step' component saved {type(state).__name__}, not a number; pass save(step=...)"
                 ) from None
         latest = self._store.latest()
+        if self._last_submitted is not None and (latest is None or self._last_submitted > latest):
+            latest = self._last_submitted  # an async save of it may not have committed yet
         return 0 if latest is None else latest + 1
 
     # -- loading ------------------------------------------------------------------------------------
@@ -125,6 +147,8 @@ class Checkpoint:
         current values.  Raises StepNotFoundError, SelectionError, IntegrityError.
         """
         if path is None or os.path.realpath(path) == os.path.realpath(self.path):
+            if self._store._background is not None:  # load what was saved, errors stay pending
+                self._store._background.wait(raise_errors=False)
             return self._load_from(self._store, step, keys, regex, verify)
         with Store(path, create=False, allow_pickle=self._options.get("allow_pickle", False)) as other:
             return self._load_from(other, step, keys, regex, verify)
@@ -194,6 +218,7 @@ class Checkpoint:
         return self._store.latest() is not None if step is None else self._store.has_step(step)
 
     def close(self) -> None:
+        """Wait for background saves, then close the store (raising a save error nobody saw)."""
         self._store.close()
 
     def __enter__(self) -> "Checkpoint":
@@ -207,6 +232,8 @@ def _mismatch(path: str, have: dict, value) -> str | None:
     if path not in have:
         return "not in the current state"
     current = have[path]
+    if isinstance(current, TrackedArray):
+        current = np.asarray(current)
     if isinstance(current, np.ndarray) or isinstance(value, np.ndarray):
         cur_shape, cur_dtype = np.shape(current), getattr(current, "dtype", type(current).__name__)
         if not isinstance(value, np.ndarray) or value.shape != cur_shape or value.dtype != cur_dtype:

@@ -9,6 +9,7 @@ caller opted into pickling.  Leaf paths join dict keys and sequence indices with
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import pickle
 import re
 import types
@@ -18,6 +19,7 @@ import numpy as np
 
 from .chunker import row_nbytes_of
 from .errors import CorruptDataError, UnsupportedValueError
+from .tracking import TrackedArray
 from .manifest import (
     MAX_DEPTH,
     ArrayLeaf,
@@ -46,7 +48,8 @@ _ML_DTYPE_NAMES = frozenset(
     "int2 int4 uint2 uint4".split()
 )
 
-#: ``make_blob(buffer, row_nbytes, itemsize, path) -> Blob`` stores a flat byte buffer.
+#: ``make_blob(buffer, row_nbytes, itemsize, path[, tracked=TrackedArray]) -> Blob`` stores
+#: a flat byte buffer; ``tracked`` is passed for a TrackedArray leaf.
 MakeBlob = Callable[[memoryview, int, int, str], Blob]
 #: ``read_blob(blob, out, path)`` fills the writable flat uint8 array ``out``.
 ReadBlob = Callable[[Blob, np.ndarray, str], None]
@@ -126,6 +129,8 @@ class Encoder:
             return self._scalar(value, path)
         if kind is np.ndarray or kind is np.memmap:
             return self._array(value, path)
+        if kind is TrackedArray:
+            return self._array(value.raw, path, value)
         if kind is dict:
             return DictNode(tuple(self._item(k, v, path, depth) for k, v in value.items()))
         if kind is list or kind is tuple:
@@ -144,18 +149,20 @@ class Encoder:
         self.logical_bytes += len(data)
         return ScalarLeaf(dtype_name(array.dtype, path), data)
 
-    def _array(self, array: np.ndarray, path: str) -> ArrayLeaf:
+    def _array(self, array: np.ndarray, path: str, tracked: TrackedArray | None = None) -> ArrayLeaf:
         name = dtype_name(array.dtype, path)
         # copies only when strided (np.ascontiguousarray would also turn 0-d into 1-d)
         contiguous = array if array.flags.c_contiguous else array.copy(order="C")
         flat = contiguous.reshape(-1).view(np.uint8) if contiguous.size else np.empty(0, np.uint8)
-        blob = self._blob(memoryview(flat), row_nbytes_of(contiguous), contiguous.dtype.itemsize, path)
+        blob = self._blob(memoryview(flat), row_nbytes_of(contiguous), contiguous.dtype.itemsize, path, tracked)
         return ArrayLeaf(name, tuple(array.shape), blob)
 
-    def _blob(self, buffer: memoryview, row_nbytes: int, itemsize: int, path: str) -> Blob:
+    def _blob(self, buffer: memoryview, row_nbytes: int, itemsize: int, path: str, tracked=None) -> Blob:
         self.logical_bytes += buffer.nbytes
         if buffer.nbytes <= self.inline_max:
             return InlineBlob(bytes(buffer))
+        if tracked is not None:
+            return self.make_blob(buffer, row_nbytes, itemsize, path, tracked=tracked)
         return self.make_blob(buffer, row_nbytes, itemsize, path)
 
     def _other(self, value, path: str) -> Node:
@@ -232,6 +239,19 @@ def decode(node: Node, read_blob: ReadBlob, path: str, *, allow_pickle: bool = F
         items = [decode(v, read_blob, join(path, i), allow_pickle=allow_pickle) for i, v in enumerate(node.items)]
         return tuple(items) if node.is_tuple else items
     return [decode(v, read_blob, join(path, i), allow_pickle=allow_pickle) for i, v in enumerate(node.shards)]
+
+
+def map_blobs(node: Node, fn) -> Node:
+    """A copy of ``node`` with every blob of its leaves replaced by ``fn(blob)``."""
+    if isinstance(node, (ArrayLeaf, BytesLeaf, PickleLeaf)):
+        return dataclasses.replace(node, blob=fn(node.blob))
+    if isinstance(node, DictNode):
+        return DictNode(tuple((k, map_blobs(v, fn)) for k, v in node.items))
+    if isinstance(node, SeqNode):
+        return SeqNode(node.is_tuple, tuple(map_blobs(v, fn) for v in node.items))
+    if isinstance(node, ShardsNode):
+        return ShardsNode(tuple(map_blobs(v, fn) for v in node.shards))
+    return node
 
 
 # --- leaf paths and selection ---------------------------------------------------------------

@@ -96,3 +96,19 @@ class SelectionError(CastoreError, KeyError):
 
 class SaveError(CastoreError):
     """A save failed; the store still holds exactly the steps committed before it."""
+
+
+class TrackingError(SaveError):
+    """Check mode found a chunk whose bytes changed although tracking said it had not.
+
+    Raised only with ``check_tracking``; the save commits nothing.  ``path`` is the leaf,
+    ``rows`` the ``(start, stop)`` rows (first axis) of the chunk that changed unseen.
+    """
+
+    def __init__(self, path: str, chunk: int, rows: tuple[int, int], how: str):
+        self.path, self.chunk, self.rows = path, chunk, rows
+        super().__init__(
+            f"at {path!r}: chunk {chunk} (rows {rows[0]}..{rows[1] - 1}) changed since the last save, "
+            f"but {how} said it had not. Mark changed rows (TrackedArray.mark) or write through "
+            "tracked[index] = value; nothing was committed"
+        )

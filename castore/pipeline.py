@@ -1,7 +1,7 @@
-"""The write side of a save: chunk a buffer, hash in parallel, put in batched transactions.
+"""The write phase of a save: hash changed chunks in parallel, put them in batched transactions.
 
 Hash threads (BLAKE3 releases the GIL) run ahead of one writer thread that puts chunks
-with put-if-absent and commits every ``BATCH_BYTES``.  Chunks are committed before the
+with put-if-absent and commits every ``BATCH_BYTES``, so hashing overlaps writing.  Chunks are committed before the
 manifest that names them, so a crash leaves at most unreferenced chunks, never a step
 that names a missing chunk.
 """
@@ -13,12 +13,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .blobstore import BlobStore
-from .chunker import chunk_nbytes_for, chunk_slices
+from .capture import Capture, PendingBlob, Staging
+from .chunker import chunk_slices
 from .errors import SaveError
 from .ids import ID_BYTES, chunk_id
 from .manifest import INLINE_IDS, PAGE_IDS, ChunkedBlob, PagedBlob
 
-BATCH_BYTES = 256 << 20
+BATCH_BYTES = 128 << 20
 _FLUSH, _END = object(), object()
 
 
@@ -125,33 +126,83 @@ def add_counters(txn, blobs: BlobStore, chunks: int, nbytes: int) -> None:
     txn.put(b"counters", value, db=blobs.dbs["meta"])
 
 
-class BlobWriter:
-    """``make_blob`` for the codec: chunk, hash on the pool, hand chunks to the sink."""
+def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor) -> None:
+    """Hash the captured chunks of ``blob`` on the pool and queue them for writing.
 
-    def __init__(self, sink: ChunkSink, pool: ThreadPoolExecutor, chunk_bytes: int):
-        self.sink = sink
+    Sets ``blob.resolved`` to its ChunkedBlob (or PagedBlob, whose chunk-list pages are
+    queued too) and ``blob.new_ids`` to every chunk id in order.
+    """
+    todo = sorted(blob.buffers)
+    buffers = [blob.buffers[i] for i in todo]
+    ids = pool.map(chunk_id, buffers) if len(buffers) > 1 else map(chunk_id, buffers)
+    for index, cid, buffer in zip(todo, ids, buffers):  # ids arrive in order as hashing proceeds
+        sink.put("chunks", cid, buffer)
+        blob.ids[index] = cid
+    packed = b"".join(blob.ids)
+    blob.new_ids = packed
+    if len(blob.ids) <= INLINE_IDS:
+        blob.resolved = ChunkedBlob(blob.nbytes, blob.stride, packed)
+    else:
+        blob.resolved = PagedBlob(blob.nbytes, blob.stride, _write_pages(packed, sink))
+
+
+def hash_chunks(buffer, stride: int, pool: ThreadPoolExecutor) -> list[bytes]:
+    """Chunk ids of a flat buffer as a save computes them (for benchmarks and tools)."""
+    views = [buffer[a:b] for a, b in chunk_slices(len(buffer), stride)]
+    return list(pool.map(chunk_id, views))
+
+
+def _write_pages(packed: bytes, sink: ChunkSink) -> bytes:
+    page_ids = bytearray()
+    step = PAGE_IDS * ID_BYTES
+    for start in range(0, len(packed), step):
+        page = packed[start : start + step]
+        pid = chunk_id(page)
+        sink.put("pages", pid, page)
+        page_ids += pid
+    return bytes(page_ids)
+
+
+class SaveJob:
+    """The write phase of one save: hash what capture found changed, queue it, commit."""
+
+    def __init__(self, blobs: BlobStore, pool: ThreadPoolExecutor, capture: Capture, staging: Staging):
+        self.blobs = blobs
         self.pool = pool
-        self.chunk_bytes = chunk_bytes
+        self.capture = capture
+        self.staging = staging
+        self._sink: ChunkSink | None = None
+        self._written = 0
 
-    def __call__(self, buffer: memoryview, row_nbytes: int, itemsize: int, path: str):
-        nbytes = buffer.nbytes
-        stride = chunk_nbytes_for(nbytes, row_nbytes, itemsize, self.chunk_bytes)
-        views = [buffer[a:b] for a, b in chunk_slices(nbytes, stride)]
-        ids = self.pool.map(chunk_id, views) if len(views) > 1 else [chunk_id(views[0])]
-        packed = bytearray()
-        for cid, view in zip(ids, views):  # ids arrive in order as hashing proceeds
-            self.sink.put("chunks", cid, view)
-            packed += cid
-        if len(views) <= INLINE_IDS:
-            return ChunkedBlob(nbytes, stride, bytes(packed))
-        return PagedBlob(nbytes, stride, self._write_pages(bytes(packed)))
+    @property
+    def sink(self) -> ChunkSink:
+        if self._sink is None:
+            self._sink = ChunkSink(self.blobs)
+        return self._sink
 
-    def _write_pages(self, packed: bytes) -> bytes:
-        page_ids = bytearray()
-        step = PAGE_IDS * ID_BYTES
-        for start in range(0, len(packed), step):
-            page = packed[start : start + step]
-            pid = chunk_id(page)
-            self.sink.put("pages", pid, page)
-            page_ids += pid
-        return bytes(page_ids)
+    def flush(self) -> None:
+        """Write and commit every chunk captured so far (a sharded save, between shards)."""
+        self._write_captured()
+        self.sink.flush()
+
+    def finish(self) -> None:
+        """Commit every captured chunk; the blobs are then resolved."""
+        self._write_captured()
+        self.sink.finish()
+        self._release()
+
+    def abort(self) -> None:
+        if self._sink is not None:
+            self._sink.abort()
+        self._release()
+
+    def _write_captured(self) -> None:
+        pending = self.capture.pending
+        for blob in pending[self._written :]:
+            write_blob(blob, self.sink, self.pool)
+        self._written = len(pending)
+
+    def _release(self) -> None:
+        for blob in self.capture.pending:
+            self.staging.release(blob.buffers.values())
+            blob.buffers = {}

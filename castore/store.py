@@ -47,7 +47,9 @@ from .manifest import (
     encode_manifest,
     page_ids_in,
 )
-from .pipeline import BlobWriter, ChunkSink, read_counters
+from .background import Background, SaveHandle
+from .capture import Capture, PendingBlob, Staging
+from .pipeline import SaveJob, read_counters
 
 log = logging.getLogger(__name__)
 MAX_STEP = (1 << 63) - 1
@@ -63,7 +65,9 @@ class SaveResult:
     new_chunks: int  #: chunks and pages added
     reused_chunks: int  #: chunks and pages that were already stored
     manifest_bytes: int
-    seconds: float
+    seconds: float  #: from the call to the commit
+    changed_bytes: int = 0  #: bytes of chunks found changed since the last save (hashed)
+    capture_seconds: float = 0.0  #: time the caller was blocked capturing (async saves)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,23 @@ class StoreStats:
     def dedup_ratio(self) -> float:
         """Logical bytes of all steps per stored chunk byte (higher is better)."""
         return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Captured:
+    """A save between its capture (in the caller) and its write (maybe in the background)."""
+
+    step: int
+    components: tuple
+    logical_bytes: int
+    overwrite: bool
+    job: SaveJob
+    started: float
+    capture_seconds: float
+
+
+def _resolved(blob):
+    return blob.resolved if isinstance(blob, PendingBlob) else blob
 
 
 def step_key(step: int) -> bytes:
@@ -117,11 +138,22 @@ class Store:
         verify: bool = True,
         allow_pickle: bool = False,
         workers: int | None = None,
+        check_tracking: bool | None = None,
+        max_pending: int = 1,
     ):
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
         self.path = os.fspath(path)
         self.readonly = readonly
         self.verify = verify
         self.allow_pickle = allow_pickle
+        if check_tracking is None:
+            check_tracking = os.environ.get("CASTORE_CHECK_TRACKING", "").lower() in ("1", "true", "yes")
+        self.check_tracking = check_tracking
+        self.max_pending = max_pending
+        self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
+        self._staging = Staging()
+        self._background: Background | None = None
         self._blobs = BlobStore.open(self.path, create=create, readonly=readonly)
         try:
             self.chunk_bytes = self._open_config(chunk_bytes)
@@ -134,11 +166,21 @@ class Store:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the environment (and the writer lock with the last opener). Idempotent."""
-        if not self._closed:
+        """Wait for async saves, release the environment (and the writer lock). Idempotent.
+
+        Raises the error of an async save nobody has seen, after closing.
+        """
+        if self._closed:
+            return
+        try:
+            if self._background is not None:
+                self._background.wait(raise_errors=False)
+        finally:
             self._closed = True
             self._pool.shutdown(wait=True)
             self._blobs.close()
+        if self._background is not None:
+            self._background.raise_failed()
 
     def __enter__(self) -> "Store":
         return self
@@ -194,39 +236,98 @@ class Store:
     def save(self, step: int, tree: dict, *, overwrite: bool = False) -> SaveResult:
         """Commit ``tree`` (component name -> state) as ``step``; atomic and durable.
 
-        A component whose state is a generator or iterator is saved as shards.  Saving
-        the same state again under an existing step is a no-op.  Raises
-        :class:`StepExistsError` if the step exists with other content and ``overwrite``
-        is false, :class:`UnsupportedValueError` for values castore does not store,
-        :class:`StoreLockedError` if another process writes this store.  A save that
-        raises commits no step (chunks it wrote stay as garbage for GC).
+        A component whose state is a generator or iterator is saved as shards.  Only
+        chunks that changed since the last save are hashed and written (see ``capture``).
+        Saving the same state again under an existing step is a no-op.  Async saves still
+        in flight commit first.  Raises :class:`StepExistsError` if the step exists with
+        other content and ``overwrite`` is false, :class:`UnsupportedValueError` for values
+        castore does not store, :class:`StoreLockedError` if another process writes this
+        store, :class:`TrackingError` in check mode, and the error of an earlier async
+        save nobody has seen.  A save that raises commits no step (chunks it wrote stay as
+        garbage for GC).
         """
+        self.wait()
+        return self._write(self._capture(step, tree, overwrite, copy=False))
+
+    def save_async(self, step: int, tree: dict, *, overwrite: bool = False) -> SaveHandle:
+        """Capture ``tree`` now and commit it in the background; returns a :class:`SaveHandle`.
+
+        When this returns, the changed chunks have been copied (at most ``max_pending``
+        saves' worth of changed bytes are held), so the caller may change its state at
+        once.  Saves commit in the order they were submitted.  Raises at once what
+        :meth:`save` raises before writing (bad input, locked store, an earlier async
+        save's unseen error); errors while writing come from the handle or :meth:`wait`.
+        """
+        self._saver().raise_failed()
+        background = self._saver()
+        while background.in_flight() >= background.max_pending:
+            background.wait(raise_errors=False)  # bound memory: capture after a slot frees
+        captured = self._capture(step, tree, overwrite, copy=True)
+        return background.submit(SaveHandle(captured.step), self._write, captured)
+
+    def wait(self) -> None:
+        """Wait for async saves in flight; raise the first error nobody has seen yet."""
+        if self._background is not None:
+            self._background.wait()
+
+    def _saver(self) -> Background:
+        self._check_open()
+        if self._background is None:
+            self._background = Background(self.path, self.max_pending)
+        return self._background
+
+    def _capture(self, step, tree, overwrite: bool, *, copy: bool) -> "_Captured":
         step = check_step(step)
         if type(tree) is not dict or not all(type(k) is str and k for k in tree):
             raise UsageError("a step's tree must be a dict of non-empty str component names")
         self._take_writer_lock()
         started = time.perf_counter()
-        sink = ChunkSink(self._blobs)
-        encoder = codec.Encoder(
-            BlobWriter(sink, self._pool, self.chunk_bytes), allow_pickle=self.allow_pickle,
-            on_shard=sink.flush,
+        capture = Capture(
+            owner=self._blobs.writer_session, baselines=self._baselines, chunk_bytes=self.chunk_bytes,
+            copy=copy, check=self.check_tracking, staging=self._staging, pool=self._pool,
         )
+        job = SaveJob(self._blobs, self._pool, capture, self._staging)
+        encoder = codec.Encoder(capture, allow_pickle=self.allow_pickle, on_shard=None if copy else job.flush)
         try:
             components = tuple((name, encoder.component(value, name)) for name, value in tree.items())
-            sink.finish()
         except BaseException:
-            sink.abort()
+            job.abort()
             raise
-        manifest = Manifest(step, time.time(), encoder.logical_bytes, components)
+        return _Captured(step, components, encoder.logical_bytes, overwrite, job, started,
+                         time.perf_counter() - started)
+
+    def _write(self, captured: "_Captured") -> SaveResult:
+        job = captured.job
+        try:
+            job.finish()
+        except BaseException:
+            job.abort()
+            raise
+        components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
+        manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
         data = encode_manifest(manifest)
-        if not overwrite and self._is_same_as_committed(manifest):
+        if not captured.overwrite and self._is_same_as_committed(manifest):
             data = b""  # the same state saved again under its step: nothing to commit
         else:
-            self._blobs.write(self._commit_manifest, step, data, overwrite)
+            self._blobs.reserve(len(data))
+            self._blobs.write(self._commit_manifest, captured.step, data, captured.overwrite)
+        self._remember_baselines(job.capture)
+        sink = job.sink
         return SaveResult(
-            step, encoder.logical_bytes, sink.new_bytes, sink.new_chunks, sink.reused_chunks,
-            len(data), time.perf_counter() - started,
+            captured.step, captured.logical_bytes, sink.new_bytes, sink.new_chunks,
+            sink.reused_chunks + job.capture.reused_chunks,
+            len(data), time.perf_counter() - captured.started, job.capture.changed_bytes,
+            captured.capture_seconds,
         )
+
+    def _remember_baselines(self, capture: Capture) -> None:
+        """After a commit: the ids of every leaf are known present for the next save."""
+        for blob in capture.pending:
+            baseline = blob.baseline(capture.owner)
+            if blob.tracked is not None:
+                blob.tracked.committed(baseline)
+            else:
+                self._baselines[blob.path] = baseline
 
     def _is_same_as_committed(self, manifest: Manifest) -> bool:
         """True if ``manifest.step`` exists with the same content; raises if it differs."""
