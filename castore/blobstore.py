@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 DATABASES = (b"meta", b"chunks", b"pages", b"steps")
 INITIAL_MAP_BYTES = 1 << 30
 LOCK_FILE = "writer.lock"
+RESERVE_SLACK = 8 << 20  # disk blocks kept allocated past the data for B-tree pages and small writes
 
 
 class _SharedLock:
@@ -103,14 +104,16 @@ class BlobStore:
         self._lock = _SharedLock()
         self._write_mutex = threading.RLock()
         self._writer_fd: int | None = None
+        self.writer_session: object | None = None
         try:
             self.env = lmdb.open(
                 path, map_size=INITIAL_MAP_BYTES, max_dbs=len(DATABASES), subdir=True,
-                readonly=readonly, create=not readonly, max_readers=256,
+                readonly=readonly, create=not readonly, max_readers=256, writemap=not readonly,
             )
             self.dbs = {name.decode(): self.env.open_db(name, create=not readonly) for name in DATABASES}
         except lmdb.Error as exc:
             raise FormatError(f"cannot open LMDB store at {path}: {exc}") from None
+        self._data_fd = None if readonly else os.open(os.path.join(path, "data.mdb"), os.O_RDWR)
 
     def close(self) -> None:
         with self._registry_lock:
@@ -120,6 +123,8 @@ class BlobStore:
             if self._open.get(self.path) is self:
                 del self._open[self.path]
         self._release_writer()
+        if self._data_fd is not None:
+            os.close(self._data_fd)
         self.env.close()
 
     # -- transactions ---------------------------------------------------------------------
@@ -149,6 +154,7 @@ class BlobStore:
         if self.readonly:
             raise UsageError(f"store {self.path} is open read-only")
         with self._write_mutex:
+            self.reserve(0)
             resized = False
             while True:
                 if resized:
@@ -174,11 +180,27 @@ class BlobStore:
                 self._grow_map()
 
     def reserve(self, nbytes: int) -> None:
-        """Grow the map ahead of a write of about ``nbytes`` so it rarely hits the limit."""
+        """Make room for a write transaction of about ``nbytes``: map space and disk blocks.
+
+        The map grows ahead so a write rarely hits its limit.  The environment uses LMDB's
+        writable map (one copy less per byte written), where writing to a file page the
+        disk has no room for kills the process with SIGBUS; so the pages past the last
+        used one are allocated on disk first (``posix_fallocate``), and a full disk
+        raises :class:`SaveError` here, before anything is written.
+        """
+        need = 2 * nbytes + RESERVE_SLACK
         info = self.env.info()
         used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
-        if info["map_size"] - used < 2 * nbytes + (64 << 20):
-            self._grow_map(used + 2 * nbytes + (64 << 20))
+        if info["map_size"] - used < need:
+            self._grow_map(used + need)
+        if self._data_fd is not None:
+            try:
+                os.posix_fallocate(self._data_fd, used, need)
+            except OSError as exc:
+                raise SaveError(
+                    f"no room on disk for a write of about {nbytes} bytes to {self.path}, nothing "
+                    f"committed: {exc.strerror}; free space and save again"
+                ) from None
 
     def _begin(self, *, write: bool):
         """A transaction, or None when another process grew the map (adopt, then retry)."""
@@ -196,7 +218,10 @@ class BlobStore:
             current = self.env.info()["map_size"]
             new = max(current * 2, at_least)
             log.info("growing LMDB map of %s from %d to %d bytes", self.path, current, new)
-            self.env.set_mapsize(new)
+            try:
+                self.env.set_mapsize(new)
+            except lmdb.Error as exc:  # e.g. the file cannot grow (file-size limit)
+                raise SaveError(f"cannot grow the map of {self.path} to {new} bytes: {exc}") from exc
 
     # -- the single-writer lock -----------------------------------------------------------
 
@@ -217,10 +242,20 @@ class BlobStore:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self._writer_fd = fd
+            self.new_writer_session()
         # A writer killed inside its commit may have written the new meta page without
         # publishing it to readers; taking LMDB's write mutex recovers it, so this writer
         # starts from the true latest step.
         self.write(lambda txn: None)
+
+    def new_writer_session(self) -> None:
+        """Start a new session token: chunk ids remembered under the old one may be gone.
+
+        Ids remembered from committed saves (baselines) are trusted to name chunks still in
+        the store only while the session they were recorded in lasts: from taking the
+        writer lock until it is released or something frees chunks.
+        """
+        self.writer_session = object()
 
     def _release_writer(self) -> None:
         if self._writer_fd is not None:
@@ -228,6 +263,8 @@ class BlobStore:
                 os.ftruncate(self._writer_fd, 0)
             os.close(self._writer_fd)  # closing the descriptor drops the flock
             self._writer_fd = None
+            self.writer_session = None
 
     def file_bytes(self) -> int:
-        return os.path.getsize(os.path.join(self.path, "data.mdb"))
+        """Disk space the data file occupies (its size is the map size: the file is sparse)."""
+        return os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512

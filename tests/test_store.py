@@ -1,5 +1,7 @@
 """Store: dedup, atomic steps, metadata growth, verification, map growth, format checks."""
 
+import os
+
 import lmdb
 import msgpack
 import numpy as np
@@ -233,28 +235,41 @@ def test_incremental_metadata_is_a_small_fraction_of_the_chunk_list(tmp_path):
     assert metadata < full_chunk_list / 20, (metadata, full_chunk_list)
 
 
+FULL_DISK_CHILD = """
+import os, subprocess, sys, numpy as np, castore
+root = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", root], check=True)
+store, filler = os.path.join(root, "s"), os.path.join(root, "filler")
+with castore.Store(store) as s:
+    s.save(1, {"a": np.arange(1000)})
+    with open(filler, "wb") as f:  # fill the disk but for ~4 MiB
+        while os.statvfs(root).f_bavail * os.statvfs(root).f_frsize > (4 << 20):
+            f.write(b"x" * (1 << 20))
+    try:
+        s.save(2, {"a": np.random.default_rng(0).integers(0, 255, 16 << 20, dtype=np.uint8)})
+        print("saved despite a full disk")
+    except castore.SaveError as exc:
+        print("SaveError:", exc)
+    print("steps after the failed save:", s.steps())
+    os.remove(filler)
+    s.save(2, {"a": np.arange(5)})
+with castore.Store(store) as s:
+    print("step 1 intact:", s.load(1)["a"].tolist() == list(range(1000)))
+    print("step 2 saved:", s.load(2)["a"].tolist() == list(range(5)))
+"""
+
+
 def test_a_full_disk_is_a_save_error_and_the_store_stays_usable(tmp_path):
+    """A real full disk: a 48 MiB tmpfs in a private mount namespace, filled up."""
     import subprocess
     import sys
-    import textwrap
 
-    path = tmp_path / "s"
-    with castore.Store(path) as s:
-        s.save(1, {"a": np.arange(1000)})
-    # a child whose file-size limit is hit by the next save (RLIMIT_FSIZE acts like a full disk)
-    script = textwrap.dedent(f"""
-        import resource, signal, numpy as np, castore
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, ({(path / "data.mdb").stat().st_size + (1 << 20)}, resource.RLIM_INFINITY))
-        with castore.Store({str(path)!r}) as s:
-            try:
-                s.save(2, {{"a": np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8)}})
-            except castore.SaveError as exc:
-                print("SaveError", exc)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert "SaveError" in out.stdout, out.stdout + out.stderr
-    with castore.Store(path) as s:
-        assert s.steps() == [1] and s.load(1)["a"].tolist() == list(range(1000))
-        s.save(2, {"a": np.arange(5)})
-        assert s.load(2)["a"].tolist() == list(range(5))
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    as_root = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--mount"]
+    out = subprocess.run([*as_root, sys.executable, "-c", FULL_DISK_CHILD, str(mount_point)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SaveError: no room on disk" in out.stdout, out.stdout
+    assert "steps after the failed save: [1]" in out.stdout
+    assert "step 1 intact: True" in out.stdout and "step 2 saved: True" in out.stdout
