@@ -38,6 +38,7 @@ CASES = {
     "default-batches-observer-held": (None, True),
     "small-batches-observer-reopened": (SMALL_BATCH, False),
     "mixed-batches-observer-held": ("mixed", True),
+    "async-small-batches-observer-held": (SMALL_BATCH, True),  # save_async, state scribbled after
 }
 
 
@@ -140,6 +141,7 @@ def test_sigkill_writer_at_random_instants_keeps_committed_steps(tmp_path, case)
             mode = "first-save" if kill == 0 else rng.choice(["startup", "first-save", "mid-save", "mid-loop"])
             run_batch = rng.choice([None, SMALL_BATCH]) if batch == "mixed" else batch
             args = ["--max-seconds", "60"] + (["--batch-bytes", run_batch] if run_batch else [])
+            args += ["--async"] if case.startswith("async") else []
             save = statistics.median(save_seconds[-20:])
             context = f"seed {seed}, case {case}, kill {kill} ({mode}, batch {run_batch})"
             with Child("writer", path, *args) as writer:

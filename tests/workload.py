@@ -350,13 +350,23 @@ def _wait_for_line(word: str, deadline: float) -> None:
                 return
 
 
+def _scribble(state) -> None:
+    """Overwrite every array of a state in place (it belongs to the caller after capture)."""
+    if isinstance(state, dict):
+        for value in state.values():
+            _scribble(value)
+    elif isinstance(state, np.ndarray) and state.flags.writeable:
+        state.view(np.uint8)[...] = 0x5A
+
+
 def run_writer(path: str, options: dict) -> int:
     """Save steps after the store's latest until ``--count`` saves, a time limit or a kill.
 
     ``--pause`` sleeps between saves; ``--wait-go`` waits after the first save until stdin
     gives a line ``go``; ``--until-map-sizes K`` stops once the environment
     went through K map sizes; ``--tiny-map`` opens with a 1 MiB initial LMDB map and
-    ``--batch-bytes`` sets the chunk transaction size.
+    ``--batch-bytes`` sets the chunk transaction size; ``--async`` saves with
+    ``save_async`` and overwrites the state's arrays right after the call returns.
 
     Prints ``open <pid> <latest or -1>``, then per step ``saving <step>`` before the save
     and ``committed <step> <seconds>`` once it returned; ``map <bytes>`` after each save
@@ -384,7 +394,12 @@ def run_writer(path: str, options: dict) -> int:
             say("saving", step)
             started = time.monotonic()
             try:
-                store.save(step, state)
+                if options.get("async"):
+                    handle = store.save_async(step, state)
+                    _scribble(state)  # the save must hold the state as it was at the call
+                    handle.result()
+                else:
+                    store.save(step, state)
             except castore.StoreLockedError as exc:
                 say("locked", f"{time.monotonic() - started:.6f}", exc)
                 return 3
