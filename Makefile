@@ -23,6 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/latest.json
 	$(PY) bench/compare.py bench/results/latest.json
+	$(PY) bench/alternatives.py --out bench/results/alternatives.md
 
 clean:
 	rm -rf $(VENV) demo-logdir .pytest_cache .hypothesis .benchmarks bench/results
