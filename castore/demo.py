@@ -2,9 +2,10 @@
 
 ``python -m castore.demo`` (what ``make demo`` runs):
 
-1. starts a training process (ring-buffer replay of 64x64x3 images, actions and rewards;
-   an agent with parameters and Adam moments; a step counter) that saves every
-   ``--every`` env steps and prints a row per save;
+1. starts a training process (a ``castore.RingBuffer`` replay of 64x64x3 images, actions
+   and rewards; an agent with parameters and Adam moments; a step counter) that saves
+   every ``--every`` env steps with ``save(block=False)`` and prints a row per committed
+   save (seconds the training loop was blocked, seconds to commit, MB written);
 2. SIGKILLs it mid-run, at a random instant after a few saves;
 3. starts it again: ``load_or_save()`` resumes from the last committed step;
 4. replays the same run uninterrupted in this process and checks every kept step of the
@@ -33,35 +34,6 @@ import castore
 IMAGE = (64, 64, 3)
 ACTIONS = 6
 BATCH_ENV_STEPS = 64  # env steps collected per training iteration
-
-
-class Replay:
-    """A fixed-capacity ring buffer of transitions (the demo's own; elements-like)."""
-
-    def __init__(self, capacity: int):
-        self.obs = np.zeros((capacity, *IMAGE), np.uint8)
-        self.action = np.zeros((capacity, ACTIONS), np.float32)
-        self.reward = np.zeros((capacity,), np.float32)
-        self.cursor = 0
-        self.count = 0
-
-    def add(self, obs, action, reward) -> None:
-        rows = (self.cursor + np.arange(len(obs))) % len(self.obs)
-        self.obs[rows], self.action[rows], self.reward[rows] = obs, action, reward
-        self.cursor = int(rows[-1] + 1) % len(self.obs)
-        self.count = min(self.count + len(obs), len(self.obs))
-
-    def sample(self, rng, size: int):
-        rows = rng.integers(0, self.count, size)
-        return self.obs[rows], self.action[rows], self.reward[rows]
-
-    def save(self):
-        return {"obs": self.obs, "action": self.action, "reward": self.reward,
-                "cursor": self.cursor, "count": self.count}
-
-    def load(self, state) -> None:
-        self.obs, self.action, self.reward = state["obs"], state["action"], state["reward"]
-        self.cursor, self.count = state["cursor"], state["count"]
 
 
 class Agent:
@@ -113,13 +85,15 @@ class Run:
     def __init__(self, capacity: int):
         self.step = castore.Counter()
         self.agent = Agent(width=IMAGE[0] * 8)
-        self.replay = Replay(capacity)
+        self.replay = castore.RingBuffer(capacity)  # tracks its changed rows
 
     def advance(self) -> None:
         step = int(self.step)
-        self.replay.add(*collect(step))
+        obs, action, reward = collect(step)
+        self.replay.add({"obs": obs, "action": action, "reward": reward})
         self.step.increment(BATCH_ENV_STEPS)
-        self.agent.train(self.replay.sample(np.random.default_rng(10**9 + step), 16))
+        batch = self.replay.sample(16, np.random.default_rng(10**9 + step))
+        self.agent.train((batch["obs"], batch["action"], batch["reward"]))
 
     def register(self, cp: castore.Checkpoint) -> None:
         cp.step, cp.agent, cp.replay = self.step, self.agent, self.replay
@@ -137,12 +111,25 @@ def train(logdir: str, capacity: int, every: int, total: int, pace: float) -> No
         print(f"resumed from step {start}" if resumed else f"saved the initial state as step {start}", flush=True)
         should_save = castore.Every(steps=every, initial=False)
         should_save(int(run.step))
+        pending = None
         while int(run.step) < total:
             run.advance()
             time.sleep(pace)  # an env that takes time, so the kill lands mid-run
+            if pending is not None and pending.done():
+                report(pending.result())
+                pending = None
             if should_save(int(run.step)):
-                r = cp.save()
-                print(f"SAVE {r.step:>7} {r.seconds:8.3f} {r.new_bytes / 1e6:10.1f} {r.logical_bytes / 1e6:10.1f}", flush=True)
+                if pending is not None:
+                    report(pending.result())
+                pending = cp.save(block=False)  # training goes on while it commits
+        if pending is not None:
+            report(pending.result())
+
+
+def report(r: castore.SaveResult) -> None:
+    """One line per committed save: step, seconds blocked, seconds to commit, MB written."""
+    print(f"SAVE {r.step:>7} {r.capture_seconds:8.3f} {r.seconds:8.3f} {r.new_bytes / 1e6:10.1f} "
+          f"{r.logical_bytes / 1e6:10.1f}", flush=True)
 
 
 # --- the orchestrating demo -----------------------------------------------------------------
@@ -157,8 +144,8 @@ def launch(args) -> subprocess.Popen:
 def show(line: str, pid: int) -> int | None:
     """Print one trainer line; returns the step when it reports a committed save."""
     if line.startswith("SAVE"):
-        _, step, seconds, written, logical = line.split()
-        print(f"  [pid {pid}] {step:>7} {seconds:>8} {written:>10} {logical:>10}")
+        _, step, blocked, seconds, written, logical = line.split()
+        print(f"  [pid {pid}] {step:>7} {blocked:>8} {seconds:>8} {written:>10} {logical:>10}")
         return int(step)
     print(f"  [pid {pid}] {line.rstrip()}")
     return None
@@ -198,6 +185,7 @@ def run_to_end(args) -> int:
 
 
 def equal(a, b) -> bool:
+    a, b = (np.asarray(x) if isinstance(x, castore.TrackedArray) else x for x in (a, b))
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
@@ -244,7 +232,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     print(f"castore demo: DreamerV3-like run in {args.logdir}, replay of {args.capacity} x {IMAGE} images, "
           f"save every {args.every} env steps, {args.total} env steps in all\n")
-    print(f"  {'':11}{'step':>7} {'seconds':>8} {'MB written':>10} {'MB logical':>10}")
+    print(f"  {'':11}{'step':>7} {'blocked':>8} {'seconds':>8} {'MB written':>10} {'MB logical':>10}")
     committed = run_killed(args, rng)
     resumed = run_to_end(args)
     if resumed is None or resumed < committed:
