@@ -51,6 +51,13 @@ class Agent:
         self.m = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.v = {k: np.zeros_like(v) for k, v in self.params.items()}
 
+    @classmethod
+    def empty(cls) -> "Agent":
+        """An agent whose state a load will replace (allocates nothing)."""
+        agent = cls.__new__(cls)
+        agent.params = agent.m = agent.v = {}
+        return agent
+
     def train(self, rng: np.random.Generator) -> None:
         for key, param in self.params.items():
             grad = rng.standard_normal(param.shape, dtype=np.float32)  # every element, unique rows
@@ -73,9 +80,9 @@ class Agent:
 class PlainReplay:
     """A ring buffer the user wrote: numpy arrays written in place, no tracking."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, allocate: bool = True):
         self.capacity = capacity
-        self.fields = {
+        self.fields = {} if not allocate else {
             "image": np.zeros((capacity, *IMAGE), np.uint8),
             "action": np.zeros((capacity, 6), np.float32),
             "reward": np.zeros(capacity, np.float32),
@@ -212,6 +219,7 @@ def run_castore(root: str, capacity: int, saves: int, tracked: bool, block: bool
         run.advance(agent=False, rows=max(1, capacity // 100))
         out["tracked_1pct"] = cp.save().seconds
     cp.close()
+    del run, cp  # restore into fresh components: at most one loaded copy in memory
     out.update(restore(path, last, digests[last], capacity, tracked))
     shutil.rmtree(path)
     return out
@@ -219,17 +227,16 @@ def run_castore(root: str, capacity: int, saves: int, tracked: bool, block: bool
 
 def restore(path: str, step: int, expected: dict, capacity: int, tracked: bool) -> dict:
     os.sync()
-    cp = castore.Checkpoint(path, readonly=True)
-    cp.agent = Agent(np.random.default_rng(0))
-    cp.replay = castore.RingBuffer(capacity) if tracked else PlainReplay(capacity)
-    cp.step = castore.Counter()
     times = []
-    for _ in range(RESTORES):
-        started = time.perf_counter()
-        cp.load(step=step)
-        times.append(time.perf_counter() - started)
-    exact = digest({"agent": cp.agent.save(), "replay": cp.replay.save(), "step": cp.step.save()}) == expected
-    cp.close()
+    with castore.Checkpoint(path, readonly=True) as cp:
+        for _ in range(RESTORES):
+            cp.agent = cp.replay = cp.step = None  # drop the last round's arrays first
+            cp.agent, cp.step = Agent.empty(), castore.Counter()
+            cp.replay = castore.RingBuffer(capacity) if tracked else PlainReplay(capacity, allocate=False)
+            started = time.perf_counter()
+            cp.load(step=step)
+            times.append(time.perf_counter() - started)
+        exact = digest({"agent": cp.agent.save(), "replay": cp.replay.save(), "step": cp.step.save()}) == expected
     return {"restore": statistics.median(times), "exact": exact}
 
 
@@ -267,7 +274,7 @@ def run_files(root: str, capacity: int, saves: int, kind: str) -> dict:
     step = kept[-1]
     target = f"{folder}/{step}.npz" if kind == "savez" else f"{folder}/{step}"
     per_step = disk_bytes(target)
-    del run
+    del run  # at most one loaded copy in memory
     os.sync()
     restores = []
     for _ in range(RESTORES):
