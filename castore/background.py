@@ -90,14 +90,19 @@ class Background:
             self.raise_failed()
 
     def raise_failed(self) -> None:
-        """Raise the error of the oldest finished save whose error nobody has seen yet."""
+        """Raise the error of the oldest finished save whose error nobody has seen yet.
+
+        Later unseen errors stay for the next call: each is raised once.
+        """
         with self._lock:
-            errors = [(h, h._unseen_error()) for h in self._handles]
-            self._handles = collections.deque(h for h in self._handles if not h.done())
-        for handle, error in errors:
-            if error is not None:
-                handle._seen = True
-                raise error
+            failed = next((h for h in self._handles if h._unseen_error() is not None), None)
+            if failed is not None:
+                failed._seen = True
+            self._handles = collections.deque(
+                h for h in self._handles if not h.done() or h._unseen_error() is not None
+            )
+        if failed is not None:
+            raise failed._future.exception()
 
     def in_flight(self) -> int:
         return sum(not h.done() for h in list(self._handles))

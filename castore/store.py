@@ -258,10 +258,10 @@ class Store:
         :meth:`save` raises before writing (bad input, locked store, an earlier async
         save's unseen error); errors while writing come from the handle or :meth:`wait`.
         """
-        self._saver().raise_failed()
         background = self._saver()
         while background.in_flight() >= background.max_pending:
             background.wait(raise_errors=False)  # bound memory: capture after a slot frees
+        background.raise_failed()  # checked after the wait: a save in flight may have failed
         captured = self._capture(step, tree, overwrite, copy=True)
         return background.submit(SaveHandle(captured.step), self._write, captured)
 

@@ -106,11 +106,11 @@ class TrackedArray:
         if start is None:
             self._set_rows(slice(None))
             return
-        start = int(start)
-        stop = start + 1 if stop is None else int(stop)
-        if start < 0:
-            start += rows
-            stop = stop + rows if stop <= 0 else stop
+        start = int(start) + rows if int(start) < 0 else int(start)
+        if stop is None:
+            stop = start + 1
+        else:
+            stop = int(stop) + rows if int(stop) < 0 else int(stop)
         if not 0 <= start <= stop <= rows:
             raise UsageError(f"rows [{start}, {stop}) are outside the {rows} rows of this array")
         self._set_rows(slice(start, stop))
@@ -120,7 +120,9 @@ class TrackedArray:
             self._set_rows(slice(None))
             return
         first = index[0] if isinstance(index, tuple) and index else index
-        if isinstance(first, (int, np.integer)):
+        if isinstance(first, (bool, np.bool_)):  # numpy reads a bool as a mask, not as row 1
+            self._set_rows(slice(None))
+        elif isinstance(first, (int, np.integer)):
             self._set_rows(int(first))
         elif isinstance(first, slice):
             self._set_rows(first)
