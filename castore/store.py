@@ -160,7 +160,8 @@ class Store:
         except BaseException:
             self._blobs.close()
             raise
-        self._pool = ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="castore-hash")
+        self.workers = workers or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="castore-hash")
         self._closed = False
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -284,7 +285,7 @@ class Store:
         started = time.perf_counter()
         capture = Capture(
             owner=self._blobs.writer_session, baselines=self._baselines, chunk_bytes=self.chunk_bytes,
-            copy=copy, check=self.check_tracking, staging=self._staging, pool=self._pool,
+            copy=copy, check=self.check_tracking, staging=self._staging, pool=self._pool, workers=self.workers,
         )
         job = SaveJob(self._blobs, self._pool, capture, self._staging)
         encoder = codec.Encoder(capture, allow_pickle=self.allow_pickle, on_shard=None if copy else job.flush)
