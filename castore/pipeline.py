@@ -20,6 +20,7 @@ from .ids import ID_BYTES, chunk_id
 from .manifest import INLINE_IDS, PAGE_IDS, ChunkedBlob, PagedBlob
 
 BATCH_BYTES = 128 << 20
+HASH_GROUP = 8  # chunks hashed per thread-pool task
 _FLUSH, _END = object(), object()
 
 
@@ -134,7 +135,7 @@ def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor) -> 
     """
     todo = sorted(blob.buffers)
     buffers = [blob.buffers[i] for i in todo]
-    ids = pool.map(chunk_id, buffers) if len(buffers) > 1 else map(chunk_id, buffers)
+    ids = _hash_in_order(buffers, pool)
     for index, cid, buffer in zip(todo, ids, buffers):  # ids arrive in order as hashing proceeds
         sink.put("chunks", cid, buffer)
         blob.ids[index] = cid
@@ -149,7 +150,21 @@ def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor) -> 
 def hash_chunks(buffer, stride: int, pool: ThreadPoolExecutor) -> list[bytes]:
     """Chunk ids of a flat buffer as a save computes them (for benchmarks and tools)."""
     views = [buffer[a:b] for a, b in chunk_slices(len(buffer), stride)]
-    return list(pool.map(chunk_id, views))
+    return list(_hash_in_order(views, pool))
+
+
+def _hash_in_order(buffers: list, pool: ThreadPoolExecutor):
+    """Yield the ids of ``buffers`` in order, hashed on the pool ``HASH_GROUP`` per task.
+
+    Groups keep the pool's per-task cost (~20 us) small against hashing a 1 MiB chunk
+    (~130 us), while ids still arrive early enough for the writer to overlap.
+    """
+    if len(buffers) <= 1:
+        yield from map(chunk_id, buffers)
+        return
+    groups = [buffers[i : i + HASH_GROUP] for i in range(0, len(buffers), HASH_GROUP)]
+    for ids in pool.map(lambda group: [chunk_id(b) for b in group], groups):
+        yield from ids
 
 
 def _write_pages(packed: bytes, sink: ChunkSink) -> bytes:
