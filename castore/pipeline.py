@@ -127,7 +127,7 @@ def add_counters(txn, blobs: BlobStore, chunks: int, nbytes: int) -> None:
     txn.put(b"counters", value, db=blobs.dbs["meta"])
 
 
-def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor) -> None:
+def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor, workers: int) -> None:
     """Hash the captured chunks of ``blob`` on the pool and queue them for writing.
 
     Sets ``blob.resolved`` to its ChunkedBlob (or PagedBlob, whose chunk-list pages are
@@ -135,7 +135,7 @@ def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor) -> 
     """
     todo = sorted(blob.buffers)
     buffers = [blob.buffers[i] for i in todo]
-    ids = _hash_in_order(buffers, pool)
+    ids = _hash_in_order(buffers, pool, workers)
     for index, cid, buffer in zip(todo, ids, buffers):  # ids arrive in order as hashing proceeds
         sink.put("chunks", cid, buffer)
         blob.ids[index] = cid
@@ -147,22 +147,24 @@ def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor) -> 
         blob.resolved = PagedBlob(blob.nbytes, blob.stride, _write_pages(packed, sink))
 
 
-def hash_chunks(buffer, stride: int, pool: ThreadPoolExecutor) -> list[bytes]:
+def hash_chunks(buffer, stride: int, pool: ThreadPoolExecutor, workers: int) -> list[bytes]:
     """Chunk ids of a flat buffer as a save computes them (for benchmarks and tools)."""
     views = [buffer[a:b] for a, b in chunk_slices(len(buffer), stride)]
-    return list(_hash_in_order(views, pool))
+    return list(_hash_in_order(views, pool, workers))
 
 
-def _hash_in_order(buffers: list, pool: ThreadPoolExecutor):
-    """Yield the ids of ``buffers`` in order, hashed on the pool ``HASH_GROUP`` per task.
+def _hash_in_order(buffers: list, pool: ThreadPoolExecutor, workers: int):
+    """Yield the ids of ``buffers`` in order, hashed on the pool up to ``HASH_GROUP`` per task.
 
     Groups keep the pool's per-task cost (~20 us) small against hashing a 1 MiB chunk
-    (~130 us), while ids still arrive early enough for the writer to overlap.
+    (~130 us), while ids still arrive early enough for the writer to overlap; a leaf of few
+    chunks is still spread over every thread.
     """
     if len(buffers) <= 1:
         yield from map(chunk_id, buffers)
         return
-    groups = [buffers[i : i + HASH_GROUP] for i in range(0, len(buffers), HASH_GROUP)]
+    group = max(1, min(HASH_GROUP, len(buffers) // max(workers, 1)))
+    groups = [buffers[i : i + group] for i in range(0, len(buffers), group)]
     for ids in pool.map(lambda group: [chunk_id(b) for b in group], groups):
         yield from ids
 
@@ -214,7 +216,7 @@ class SaveJob:
     def _write_captured(self) -> None:
         pending = self.capture.pending
         for blob in pending[self._written :]:
-            write_blob(blob, self.sink, self.pool)
+            write_blob(blob, self.sink, self.pool, self.capture.workers)
         self._written = len(pending)
 
     def _release(self) -> None:
