@@ -3,7 +3,9 @@
 from .errors import *  # noqa: F401,F403
 from .background import SaveHandle
 from .checkpoint import Checkpoint, Counter, Every
+from .gc import GcPlan
 from .replay import RingBuffer
+from .retention import Keep
 from .store import SaveResult, Store, StoreStats
 from .tracking import TrackedArray
 

@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import threading
+import weakref
 
 import lmdb
 
@@ -24,7 +25,9 @@ from .errors import CorruptDataError, FormatError, SaveError, StoreLockedError, 
 
 log = logging.getLogger(__name__)
 
-DATABASES = (b"meta", b"chunks", b"pages", b"steps")
+DATABASES = (b"meta", b"chunks", b"pages", b"steps", b"trash", b"journal", b"stepinfo", b"tags")
+#: databases a format-1 store does not have (a read-only open sees them as empty)
+LATER_DATABASES = (b"trash", b"journal", b"stepinfo", b"tags")
 INITIAL_MAP_BYTES = 1 << 30
 LOCK_FILE = "writer.lock"
 RESERVE_SLACK = 8 << 20  # disk blocks kept allocated past the data for B-tree pages and small writes
@@ -105,15 +108,25 @@ class BlobStore:
         self._write_mutex = threading.RLock()
         self._writer_fd: int | None = None
         self.writer_session: object | None = None
+        #: objects holding remembered chunk ids (``pinned_ids(session)``): GC must not free them
+        self.pin_holders: "weakref.WeakSet" = weakref.WeakSet()
         try:
             self.env = lmdb.open(
                 path, map_size=INITIAL_MAP_BYTES, max_dbs=len(DATABASES), subdir=True,
                 readonly=readonly, create=not readonly, max_readers=256, writemap=not readonly,
             )
-            self.dbs = {name.decode(): self.env.open_db(name, create=not readonly) for name in DATABASES}
+            self.dbs = {name.decode(): self._open_db(name) for name in DATABASES}
         except lmdb.Error as exc:
             raise FormatError(f"cannot open LMDB store at {path}: {exc}") from None
         self._data_fd = None if readonly else os.open(os.path.join(path, "data.mdb"), os.O_RDWR)
+
+    def _open_db(self, name: bytes):
+        try:
+            return self.env.open_db(name, create=not self.readonly)
+        except lmdb.NotFoundError:
+            if self.readonly and name in LATER_DATABASES:
+                return None  # a read-only open of a format-1 store: the database is empty
+            raise
 
     def close(self) -> None:
         with self._registry_lock:
@@ -247,6 +260,13 @@ class BlobStore:
         # publishing it to readers; taking LMDB's write mutex recovers it, so this writer
         # starts from the true latest step.
         self.write(lambda txn: None)
+
+    def pinned_ids(self) -> set[bytes]:
+        """Chunk ids remembered by baselines of this writer session (see capture)."""
+        pinned: set[bytes] = set()
+        for holder in list(self.pin_holders):
+            pinned.update(holder.pinned_ids(self.writer_session))
+        return pinned
 
     def new_writer_session(self) -> None:
         """Start a new session token: chunk ids remembered under the old one may be gone.

@@ -30,7 +30,9 @@ class Checkpoint:
     """Components registered as attributes, saved as steps of a :class:`Store`.
 
     ``Checkpoint(path)`` opens (or creates) the store at ``path``.  Keyword arguments go
-    to :class:`Store`: ``verify``, ``allow_pickle``, ``chunk_bytes``, ``readonly``.
+    to :class:`Store`: ``keep`` (an int N keeps the last N steps, or ``castore.Keep(...)``),
+    ``verify``, ``allow_pickle``, ``chunk_bytes``, ``readonly``, ``max_pending``,
+    ``check_tracking``.
     """
 
     def __init__(self, path: str | os.PathLike, **store_options):
@@ -75,7 +77,7 @@ class Checkpoint:
     # -- saving -------------------------------------------------------------------------------------
 
     def save(self, step: int | None = None, *, keys=None, overwrite: bool = False,
-             block: bool = True) -> SaveResult | SaveHandle:
+             block: bool = True, metrics: dict | None = None) -> SaveResult | SaveHandle:
         """Save the registered components (or ``keys``) as one step.
 
         The step number is ``step`` if given, else ``int()`` of the state of a component
@@ -89,16 +91,20 @@ class Checkpoint:
         ``max_pending`` (default 1) saves are in flight: a further save first waits for the
         oldest.  An error of a background save is raised by ``handle.result()``, or else by
         the next ``save``, ``wait`` or ``close``.
+
+        ``metrics`` (``{name: number}``) are recorded with the step, for
+        ``keep=castore.Keep(best=N, metric=name)``.  With ``keep``, steps the policy does
+        not keep are deleted and their chunks freed after the commit.
         """
         names = self._names(keys)
         states = {name: self._state_of(name) for name in names}
         if step is None:
             step = self._step_number(states)
         if not block:
-            handle = self._store.save_async(step, states, overwrite=overwrite)
+            handle = self._store.save_async(step, states, overwrite=overwrite, metrics=metrics)
             object.__setattr__(self, "_last_submitted", handle.step)
             return handle
-        result = self._store.save(step, states, overwrite=overwrite)
+        result = self._store.save(step, states, overwrite=overwrite, metrics=metrics)
         log.info("saved step %d: %d new of %d logical bytes in %.3fs", result.step,
                  result.new_bytes, result.logical_bytes, result.seconds)
         return result
@@ -162,6 +168,11 @@ class Checkpoint:
         step = store.latest() if step is None else step
         if step is None:
             raise StepNotFoundError(f"store {store.path} has no steps yet")
+        if isinstance(step, str):  # a tag
+            tagged = store.tags()
+            if step not in tagged:
+                raise StepNotFoundError(f"no tag {step!r} in {store.path}; tags: {sorted(tagged) or 'none'}")
+            step = tagged[step]
         data = store.load(step, keys=keys, regex=regex, verify=verify)
         if regex is not None:
             data = self._merge_selected(data, regex)
@@ -209,6 +220,28 @@ class Checkpoint:
 
     def steps(self) -> list[int]:
         return self._store.steps()
+
+    def tag(self, name: str, step: int | None = None) -> int:
+        """Name a step (default: latest); ``load(step=name)`` loads it, retention keeps it."""
+        return self._store.tag(name, step)
+
+    def untag(self, name: str) -> None:
+        self._store.untag(name)
+
+    def tags(self) -> dict[str, int]:
+        return self._store.tags()
+
+    def retain(self, keep=None) -> list[int]:
+        """Apply ``keep`` (default: this Checkpoint's) now; returns the deleted steps."""
+        return self._store.retain(keep)
+
+    def plan_gc(self):
+        """What :meth:`gc` would free (a dry run)."""
+        return self._store.plan_gc()
+
+    def gc(self, plan=None):
+        """Free chunks no kept step references; returns what was freed."""
+        return self._store.gc(plan)
 
     def latest(self) -> int | None:
         return self._store.latest()

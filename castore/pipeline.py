@@ -8,6 +8,7 @@ that names a missing chunk.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,9 @@ from .ids import ID_BYTES, chunk_id
 from .manifest import INLINE_IDS, PAGE_IDS, ChunkedBlob, PagedBlob
 
 BATCH_BYTES = 128 << 20
+JOURNAL_TOKEN_BYTES = 8
+#: journal entries list ``tag + id``: which database each new id went to
+JOURNAL_TAGS = {"chunks": b"c", "pages": b"p"}
 HASH_GROUP = 8  # chunks hashed per thread-pool task
 _FLUSH, _END = object(), object()
 
@@ -29,6 +33,8 @@ class ChunkSink:
 
     def __init__(self, blobs: BlobStore):
         self.blobs = blobs
+        self.token = os.urandom(JOURNAL_TOKEN_BYTES)  # names this save's journal entries
+        self._batches = 0
         self.new_chunks = self.reused_chunks = self.new_bytes = 0
         self._queue: queue.Queue = queue.Queue(maxsize=4096)
         self._error: BaseException | None = None
@@ -91,6 +97,7 @@ class ChunkSink:
         except BaseException as exc:  # reported to the saving thread by put/flush/finish
             self._error = exc
             return
+        self._batches += 1
         self.new_chunks += new_chunks
         self.reused_chunks += reused
         self.new_bytes += new_bytes
@@ -102,14 +109,28 @@ class ChunkSink:
                 if chunk_id(view) != cid:
                     raise SaveError("a buffer changed while it was being saved; save again")
         new_chunks = reused = new_bytes = 0
+        journal = bytearray()
         for db_name, cid, view in batch:
             if txn.put(cid, view, db=self.blobs.dbs[db_name], overwrite=False):
                 new_chunks += 1
                 new_bytes += len(view)
+                journal += JOURNAL_TAGS[db_name] + cid
             else:
                 reused += 1
         add_counters(txn, self.blobs, new_chunks, new_bytes)
+        if journal:  # until the manifest commits, GC may free these if the save never does
+            key = self.token + self._batches.to_bytes(4, "big")
+            txn.put(key, bytes(journal), db=self.blobs.dbs["journal"])
         return new_chunks, reused, new_bytes
+
+
+def drop_journal(txn, blobs: BlobStore, token: bytes) -> None:
+    """Delete a save's journal entries (in the transaction that commits its manifest)."""
+    cursor = txn.cursor(db=blobs.dbs["journal"])
+    if cursor.set_range(token):
+        while cursor.key()[: len(token)] == token:
+            if not cursor.delete():
+                break
 
 
 def read_counters(txn, blobs: BlobStore) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,7 +37,6 @@ from .errors import (
 )
 from .ids import HASH_NAME, ID_BYTES, chunk_id, short
 from .manifest import (
-    FORMAT_VERSION,
     PAGE_IDS,
     Blob,
     ChunkedBlob,
@@ -47,9 +47,12 @@ from .manifest import (
     encode_manifest,
     page_ids_in,
 )
+from . import catalog
+from . import gc as gc_
 from .background import Background, SaveHandle
 from .capture import Capture, PendingBlob, Staging
-from .pipeline import SaveJob, read_counters
+from .pipeline import SaveJob, drop_journal, read_counters
+from .retention import Keep, policy_of
 
 log = logging.getLogger(__name__)
 MAX_STEP = (1 << 63) - 1
@@ -94,6 +97,7 @@ class _Captured:
     components: tuple
     logical_bytes: int
     overwrite: bool
+    metrics: dict | None
     job: SaveJob
     started: float
     capture_seconds: float
@@ -103,12 +107,8 @@ def _resolved(blob):
     return blob.resolved if isinstance(blob, PendingBlob) else blob
 
 
-def step_key(step: int) -> bytes:
-    return step.to_bytes(8, "big")
-
-
-def step_of(key) -> int:
-    return int.from_bytes(key, "big")
+step_key, step_of = catalog.step_key, catalog.step_of
+STORE_FORMAT = 2  #: config ``format``: 2 adds trash, journal, stepinfo, tags (manifests stay 1)
 
 
 def check_step(step) -> int:
@@ -140,6 +140,7 @@ class Store:
         workers: int | None = None,
         check_tracking: bool | None = None,
         max_pending: int = 1,
+        keep=None,
     ):
         if not isinstance(max_pending, int) or max_pending < 1:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -151,6 +152,8 @@ class Store:
             check_tracking = os.environ.get("CASTORE_CHECK_TRACKING", "").lower() in ("1", "true", "yes")
         self.check_tracking = check_tracking
         self.max_pending = max_pending
+        self.keep: Keep | None = policy_of(keep)
+        self._save_lock = threading.RLock()  # saves (capture, submit) vs. garbage collection
         self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
         self._staging = Staging()
         self._background: Background | None = None
@@ -160,6 +163,7 @@ class Store:
         except BaseException:
             self._blobs.close()
             raise
+        self._blobs.pin_holders.add(self)
         self.workers = workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="castore-hash")
         self._closed = False
@@ -198,6 +202,17 @@ class Store:
         if self.readonly:
             raise UsageError(f"store {self.path} is open read-only")
         self._blobs.acquire_writer()
+        if self._format < STORE_FORMAT:
+            self._blobs.write(self._upgrade_config)
+            self._format = STORE_FORMAT
+
+    def _upgrade_config(self, txn) -> None:
+        """A format-1 store gets format 2 when a writer first takes it: no data changes, but
+        from now on deletes go through the trash and saves through the journal."""
+        config = msgpack.unpackb(bytes(txn.get(b"config", db=self._blobs.dbs["meta"])), raw=False)
+        if config.get("format", 0) < STORE_FORMAT:
+            config["format"] = STORE_FORMAT
+            txn.put(b"config", msgpack.packb(config, use_bin_type=True), db=self._blobs.dbs["meta"])
 
     def _open_config(self, chunk_bytes: int | None) -> int:
         if chunk_bytes is not None and not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
@@ -209,7 +224,7 @@ class Store:
             if self._blobs.readonly:
                 raise FormatError(f"{self.path} is not a castore store (no config record)")
             config = self._blobs.write(self._create_config, chunk_bytes or DEFAULT_CHUNK_BYTES)
-        stored = parse_config(config, self.path)
+        stored, self._format = parse_config(config, self.path)
         if chunk_bytes is not None and chunk_bytes != stored:
             raise UsageError(
                 f"store {self.path} was created with chunk_bytes={stored}; "
@@ -225,7 +240,7 @@ class Store:
         if txn.stat(self._blobs.dbs["steps"])["entries"]:
             raise FormatError(f"{self.path} holds steps but no config record")
         config = msgpack.packb(
-            {"format": FORMAT_VERSION, "hash": HASH_NAME, "chunk_bytes": chunk_bytes,
+            {"format": STORE_FORMAT, "hash": HASH_NAME, "chunk_bytes": chunk_bytes,
              "page_ids": PAGE_IDS, "created": time.time()},
             use_bin_type=True,
         )
@@ -234,7 +249,7 @@ class Store:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def save(self, step: int, tree: dict, *, overwrite: bool = False) -> SaveResult:
+    def save(self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None) -> SaveResult:
         """Commit ``tree`` (component name -> state) as ``step``; atomic and durable.
 
         A component whose state is a generator or iterator is saved as shards.  Only
@@ -245,12 +260,16 @@ class Store:
         castore does not store, :class:`StoreLockedError` if another process writes this
         store, :class:`TrackingError` in check mode, and the error of an earlier async
         save nobody has seen.  A save that raises commits no step (chunks it wrote stay as
-        garbage for GC).
+        garbage for GC).  ``metrics`` (``{name: number}``) are recorded with the step for
+        ``Keep(best=...)``.  With a ``keep`` policy, steps it does not keep are deleted and
+        their chunks collected after the commit.
         """
-        self.wait()
-        return self._write(self._capture(step, tree, overwrite, copy=False))
+        with self._save_lock:
+            self.wait()
+            return self._write(self._capture(step, tree, overwrite, metrics, copy=False))
 
-    def save_async(self, step: int, tree: dict, *, overwrite: bool = False) -> SaveHandle:
+    def save_async(self, step: int, tree: dict, *, overwrite: bool = False,
+                   metrics: dict | None = None) -> SaveHandle:
         """Capture ``tree`` now and commit it in the background; returns a :class:`SaveHandle`.
 
         When this returns, the changed chunks have been copied (at most ``max_pending``
@@ -259,12 +278,13 @@ class Store:
         :meth:`save` raises before writing (bad input, locked store, an earlier async
         save's unseen error); errors while writing come from the handle or :meth:`wait`.
         """
-        background = self._saver()
-        while background.in_flight() >= background.max_pending:
-            background.wait(raise_errors=False)  # bound memory: capture after a slot frees
-        background.raise_failed()  # checked after the wait: a save in flight may have failed
-        captured = self._capture(step, tree, overwrite, copy=True)
-        return background.submit(SaveHandle(captured.step), self._write, captured)
+        with self._save_lock:
+            background = self._saver()
+            while background.in_flight() >= background.max_pending:
+                background.wait(raise_errors=False)  # bound memory: capture after a slot frees
+            background.raise_failed()  # checked after the wait: a save in flight may have failed
+            captured = self._capture(step, tree, overwrite, metrics, copy=True)
+            return background.submit(SaveHandle(captured.step), self._write, captured)
 
     def wait(self) -> None:
         """Wait for async saves in flight; raise the first error nobody has seen yet."""
@@ -277,8 +297,9 @@ class Store:
             self._background = Background(self.path, self.max_pending)
         return self._background
 
-    def _capture(self, step, tree, overwrite: bool, *, copy: bool) -> "_Captured":
+    def _capture(self, step, tree, overwrite: bool, metrics, *, copy: bool) -> "_Captured":
         step = check_step(step)
+        metrics = catalog.check_metrics(metrics)
         if type(tree) is not dict or not all(type(k) is str and k for k in tree):
             raise UsageError("a step's tree must be a dict of non-empty str component names")
         self._take_writer_lock()
@@ -294,7 +315,7 @@ class Store:
         except BaseException:
             job.abort()
             raise
-        return _Captured(step, components, encoder.logical_bytes, overwrite, job, started,
+        return _Captured(step, components, encoder.logical_bytes, overwrite, metrics, job, started,
                          time.perf_counter() - started)
 
     def _write(self, captured: "_Captured") -> SaveResult:
@@ -311,8 +332,9 @@ class Store:
             data = b""  # the same state saved again under its step: nothing to commit
         else:
             self._blobs.reserve(len(data))
-            self._blobs.write(self._commit_manifest, captured.step, data, captured.overwrite)
+            self._blobs.write(self._commit_manifest, captured, data)
         self._remember_baselines(job.capture)
+        self._retain_after_commit()
         sink = job.sink
         return SaveResult(
             captured.step, captured.logical_bytes, sink.new_bytes, sink.new_chunks,
@@ -344,19 +366,145 @@ class Store:
             "pass overwrite=True to replace it"
         )
 
-    def _commit_manifest(self, txn, step: int, data: bytes, overwrite: bool) -> None:
-        if not txn.put(step_key(step), data, db=self._blobs.dbs["steps"], overwrite=overwrite):
-            raise StepExistsError(f"step {step} exists in {self.path}; pass overwrite=True to replace it")
+    def _commit_manifest(self, txn, captured: "_Captured", data: bytes) -> None:
+        step, steps_db = captured.step, self._blobs.dbs["steps"]
+        old = txn.get(step_key(step), db=steps_db)
+        if old is not None:
+            if not captured.overwrite:
+                raise StepExistsError(f"step {step} exists in {self.path}; pass overwrite=True to replace it")
+            catalog.trash_manifest(txn, self._blobs, step, old)
+        txn.put(step_key(step), data, db=steps_db)
+        catalog.put_metrics(txn, self._blobs, step, captured.metrics)
+        drop_journal(txn, self._blobs, captured.job.sink.token)  # its chunks are referenced now
 
     def delete(self, step: int) -> None:
-        """Remove a step's manifest; its chunks stay until garbage collection frees them."""
-        step = check_step(step)
-        self._take_writer_lock()
-        self._blobs.write(self._delete_manifest, step)
+        """Remove a step; its chunks stay until garbage collection (:meth:`gc`) frees them.
 
-    def _delete_manifest(self, txn, step: int) -> None:
-        if not txn.delete(step_key(step), db=self._blobs.dbs["steps"]):
+        Raises StepNotFoundError, and UsageError for a tagged step (untag it first).
+        """
+        step = check_step(step)
+        with self._save_lock:
+            self._take_writer_lock()
+            self._blobs.write(self._delete_steps, [step])
+
+    def _delete_steps(self, txn, steps: list[int]) -> None:
+        tagged = {s: name for name, s in catalog.tags(txn, self._blobs).items()}
+        for step in steps:
+            raw = txn.get(step_key(step), db=self._blobs.dbs["steps"])
+            if raw is None:
+                raise StepNotFoundError(f"step {step} does not exist in {self.path}")
+            if step in tagged:
+                raise UsageError(f"step {step} is tagged {tagged[step]!r}: untag it before deleting")
+            catalog.trash_manifest(txn, self._blobs, step, raw)
+            txn.delete(step_key(step), db=self._blobs.dbs["steps"])
+
+    # -- retention and garbage collection ----------------------------------------------------
+
+    def retain(self, keep=None) -> list[int]:
+        """Delete the steps ``keep`` (default: the store's policy) does not keep, then collect.
+
+        Returns the deleted steps.  The latest and tagged steps are always kept.
+        """
+        policy = policy_of(keep) if keep is not None else self.keep
+        if policy is None:
+            raise UsageError("no retention policy: pass keep= here or to the Store")
+        with self._save_lock:
+            self._take_writer_lock()
+            self.wait()
+            with self._blobs.read() as txn:
+                infos = catalog.step_infos(txn, self._blobs)
+            doomed = sorted({i.step for i in infos} - policy.select(infos))
+            if doomed:
+                self._blobs.write(self._delete_steps, doomed)
+            self.gc()
+            return doomed
+
+    def _retain_after_commit(self) -> None:
+        # Only once no other save is queued: a queued save may reuse ids GC would free.
+        if self.keep is not None and (self._background is None or self._background.in_flight() <= 1):
+            with self._blobs.read() as txn:
+                infos = catalog.step_infos(txn, self._blobs)
+            doomed = sorted({i.step for i in infos} - self.keep.select(infos))
+            if doomed:
+                self._blobs.write(self._delete_steps, doomed)
+                self._execute_gc(None)
+
+    def plan_gc(self) -> gc_.GcPlan:
+        """What :meth:`gc` would free now: steps, chunks, pages, bytes (a dry run)."""
+        with self._save_lock:
+            self._take_writer_lock()
+            self.wait()
+            return self._plan_gc()
+
+    def gc(self, plan: gc_.GcPlan | None = None) -> gc_.GcPlan:
+        """Free the chunks and pages no kept step references; returns what was freed.
+
+        Crash-safe (a kill loses no chunk of a kept step; what is left is found by the next
+        GC), never frees a chunk a save in this process may reuse, and readers keep
+        working.  A ``plan`` from :meth:`plan_gc` is re-planned if the store changed since.
+        """
+        with self._save_lock:
+            self._take_writer_lock()
+            self.wait()
+            return self._execute_gc(plan)
+
+    def _plan_gc(self) -> gc_.GcPlan:
+        with self._blobs.read() as txn:
+            return gc_.plan(self._blobs, txn, self._blobs.pinned_ids())
+
+    def _execute_gc(self, plan: gc_.GcPlan | None) -> gc_.GcPlan:
+        if plan is None or plan.generation != self._blobs.env.info()["last_txnid"]:
+            plan = self._plan_gc()
+        if not plan.is_empty:
+            gc_.execute(self._blobs, plan)
+        return plan
+
+    def pinned_ids(self, session) -> list[bytes]:
+        """Chunk ids remembered by this store's baselines in ``session`` (GC keeps them)."""
+        ids = []
+        for baseline in list(self._baselines.values()):
+            if baseline.owner is session:
+                ids += [baseline.ids[i : i + ID_BYTES] for i in range(0, len(baseline.ids), ID_BYTES)]
+        return ids
+
+    # -- tags and metrics ---------------------------------------------------------------------
+
+    def tag(self, name: str, step: int | None = None) -> int:
+        """Name ``step`` (default: latest); tagged steps survive retention. Returns the step."""
+        key = catalog.tag_key(name)
+        with self._save_lock:
+            self._take_writer_lock()
+            self.wait()
+            return self._blobs.write(self._put_tag, key, step)
+
+    def _put_tag(self, txn, key: bytes, step: int | None) -> int:
+        step = self._resolve_step(txn, step)
+        if txn.get(step_key(step), db=self._blobs.dbs["steps"]) is None:
             raise StepNotFoundError(f"step {step} does not exist in {self.path}")
+        txn.put(key, step_key(step), db=self._blobs.dbs["tags"])
+        return step
+
+    def untag(self, name: str) -> None:
+        key = catalog.tag_key(name)
+        with self._save_lock:
+            self._take_writer_lock()
+            self._blobs.write(self._delete_tag, key, name)
+
+    def _delete_tag(self, txn, key: bytes, name: str) -> None:
+        if not txn.delete(key, db=self._blobs.dbs["tags"]):
+            raise StepNotFoundError(f"no tag {name!r} in {self.path}")
+
+    def tags(self) -> dict[str, int]:
+        """``{tag: step}``."""
+        self._check_open()
+        with self._blobs.read() as txn:
+            return catalog.tags(txn, self._blobs)
+
+    def metrics(self, step: int | str | None = None) -> dict:
+        """The metrics recorded with a step (default: latest)."""
+        self._check_open()
+        with self._blobs.read() as txn:
+            return catalog.read_metrics(txn, self._blobs, self._resolve_step(txn, step))
 
     # -- listing ----------------------------------------------------------------------------------
 
@@ -387,7 +535,12 @@ class Store:
         with self._blobs.read() as txn:
             return self._manifest(txn, self._resolve_step(txn, step))
 
-    def _resolve_step(self, txn, step: int | None) -> int:
+    def _resolve_step(self, txn, step: int | str | None) -> int:
+        if isinstance(step, str):
+            tagged = catalog.tags(txn, self._blobs)
+            if step not in tagged:
+                raise StepNotFoundError(f"no tag {step!r} in {self.path}; tags: {sorted(tagged) or 'none'}")
+            return tagged[step]
         if step is not None:
             return check_step(step)
         latest = self._latest(txn)
@@ -536,8 +689,8 @@ class Store:
         return bytes(pages)
 
 
-def parse_config(raw: bytes, path: str) -> int:
-    """Check a store's config record; returns its chunk size."""
+def parse_config(raw: bytes, path: str) -> tuple[int, int]:
+    """Check a store's config record; returns ``(chunk size, format)``."""
     try:
         config = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
@@ -547,10 +700,10 @@ def parse_config(raw: bytes, path: str) -> int:
     version = config.get("format")
     if not isinstance(version, int) or version < 1:
         raise FormatError(f"{path}: config has no valid format version")
-    if version > FORMAT_VERSION:
+    if version > STORE_FORMAT:
         raise FormatError(
             f"{path} was written in castore format {version}; this castore reads up to "
-            f"{FORMAT_VERSION}: upgrade castore to open it"
+            f"{STORE_FORMAT}: upgrade castore to open it"
         )
     if config.get("hash") != HASH_NAME:
         raise FormatError(f"{path}: unknown chunk hash {config.get('hash')!r}")
@@ -559,4 +712,4 @@ def parse_config(raw: bytes, path: str) -> int:
         raise FormatError(f"{path}: config chunk_bytes {chunk_bytes!r} is out of range")
     if config.get("page_ids") != PAGE_IDS:
         raise FormatError(f"{path}: config page_ids {config.get('page_ids')!r} is not {PAGE_IDS}")
-    return chunk_bytes
+    return chunk_bytes, version

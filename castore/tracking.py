@@ -153,6 +153,13 @@ class TrackedArray:
             if self._baseline is None or baseline.epoch >= self._baseline.epoch:
                 self._baseline = baseline
 
+    def pinned_ids(self, session) -> list[bytes]:
+        """The ids of the baseline if it belongs to ``session`` (GC keeps them)."""
+        baseline = self._baseline
+        if baseline is None or baseline.owner is not session:
+            return []
+        return [baseline.ids[i : i + 32] for i in range(0, len(baseline.ids), 32)]
+
     def forget(self) -> None:
         """Drop the baseline: the next save hashes every chunk."""
         with self._lock:
