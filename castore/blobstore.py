@@ -16,12 +16,21 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import weakref
 
 import lmdb
 
-from .errors import CorruptDataError, FormatError, SaveError, StoreLockedError, StoreNotFoundError, UsageError
+from .errors import (
+    CorruptDataError,
+    FormatError,
+    SaveError,
+    StoreBusyError,
+    StoreLockedError,
+    StoreNotFoundError,
+    UsageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +119,18 @@ class BlobStore:
         self.writer_session: object | None = None
         #: objects holding remembered chunk ids (``pinned_ids(session)``): GC must not free them
         self.pin_holders: "weakref.WeakSet" = weakref.WeakSet()
+        self._open_env(INITIAL_MAP_BYTES)
+
+    def _open_env(self, map_size: int) -> None:
         try:
             self.env = lmdb.open(
-                path, map_size=INITIAL_MAP_BYTES, max_dbs=len(DATABASES), subdir=True,
-                readonly=readonly, create=not readonly, max_readers=256, writemap=not readonly,
+                self.path, map_size=map_size, max_dbs=len(DATABASES), subdir=True,
+                readonly=self.readonly, create=not self.readonly, max_readers=256, writemap=not self.readonly,
             )
             self.dbs = {name.decode(): self._open_db(name) for name in DATABASES}
         except lmdb.Error as exc:
-            raise FormatError(f"cannot open LMDB store at {path}: {exc}") from None
-        self._data_fd = None if readonly else os.open(os.path.join(path, "data.mdb"), os.O_RDWR)
+            raise FormatError(f"cannot open LMDB store at {self.path}: {exc}") from None
+        self._data_fd = None if self.readonly else os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR)
 
     def _open_db(self, name: bytes):
         try:
@@ -136,9 +148,7 @@ class BlobStore:
             if self._open.get(self.path) is self:
                 del self._open[self.path]
         self._release_writer()
-        if self._data_fd is not None:
-            os.close(self._data_fd)
-        self.env.close()
+        self._close_env()
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -285,6 +295,59 @@ class BlobStore:
             self._writer_fd = None
             self.writer_session = None
 
+    # -- compaction -----------------------------------------------------------------------
+
+    def compact(self) -> None:
+        """Replace the data file by a copy without free pages, giving space back.
+
+        The caller holds the writer lock.  Raises :class:`StoreBusyError` if another process
+        has the store open (its map would point at the replaced file): LMDB's own lock on
+        ``lock.mdb`` tells.  Crash-safe: the copy is complete and synced before an atomic
+        rename replaces the old file; a kill before leaves the old file and a stale
+        ``compact.tmp`` that the next compaction removes.
+        """
+        scratch = os.path.join(self.path, "compact.tmp")
+        shutil.rmtree(scratch, ignore_errors=True)
+        os.makedirs(scratch)
+        self.env.copy(scratch, compact=True)
+        _fsync_path(os.path.join(scratch, "data.mdb"))
+        with self._write_mutex, self._lock.exclusive():  # no transaction of this process is open
+            map_size = self.env.info()["map_size"]
+            self._close_env()
+            try:
+                self._replace_data_file(scratch)
+            finally:
+                self._open_env(map_size)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    def _replace_data_file(self, scratch: str) -> None:
+        fd = os.open(os.path.join(self.path, "lock.mdb"), os.O_RDWR)
+        try:
+            try:  # every process with the environment open holds a read lock on byte 0
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+            except OSError:
+                raise StoreBusyError(
+                    f"store {self.path} is open in another process; close its readers to compact"
+                ) from None
+            os.replace(os.path.join(scratch, "data.mdb"), os.path.join(self.path, "data.mdb"))
+            _fsync_path(self.path)
+        finally:
+            os.close(fd)  # drops our fcntl lock: only after, LMDB reopens (and resets lock.mdb)
+
+    def _close_env(self) -> None:
+        if self._data_fd is not None:
+            os.close(self._data_fd)
+            self._data_fd = None
+        self.env.close()
+
     def file_bytes(self) -> int:
         """Disk space the data file occupies (its size is the map size: the file is sparse)."""
         return os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

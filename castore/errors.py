@@ -52,6 +52,10 @@ class StoreLockedError(CastoreError, BlockingIOError):
         )
 
 
+class StoreBusyError(CastoreError, BlockingIOError):
+    """An operation needs the store to itself (compaction) but other processes have it open."""
+
+
 class FormatError(CastoreError):
     """The store's on-disk format is unknown, newer than this castore, or inconsistent."""
 

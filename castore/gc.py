@@ -152,3 +152,37 @@ def _present(txn, blobs: BlobStore, db: str, ids: set) -> set:
 
 def _size(txn, blobs: BlobStore, db: str, cid: bytes) -> int:
     return len(txn.get(cid, db=blobs.dbs[db]))
+
+
+@dataclass(frozen=True, slots=True)
+class StepAccount:
+    """What one step costs in the store."""
+
+    step: int
+    logical_bytes: int  #: bytes of its state before deduplication
+    referenced_bytes: int  #: stored bytes of the chunks and pages it references
+    unique_bytes: int  #: of those, referenced by no other kept step: what deleting it frees
+    shared_bytes: int  #: referenced_bytes - unique_bytes
+
+
+def account(blobs: BlobStore, txn) -> list[StepAccount]:
+    """Per-step accounting over every kept step (reads manifests and pages, not chunks)."""
+    per_step, counts = [], {}
+    for raw in txn.cursor(db=blobs.dbs["steps"]).iternext(keys=False):
+        manifest = decode_manifest(raw)
+        chunks, pages = set(), set()
+        _collect(txn, blobs, manifest, chunks, pages, skip_pages=pages)
+        ids = {("chunks", c) for c in chunks} | {("pages", p) for p in pages}
+        per_step.append((manifest, ids))
+        for key in ids:
+            counts[key] = counts.get(key, 0) + 1
+    sizes = {}
+    for db, cid in counts:
+        value = txn.get(cid, db=blobs.dbs[db])
+        sizes[(db, cid)] = 0 if value is None else len(value)
+    accounts = []
+    for manifest, ids in per_step:
+        referenced = sum(sizes[k] for k in ids)
+        unique = sum(sizes[k] for k in ids if counts[k] == 1)
+        accounts.append(StepAccount(manifest.step, manifest.logical_bytes, referenced, unique, referenced - unique))
+    return accounts

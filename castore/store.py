@@ -459,6 +459,28 @@ class Store:
             gc_.execute(self._blobs, plan)
         return plan
 
+    def compact(self) -> tuple[int, int]:
+        """Collect garbage, then rewrite the data file without free pages.
+
+        Returns the disk bytes ``(before, after)``.  Needs the store to itself: raises
+        :class:`StoreBusyError` if another process has it open, :class:`StoreLockedError` if
+        another process writes it.  A kill at any instant leaves a loadable store.
+        """
+        with self._save_lock:
+            self._take_writer_lock()
+            self.wait()
+            self._execute_gc(None)
+            before = self._blobs.file_bytes()
+            self._blobs.compact()
+            return before, self._blobs.file_bytes()
+
+    def accounting(self) -> list[gc_.StepAccount]:
+        """Per kept step: logical bytes, stored bytes it references, bytes only it references
+        (what deleting it would free) and bytes it shares.  Reads manifests, not chunks."""
+        self._check_open()
+        with self._blobs.read() as txn:
+            return gc_.account(self._blobs, txn)
+
     def pinned_ids(self, session) -> list[bytes]:
         """Chunk ids remembered by this store's baselines in ``session`` (GC keeps them)."""
         ids = []
