@@ -25,6 +25,7 @@ RATIOS = [
     ("castore_tracked_save_10pct", "castore_full_save", "tracked save, 10% of replay rows new, vs full save"),
     ("castore_tracked_save_100pct", "castore_full_save", "tracked save, 100% of replay rows new, vs full save"),
     ("castore_hash", "blake3_auto", "castore chunk hashing vs bare multi-threaded BLAKE3, same bytes"),
+    ("castore_gc_4x", "castore_gc_1x", "GC freeing the same bytes from a store 4x larger vs 1x"),
     ("castore_full_save", "blake3_thread_pool", "full save vs bare BLAKE3 of everything"),
     ("castore_load_step", "npz_load_all", "load step (verified) vs np.load of one .npz"),
     ("castore_load_step_unverified", "npz_load_all", "load step (verify=False) vs np.load of one .npz"),
