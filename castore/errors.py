@@ -77,7 +77,7 @@ class IntegrityError(CastoreError):
         self.path = path
         self.chunk_id = chunk_id
         where = f"step {step}, component {component!r}, leaf {path!r}, chunk {chunk_id}"
-        super().__init__(f"{what} ({where}); run Store.verify() to find every damaged step")
+        super().__init__(f"{what} ({where}); other steps may still load")
 
 
 class ChunkMissingError(IntegrityError, KeyError):

@@ -278,13 +278,16 @@ class Store:
         :meth:`save` raises before writing (bad input, locked store, an earlier async
         save's unseen error); errors while writing come from the handle or :meth:`wait`.
         """
-        with self._save_lock:
-            background = self._saver()
+        background = self._saver()
+        while True:
             while background.in_flight() >= background.max_pending:
-                background.wait(raise_errors=False)  # bound memory: capture after a slot frees
-            background.raise_failed()  # checked after the wait: a save in flight may have failed
-            captured = self._capture(step, tree, overwrite, metrics, copy=True)
-            return background.submit(SaveHandle(captured.step), self._write, captured)
+                background.wait(raise_errors=False)  # bound memory; not holding the save lock
+            with self._save_lock:
+                if background.in_flight() >= background.max_pending:
+                    continue  # another thread took the slot
+                background.raise_failed()  # checked after the wait: a save in flight may have failed
+                captured = self._capture(step, tree, overwrite, metrics, copy=True)
+                return background.submit(SaveHandle(captured.step), self._write, captured)
 
     def wait(self) -> None:
         """Wait for async saves in flight; raise the first error nobody has seen yet."""
@@ -349,6 +352,7 @@ class Store:
             baseline = blob.baseline(capture.owner)
             if blob.tracked is not None:
                 blob.tracked.committed(baseline)
+                self._blobs.pin_holders.add(blob.tracked)  # GC must keep what it may reuse
             else:
                 self._baselines[blob.path] = baseline
 
@@ -420,14 +424,24 @@ class Store:
             return doomed
 
     def _retain_after_commit(self) -> None:
-        # Only once no other save is queued: a queued save may reuse ids GC would free.
-        if self.keep is not None and (self._background is None or self._background.in_flight() <= 1):
+        """Apply ``keep`` after a commit, unless a save is being captured or is queued.
+
+        Those may reuse ids (from baselines older than this commit) that GC would free; the
+        commit of the last of them retains instead.
+        """
+        if self.keep is None or not self._save_lock.acquire(blocking=False):
+            return
+        try:
+            if self._background is not None and self._background.in_flight() > 1:
+                return
             with self._blobs.read() as txn:
                 infos = catalog.step_infos(txn, self._blobs)
             doomed = sorted({i.step for i in infos} - self.keep.select(infos))
             if doomed:
                 self._blobs.write(self._delete_steps, doomed)
                 self._execute_gc(None)
+        finally:
+            self._save_lock.release()
 
     def plan_gc(self) -> gc_.GcPlan:
         """What :meth:`gc` would free now: steps, chunks, pages, bytes (a dry run)."""
