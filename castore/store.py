@@ -19,15 +19,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
 
-from . import codec
+from . import catalog, codec, reading
+from . import gc as gc_
+from .background import Background, SaveHandle
 from .blobstore import BlobStore
-from .chunker import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, chunk_count
+from .capture import Capture, PendingBlob, Staging
+from .chunker import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from .config import STORE_FORMAT, new_config, parse_config, upgraded
 from .errors import (
-    ChunkCorruptError,
-    ChunkMissingError,
     CorruptDataError,
     FormatError,
     SelectionError,
@@ -35,22 +36,8 @@ from .errors import (
     StepNotFoundError,
     UsageError,
 )
-from .ids import HASH_NAME, ID_BYTES, chunk_id, short
-from .manifest import (
-    PAGE_IDS,
-    Blob,
-    ChunkedBlob,
-    Manifest,
-    PagedBlob,
-    ShardsNode,
-    decode_manifest,
-    encode_manifest,
-    page_ids_in,
-)
-from . import catalog
-from . import gc as gc_
-from .background import Background, SaveHandle
-from .capture import Capture, PendingBlob, Staging
+from .ids import ID_BYTES
+from .manifest import Manifest, ShardsNode, decode_manifest, encode_manifest
 from .pipeline import SaveJob, drop_journal, read_counters
 from .retention import Keep, policy_of
 
@@ -108,7 +95,6 @@ def _resolved(blob):
 
 
 step_key, step_of = catalog.step_key, catalog.step_of
-STORE_FORMAT = 2  #: config ``format``: 2 adds trash, journal, stepinfo, tags (manifests stay 1)
 
 
 def check_step(step) -> int:
@@ -209,10 +195,9 @@ class Store:
     def _upgrade_config(self, txn) -> None:
         """A format-1 store gets format 2 when a writer first takes it: no data changes, but
         from now on deletes go through the trash and saves through the journal."""
-        config = msgpack.unpackb(bytes(txn.get(b"config", db=self._blobs.dbs["meta"])), raw=False)
-        if config.get("format", 0) < STORE_FORMAT:
-            config["format"] = STORE_FORMAT
-            txn.put(b"config", msgpack.packb(config, use_bin_type=True), db=self._blobs.dbs["meta"])
+        current = upgraded(txn.get(b"config", db=self._blobs.dbs["meta"]))
+        if current is not None:
+            txn.put(b"config", current, db=self._blobs.dbs["meta"])
 
     def _open_config(self, chunk_bytes: int | None) -> int:
         if chunk_bytes is not None and not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
@@ -239,11 +224,7 @@ class Store:
             return bytes(existing)
         if txn.stat(self._blobs.dbs["steps"])["entries"]:
             raise FormatError(f"{self.path} holds steps but no config record")
-        config = msgpack.packb(
-            {"format": STORE_FORMAT, "hash": HASH_NAME, "chunk_bytes": chunk_bytes,
-             "page_ids": PAGE_IDS, "created": time.time()},
-            use_bin_type=True,
-        )
+        config = new_config(chunk_bytes)
         txn.put(b"config", config, db=meta)
         return config
 
@@ -634,7 +615,7 @@ class Store:
                 if isinstance(node, ShardsNode):
                     result[name] = self._iter_shards(step, name, node, verify)
                 else:
-                    reader = self._reader(txn, step, name, verify)
+                    reader = reading.blob_reader(self._blobs, self._pool, txn, step, name, verify)
                     result[name] = codec.decode(node, reader, "", allow_pickle=self.allow_pickle)
             return result
 
@@ -655,7 +636,7 @@ class Store:
         result, available = {}, []
         for name in names:
             node = manifest.component(name)
-            reader = self._reader(txn, manifest.step, name, verify)
+            reader = reading.blob_reader(self._blobs, self._pool, txn, manifest.step, name, verify)
             chosen = codec.select(node, regex)
             result[name] = {p: codec.decode(n, reader, p, allow_pickle=self.allow_pickle) for p, n in chosen}
             if not chosen:
@@ -670,82 +651,6 @@ class Store:
     def _iter_shards(self, step: int, name: str, node: ShardsNode, verify: bool):
         for index, shard in enumerate(node.shards):
             with self._blobs.read() as txn:
-                reader = self._reader(txn, step, name, verify)
+                reader = reading.blob_reader(self._blobs, self._pool, txn, step, name, verify)
                 value = codec.decode(shard, reader, str(index), allow_pickle=self.allow_pickle)
             yield value
-
-    def _reader(self, txn, step: int, component: str, verify: bool):
-        """``read_blob`` for the codec: fill ``out`` with a blob's chunks, verified."""
-        chunks_db = self._blobs.dbs["chunks"]
-
-        def read_blob(blob: Blob, out: np.ndarray, path: str) -> None:
-            context = {"step": step, "component": component, "path": path}
-            ids = self._chunk_ids(txn, blob, verify, context)
-            stride = blob.chunk_nbytes
-            views = []
-            for index in range(chunk_count(blob.nbytes, stride)):
-                cid = ids[index * ID_BYTES : (index + 1) * ID_BYTES]
-                view = txn.get(cid, db=chunks_db)
-                if view is None:
-                    raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
-                views.append((index, cid, view))
-
-            def fill(item) -> None:
-                index, cid, view = item
-                start = index * stride
-                stop = min(start + stride, blob.nbytes)
-                if len(view) != stop - start or (verify and chunk_id(view) != cid):
-                    raise ChunkCorruptError("chunk bytes do not match its id", chunk_id=short(cid), **context)
-                out[start:stop] = np.frombuffer(view, np.uint8)
-
-            if len(views) == 1:
-                fill(views[0])
-            else:
-                for _ in self._pool.map(fill, views):
-                    pass
-
-        return read_blob
-
-    def _chunk_ids(self, txn, blob: Blob, verify: bool, context: dict) -> bytes:
-        if isinstance(blob, ChunkedBlob):
-            return blob.ids
-        if not isinstance(blob, PagedBlob):
-            raise CorruptDataError(f"unexpected blob {type(blob).__name__}")
-        pages = bytearray()
-        for start in range(0, len(blob.page_ids), ID_BYTES):
-            pid = blob.page_ids[start : start + ID_BYTES]
-            page = txn.get(pid, db=self._blobs.dbs["pages"])
-            if page is None:
-                raise ChunkMissingError("chunk-list page is missing", chunk_id=short(pid), **context)
-            if verify and chunk_id(page) != pid:
-                raise ChunkCorruptError("chunk-list page does not match its id", chunk_id=short(pid), **context)
-            pages += page_ids_in(bytes(page))
-        if len(pages) != chunk_count(blob.nbytes, blob.chunk_nbytes) * ID_BYTES:
-            raise CorruptDataError(f"chunk-list pages of {context} list a wrong number of chunks")
-        return bytes(pages)
-
-
-def parse_config(raw: bytes, path: str) -> tuple[int, int]:
-    """Check a store's config record; returns ``(chunk size, format)``."""
-    try:
-        config = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except (msgpack.UnpackException, ValueError, TypeError) as exc:
-        raise FormatError(f"{path}: config record is not valid msgpack: {exc}") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: config record is not a map")
-    version = config.get("format")
-    if not isinstance(version, int) or version < 1:
-        raise FormatError(f"{path}: config has no valid format version")
-    if version > STORE_FORMAT:
-        raise FormatError(
-            f"{path} was written in castore format {version}; this castore reads up to "
-            f"{STORE_FORMAT}: upgrade castore to open it"
-        )
-    if config.get("hash") != HASH_NAME:
-        raise FormatError(f"{path}: unknown chunk hash {config.get('hash')!r}")
-    chunk_bytes = config.get("chunk_bytes")
-    if not isinstance(chunk_bytes, int) or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
-        raise FormatError(f"{path}: config chunk_bytes {chunk_bytes!r} is out of range")
-    if config.get("page_ids") != PAGE_IDS:
-        raise FormatError(f"{path}: config page_ids {config.get('page_ids')!r} is not {PAGE_IDS}")
-    return chunk_bytes, version
