@@ -1122,24 +1122,36 @@ def test_partial_saves_with_keep_do_not_break_the_ring_buffer(tmp_path):
 
 
 # Retention after an async commit must not run while the caller captures the next save
-# (it may reuse ids of a baseline older than that commit).  The generator makes the capture
-# last until the previous save has committed, as capturing a large state would.
+# (it may reuse ids of a baseline older than that commit).  Writes are held until step 3
+# has captured 'a'; its generator then keeps the capture going until step 2 committed (and
+# would have run retention), as capturing a large state would.
 def test_async_retention_does_not_free_ids_a_save_being_captured_reuses(tmp_path):
     x, y = rows(150, 64), rows(151, 64)
     with castore.Store(tmp_path / "store", chunk_bytes=CHUNK, keep=1, max_pending=2) as store:
         store.save_async(1, {"a": x}).result()
-        second = store.save_async(2, {"a": y, "big": rows(152, 16 << 10)})  # slow to write
+        held, release = threading.Event(), threading.Event()
+
+        def hold_writes():
+            with store._blobs._write_mutex:
+                held.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold_writes)
+        holder.start()
+        held.wait(30)
+        second = store.save_async(2, {"a": y, "big": rows(152, 16 << 10)})  # cannot commit yet
         seen = {}
 
         def slow_capture():
-            seen["second committed before 'a' was captured"] = store.has_step(2)
-            while not second.done():  # until step 2 committed and its retention collected step 1
+            seen["step 2 committed before 'a' was captured"] = store.has_step(2)
+            release.set()
+            while not second.done():  # until step 2 committed (and tried its retention)
                 time.sleep(0.001)
             yield {"v": np.zeros(4)}
 
         third = store.save_async(3, {"a": x, "g": slow_capture()})  # 'a' reuses step 1's ids
         third.result()
-        if seen["second committed before 'a' was captured"]:
-            pytest.skip("timing: step 2 committed before step 3 captured its first leaf")
+        holder.join(30)
+        assert seen == {"step 2 committed before 'a' was captured": False}
         assert store.steps() == [3]
         assert_state_equal(store.load(3, keys="a", verify=True), {"a": x})
