@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # workload.py beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workload import REPO_ROOT, assert_state_equal, fingerprint  # noqa: E402
+from workload import Child, assert_state_equal, fingerprint  # noqa: E402
 
 import castore  # noqa: E402
 import castore.gc  # noqa: E402
@@ -657,73 +656,9 @@ elif mode == "save":  # one save in small chunk transactions
 """
 
 
-class Child:
-    """A ``CHILD`` script in a subprocess; a thread collects its stdout lines."""
-
-    def __init__(self, *args):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-        self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, *map(str, args)], stdout=subprocess.PIPE,
-                                     stderr=self._stderr, stdin=subprocess.DEVNULL, env=env, text=True)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            with self._cond:
-                if line.endswith("\n"):
-                    self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def expect(self, word: str, timeout: float) -> list[str]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if line.split()[:1] == [word]:
-                        return line.split()
-                if self._eof or time.monotonic() > deadline:
-                    raise AssertionError(f"no {word!r} line from the child: {self.describe()}")
-                self._cond.wait(0.05)
-
-    def words(self, word: str) -> list[list[str]]:
-        with self._cond:
-            return [line.split() for line in self.lines if line.split()[:1] == [word]]
-
-    def kill(self) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, 9)
-        return self.finish(10)
-
-    def finish(self, timeout: float) -> int:
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._thread.join(10)
-        return self.proc.returncode
-
-    def describe(self) -> str:
-        self._stderr.seek(0)
-        return f"exit {self.proc.poll()}, stdout {self.lines[-10:]}, stderr:\n{self._stderr.read().decode()[-3000:]}"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.kill()
-        finally:
-            self.proc.stdout.close()
-            self._stderr.close()
+def gc_child(command: str, store, *args) -> Child:
+    """The ``CHILD`` script in a subprocess (workload's Child: stdout lines, kill, reap)."""
+    return Child(command, store, *args, script=CHILD)
 
 
 def test_chunks_of_a_killed_save_are_journaled_and_collected(tmp_path):
@@ -732,7 +667,7 @@ def test_chunks_of_a_killed_save_are_journaled_and_collected(tmp_path):
     with castore.Store(path, chunk_bytes=CHUNK) as store:
         store.save(0, kept)
         held = set(db_items(store, "chunks"))
-    with Child("stall", path, 1, 71) as child:  # killed once its first shard is committed
+    with gc_child("stall", path, 1, 71) as child:  # killed once its first shard is committed
         child.expect("flushed", 30)
         assert child.kill() == -9
     shard = np.random.default_rng([71, 0]).integers(0, 256, (64, 1024), dtype=np.uint8)
@@ -750,7 +685,7 @@ def test_chunks_of_a_killed_save_are_journaled_and_collected(tmp_path):
     outcomes = collections.Counter()
     for attempt in range(4):
         step = attempt + 1
-        with Child("save", path, step, 72 + attempt) as child:
+        with gc_child("save", path, step, 72 + attempt) as child:
             child.expect("saving", 30)
             time.sleep(rng.uniform(0.0, 0.05))
             child.kill()
@@ -819,7 +754,7 @@ def test_sigkill_during_gc_at_random_instants_loses_no_kept_chunk(tmp_path):
         # deletes); some at a random instant of a pause the child makes inside the first
         # transaction of a later phase: deleting pages, or dropping trash/journal entries.
         phase = () if round_ == 0 or rng.random() < 0.7 else (rng.choice(["pages", "entries"]),)
-        with Child("gc", path, GC_DELETE_BATCH, *phase) as child:
+        with gc_child("gc", path, GC_DELETE_BATCH, *phase) as child:
             child.expect("gc-start", 30)
             if round_ == 0:  # the first run measures how long a collection takes
                 assert child.finish(60) == 0, child.describe()
@@ -868,7 +803,7 @@ def test_sigkill_during_gc_at_random_instants_loses_no_kept_chunk(tmp_path):
                 assert store.plan_gc().is_empty, context
                 assert_no_garbage(store)
         if cleanup == "child":
-            with Child("gc", path, GC_DELETE_BATCH) as child:
+            with gc_child("gc", path, GC_DELETE_BATCH) as child:
                 assert child.finish(60) == 0, child.describe()
                 gc_seconds += [float(w[3]) for w in child.words("gc-done")]
             with castore.Store(path) as store:

@@ -191,13 +191,17 @@ class Child:
     it, so no test leaves a child behind.
     """
 
-    def __init__(self, command: str, store, *args: str, stdin: bool = False, env: dict | None = None):
+    def __init__(self, command: str, store, *args: str, stdin: bool = False, env: dict | None = None,
+                 script: str | None = None):
+        """Run ``tests/workload.py command store *args``, or ``script`` (``python -c``) with them."""
         child_env = dict(os.environ, **(env or {}))
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, child_env.get("PYTHONPATH")]))
         self._stderr = tempfile.TemporaryFile()
         self.started = time.monotonic()
+        self.command = command
+        program = ["-c", script] if script is not None else [WORKLOAD_PATH]
         self.proc = subprocess.Popen(
-            [sys.executable, WORKLOAD_PATH, command, os.fspath(store), *map(str, args)],
+            [sys.executable, *program, command, os.fspath(store), *map(str, args)],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=self._stderr, env=child_env, text=True, encoding="utf-8",
         )
@@ -280,7 +284,7 @@ class Child:
     def describe(self) -> str:
         with self._cond:
             out = "\n".join(line for _, line in self.lines[-20:])
-        return (f"{self.proc.args[2]} PID {self.pid} (exit {self.proc.returncode}); last stdout:\n{out}\n"
+        return (f"{self.command} PID {self.pid} (exit {self.proc.returncode}); last stdout:\n{out}\n"
                 f"stderr:\n{self.stderr()[-3000:]}")
 
     def __enter__(self) -> "Child":
