@@ -137,7 +137,7 @@ class Capture:
         count = len(views)
         if self._usable(baseline, nbytes, stride):
             dirty = np.zeros(count, bool)
-            dirty[_chunks_of_rows(changed_rows, row_nbytes or nbytes, stride, count)] = True
+            dirty[_chunks_of_rows(changed_rows, row_nbytes or nbytes, stride)] = True
             ids = [None if dirty[i] else baseline.ids[i * ID_BYTES : (i + 1) * ID_BYTES] for i in range(count)]
         else:
             ids = [None] * count
@@ -180,7 +180,7 @@ class Capture:
                 raise TrackingError(blob.path, index, (start // rows, -(-stop // rows)), how)
 
 
-def _chunks_of_rows(rows: np.ndarray, row_nbytes: int, stride: int, count: int) -> np.ndarray:
+def _chunks_of_rows(rows: np.ndarray, row_nbytes: int, stride: int) -> np.ndarray:
     """Indices of the chunks holding any byte of the given rows."""
     if rows.size == 0:
         return np.empty(0, np.int64)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from . import codec
-from .errors import SelectionError, StepNotFoundError, UsageError
+from .errors import SelectionError, UsageError
 from .background import SaveHandle
 from .store import SaveResult, Store
 from .tracking import TrackedArray
@@ -165,14 +165,7 @@ class Checkpoint:
             if not keys:
                 raise UsageError("no components are registered: assign some first, or pass keys=")
         keys = [keys] if isinstance(keys, str) else list(keys)
-        step = store.latest() if step is None else step
-        if step is None:
-            raise StepNotFoundError(f"store {store.path} has no steps yet")
-        if isinstance(step, str):  # a tag
-            tagged = store.tags()
-            if step not in tagged:
-                raise StepNotFoundError(f"no tag {step!r} in {store.path}; tags: {sorted(tagged) or 'none'}")
-            step = tagged[step]
+        step = store.resolve(step)  # latest, a tag, or the number itself
         data = store.load(step, keys=keys, regex=regex, verify=verify)
         if regex is not None:
             data = self._merge_selected(data, regex)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .blobstore import BlobStore
 from .errors import CorruptDataError
-from .ids import ID_BYTES
+from .ids import ID_BYTES, split_ids
 from .manifest import ChunkedBlob, Manifest, PagedBlob, decode_manifest, iter_blobs, page_ids_in
 from .pipeline import JOURNAL_TAGS, add_counters
 
@@ -62,24 +62,25 @@ def plan(blobs: BlobStore, txn, pinned: set = frozenset()) -> GcPlan:
     """
     live_chunks, live_pages = set(), set()
     for raw in txn.cursor(db=blobs.dbs["steps"]).iternext(keys=False):
-        _collect(txn, blobs, decode_manifest(raw), live_chunks, live_pages, skip_pages=live_pages)
+        _collect(txn, blobs, decode_manifest(raw), live_chunks, live_pages)
     cand_chunks, cand_pages, steps, trash_keys = set(), set(), [], []
     if blobs.dbs["trash"] is not None:
         for key, raw in txn.cursor(db=blobs.dbs["trash"]).iternext():
             manifest = decode_manifest(raw)
             steps.append(manifest.step)
             trash_keys.append(bytes(key))
-            _collect(txn, blobs, manifest, cand_chunks, cand_pages, skip_pages=live_pages)
+            _collect(txn, blobs, manifest, cand_chunks, cand_pages, live_pages=live_pages)
     journal_keys = []
     if blobs.dbs["journal"] is not None:
         for key, raw in txn.cursor(db=blobs.dbs["journal"]).iternext():
             journal_keys.append(bytes(key))
             _collect_journal(bytes(raw), cand_chunks, cand_pages)
-    garbage = _present(txn, blobs, "chunks", cand_chunks - live_chunks)
-    chunks = sorted(garbage - pinned)
-    deferred = tuple(sorted(garbage & pinned))
-    pages = sorted(_present(txn, blobs, "pages", cand_pages - live_pages))
-    freed = sum(_size(txn, blobs, "chunks", c) for c in chunks) + sum(_size(txn, blobs, "pages", p) for p in pages)
+    garbage = _sizes_present(txn, blobs, "chunks", cand_chunks - live_chunks)
+    chunks = sorted(garbage.keys() - pinned)
+    deferred = tuple(sorted(garbage.keys() & pinned))
+    page_sizes = _sizes_present(txn, blobs, "pages", cand_pages - live_pages)
+    pages = sorted(page_sizes)
+    freed = sum(garbage[c] for c in chunks) + sum(page_sizes.values())
     return GcPlan(tuple(sorted(set(steps))), tuple(chunks), tuple(pages), deferred, freed, tuple(trash_keys),
                   tuple(journal_keys), len(live_pages), blobs.env.info()["last_txnid"])
 
@@ -113,22 +114,25 @@ def _delete_entries(txn, blobs: BlobStore, gc_plan: GcPlan) -> None:
         txn.put(DEFERRED_KEY + gc_plan.generation.to_bytes(8, "big"), entry, db=blobs.dbs["journal"])
 
 
-def _collect(txn, blobs: BlobStore, manifest: Manifest, chunks: set, pages: set, skip_pages: set) -> None:
-    """Add the chunk and page ids of a manifest; a page already in ``skip_pages`` is not re-read."""
+def _collect(txn, blobs: BlobStore, manifest: Manifest, chunks: set, pages: set,
+             live_pages: set = frozenset()) -> None:
+    """Add the chunk and page ids of a manifest to ``chunks`` and ``pages``.
+
+    A page already in ``pages`` is not read again, nor is one in ``live_pages`` (the
+    chunks of a live page are live, so never candidates).
+    """
     for _, node in manifest.components:
         for blob in iter_blobs(node):
             if isinstance(blob, ChunkedBlob):
-                chunks.update(_split(blob.ids))
+                chunks.update(split_ids(blob.ids))
             elif isinstance(blob, PagedBlob):
-                for pid in _split(blob.page_ids):
-                    if pid in skip_pages and pages is not skip_pages:
-                        continue  # a live page: its chunks are live too
-                    if pid in pages:
+                for pid in split_ids(blob.page_ids):
+                    if pid in pages or pid in live_pages:
                         continue
                     pages.add(pid)
                     page = txn.get(pid, db=blobs.dbs["pages"])
                     if page is not None:  # a page freed by a killed GC: its chunks went first
-                        chunks.update(_split(page_ids_in(bytes(page))))
+                        chunks.update(split_ids(page_ids_in(bytes(page))))
 
 
 def _collect_journal(raw: bytes, chunks: set, pages: set) -> None:
@@ -142,16 +146,14 @@ def _collect_journal(raw: bytes, chunks: set, pages: set) -> None:
         (chunks if db == "chunks" else pages).add(raw[start + 1 : start + step])
 
 
-def _split(packed: bytes) -> list[bytes]:
-    return [bytes(packed[i : i + ID_BYTES]) for i in range(0, len(packed), ID_BYTES)]
-
-
-def _present(txn, blobs: BlobStore, db: str, ids: set) -> set:
-    return {i for i in ids if txn.get(i, db=blobs.dbs[db]) is not None}
-
-
-def _size(txn, blobs: BlobStore, db: str, cid: bytes) -> int:
-    return len(txn.get(cid, db=blobs.dbs[db]))
+def _sizes_present(txn, blobs: BlobStore, db: str, ids: set) -> dict[bytes, int]:
+    """``{id: value bytes}`` of the ids the database holds (one lookup each)."""
+    sizes = {}
+    for cid in ids:
+        value = txn.get(cid, db=blobs.dbs[db])
+        if value is not None:
+            sizes[cid] = len(value)
+    return sizes
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +173,7 @@ def account(blobs: BlobStore, txn) -> list[StepAccount]:
     for raw in txn.cursor(db=blobs.dbs["steps"]).iternext(keys=False):
         manifest = decode_manifest(raw)
         chunks, pages = set(), set()
-        _collect(txn, blobs, manifest, chunks, pages, skip_pages=pages)
+        _collect(txn, blobs, manifest, chunks, pages)
         ids = {("chunks", c) for c in chunks} | {("pages", p) for p in pages}
         per_step.append((manifest, ids))
         for key in ids:

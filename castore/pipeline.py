@@ -1,9 +1,9 @@
 """The write phase of a save: hash changed chunks in parallel, put them in batched transactions.
 
 Hash threads (BLAKE3 releases the GIL) run ahead of one writer thread that puts chunks
-with put-if-absent and commits every ``BATCH_BYTES``, so hashing overlaps writing.  Chunks are committed before the
-manifest that names them, so a crash leaves at most unreferenced chunks, never a step
-that names a missing chunk.
+with put-if-absent and commits every ``BATCH_BYTES``, so hashing overlaps writing.
+Chunks are committed before the manifest that names them, so a crash leaves at most
+unreferenced chunks (listed in the journal for GC), never a step naming a missing chunk.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -36,7 +37,7 @@ from .errors import (
     StepNotFoundError,
     UsageError,
 )
-from .ids import ID_BYTES
+from .ids import split_ids
 from .manifest import Manifest, ShardsNode, decode_manifest, encode_manifest
 from .pipeline import SaveJob, drop_journal, read_counters
 from .retention import Keep, policy_of
@@ -385,6 +386,14 @@ class Store:
 
     # -- retention and garbage collection ----------------------------------------------------
 
+    @contextlib.contextmanager
+    def _maintaining(self):
+        """Writer lock held, no save being captured, none in flight: GC may run."""
+        with self._save_lock:
+            self._take_writer_lock()
+            self.wait()
+            yield
+
     def retain(self, keep=None) -> list[int]:
         """Delete the steps ``keep`` (default: the store's policy) does not keep, then collect.
 
@@ -393,15 +402,9 @@ class Store:
         policy = policy_of(keep) if keep is not None else self.keep
         if policy is None:
             raise UsageError("no retention policy: pass keep= here or to the Store")
-        with self._save_lock:
-            self._take_writer_lock()
-            self.wait()
-            with self._blobs.read() as txn:
-                infos = catalog.step_infos(txn, self._blobs)
-            doomed = sorted({i.step for i in infos} - policy.select(infos))
-            if doomed:
-                self._blobs.write(self._delete_steps, doomed)
-            self.gc()
+        with self._maintaining():
+            doomed = self._delete_unkept(policy)
+            self._execute_gc(None)
             return doomed
 
     def _retain_after_commit(self) -> None:
@@ -415,20 +418,23 @@ class Store:
         try:
             if self._background is not None and self._background.in_flight() > 1:
                 return
-            with self._blobs.read() as txn:
-                infos = catalog.step_infos(txn, self._blobs)
-            doomed = sorted({i.step for i in infos} - self.keep.select(infos))
-            if doomed:
-                self._blobs.write(self._delete_steps, doomed)
+            if self._delete_unkept(self.keep):
                 self._execute_gc(None)
         finally:
             self._save_lock.release()
 
+    def _delete_unkept(self, policy: Keep) -> list[int]:
+        """Move the steps ``policy`` does not keep to the trash; returns them."""
+        with self._blobs.read() as txn:
+            infos = catalog.step_infos(txn, self._blobs)
+        doomed = sorted({i.step for i in infos} - policy.select(infos))
+        if doomed:
+            self._blobs.write(self._delete_steps, doomed)
+        return doomed
+
     def plan_gc(self) -> gc_.GcPlan:
         """What :meth:`gc` would free now: steps, chunks, pages, bytes (a dry run)."""
-        with self._save_lock:
-            self._take_writer_lock()
-            self.wait()
+        with self._maintaining():
             return self._plan_gc()
 
     def gc(self, plan: gc_.GcPlan | None = None) -> gc_.GcPlan:
@@ -438,9 +444,7 @@ class Store:
         GC), never frees a chunk a save in this process may reuse, and readers keep
         working.  A ``plan`` from :meth:`plan_gc` is re-planned if the store changed since.
         """
-        with self._save_lock:
-            self._take_writer_lock()
-            self.wait()
+        with self._maintaining():
             return self._execute_gc(plan)
 
     def _plan_gc(self) -> gc_.GcPlan:
@@ -461,9 +465,7 @@ class Store:
         :class:`StoreBusyError` if another process has it open, :class:`StoreLockedError` if
         another process writes it.  A kill at any instant leaves a loadable store.
         """
-        with self._save_lock:
-            self._take_writer_lock()
-            self.wait()
+        with self._maintaining():
             self._execute_gc(None)
             before = self._blobs.file_bytes()
             self._blobs.compact()
@@ -481,7 +483,7 @@ class Store:
         ids = []
         for baseline in list(self._baselines.values()):
             if baseline.owner is session:
-                ids += [baseline.ids[i : i + ID_BYTES] for i in range(0, len(baseline.ids), ID_BYTES)]
+                ids += split_ids(baseline.ids)
         return ids
 
     # -- tags and metrics ---------------------------------------------------------------------
@@ -489,9 +491,7 @@ class Store:
     def tag(self, name: str, step: int | None = None) -> int:
         """Name ``step`` (default: latest); tagged steps survive retention. Returns the step."""
         key = catalog.tag_key(name)
-        with self._save_lock:
-            self._take_writer_lock()
-            self.wait()
+        with self._maintaining():
             return self._blobs.write(self._put_tag, key, step)
 
     def _put_tag(self, txn, key: bytes, step: int | None) -> int:
@@ -551,6 +551,16 @@ class Store:
         self._check_open()
         with self._blobs.read() as txn:
             return self._manifest(txn, self._resolve_step(txn, step))
+
+    def resolve(self, step: int | str | None = None) -> int:
+        """The step number of ``step``: an int, a tag name, or None for the latest.
+
+        Raises StepNotFoundError for an unknown tag or an empty store (an int is only
+        range-checked; loading it says whether it exists).
+        """
+        self._check_open()
+        with self._blobs.read() as txn:
+            return self._resolve_step(txn, step)
 
     def _resolve_step(self, txn, step: int | str | None) -> int:
         if isinstance(step, str):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UsageError
+from .ids import split_ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,7 @@ class TrackedArray:
         baseline = self._baseline
         if baseline is None or baseline.owner is not session:
             return []
-        return [baseline.ids[i : i + 32] for i in range(0, len(baseline.ids), 32)]
+        return split_ids(baseline.ids)
 
     def forget(self) -> None:
         """Drop the baseline: the next save hashes every chunk."""
