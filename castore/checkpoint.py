@@ -32,7 +32,12 @@ class Checkpoint:
     ``Checkpoint(path)`` opens (or creates) the store at ``path``.  Keyword arguments go
     to :class:`Store`: ``keep`` (an int N keeps the last N steps, or ``castore.Keep(...)``),
     ``verify``, ``allow_pickle``, ``chunk_bytes``, ``readonly``, ``max_pending``,
-    ``check_tracking``.
+    ``check_tracking``, ``branch`` (default ``"main"``: the line of steps this checkpoint
+    saves to and lists).
+
+    Rollback: after ``load(step=k)`` of a step before the branch's latest, the next save
+    continues from k, and the steps after k move to branch ``<branch>-abandoned-<k>``
+    when it commits (see :meth:`Store.continue_from`).
     """
 
     def __init__(self, path: str | os.PathLike, **store_options):
@@ -40,6 +45,7 @@ class Checkpoint:
         object.__setattr__(self, "_store", Store(path, **store_options))
         object.__setattr__(self, "_options", store_options)
         object.__setattr__(self, "_last_submitted", None)
+        object.__setattr__(self, "_submitted_head", False)  # _last_submitted will be the branch's latest
 
     # -- components as attributes ---------------------------------------------------------------
 
@@ -101,8 +107,10 @@ class Checkpoint:
         if step is None:
             step = self._step_number(states)
         if not block:
+            continuing = self._store.continuing_from is not None
             handle = self._store.save_async(step, states, overwrite=overwrite, metrics=metrics)
             object.__setattr__(self, "_last_submitted", handle.step)
+            object.__setattr__(self, "_submitted_head", continuing or self._submitted_head)
             return handle
         result = self._store.save(step, states, overwrite=overwrite, metrics=metrics)
         log.info("saved step %d: %d new of %d logical bytes in %.3fs", result.step,
@@ -137,9 +145,15 @@ class Checkpoint:
                 raise UsageError(
                     f"the 'step' component saved {type(state).__name__}, not a number; pass save(step=...)"
                 ) from None
+        if self._store.continuing_from is not None:  # after a rollback: the loaded step's successor
+            return self._store.continuing_from + 1
         latest = self._store.latest()
-        if self._last_submitted is not None and (latest is None or self._last_submitted > latest):
-            latest = self._last_submitted  # an async save of it may not have committed yet
+        if self._last_submitted is not None and self._store.in_flight():
+            if self._submitted_head:  # a rollback save in flight: latest() still shows the old future
+                return self._last_submitted + 1
+            latest = self._last_submitted if latest is None else max(latest, self._last_submitted)
+        else:
+            object.__setattr__(self, "_submitted_head", False)
         return 0 if latest is None else latest + 1
 
     # -- loading ------------------------------------------------------------------------------------
@@ -148,9 +162,14 @@ class Checkpoint:
              regex: str | None = None, verify: bool | None = None) -> int:
         """Load a step (default: latest) into the registered components; returns the step.
 
-        ``path`` loads from another store.  ``keys`` picks components (default: every
-        registered one).  ``regex`` picks leaves by path (``re.match``); the rest keep their
-        current values.  Raises StepNotFoundError, SelectionError, IntegrityError.
+        ``step`` is a number of this branch or a tag (of any branch).  ``path`` loads from
+        another store.  ``keys`` picks components (default: every registered one).
+        ``regex`` picks leaves by path (``re.match``); the rest keep their current values.
+        Raises StepNotFoundError, SelectionError, IntegrityError.
+
+        Loading every registered component of a step of this branch makes the next save
+        continue from it: if it is not the branch's latest, the later steps move to an
+        automatic branch when that save commits (nothing moves if no save follows).
         """
         if path is None or os.path.realpath(path) == os.path.realpath(self.path):
             if self._store._background is not None:  # load what was saved, errors stay pending
@@ -165,13 +184,16 @@ class Checkpoint:
             if not keys:
                 raise UsageError("no components are registered: assign some first, or pass keys=")
         keys = [keys] if isinstance(keys, str) else list(keys)
-        step = store.resolve(step)  # latest, a tag, or the number itself
-        data = store.load(step, keys=keys, regex=regex, verify=verify)
+        branch, step = store.locate(step)  # latest, a tag, or the number itself
+        data = store.load(step, keys=keys, regex=regex, verify=verify, branch=branch)
         if regex is not None:
             data = self._merge_selected(data, regex)
         for name, state in data.items():
             self._apply(name, state)
-        log.info("loaded step %d (%s) from %s", step, ", ".join(data), store.path)
+        if store is self._store and branch == store.branch and regex is None and set(keys) >= set(self._components):
+            store.continue_from(step)
+            object.__setattr__(self, "_submitted_head", False)
+        log.info("loaded step %d of branch %s (%s) from %s", step, branch, ", ".join(data), store.path)
         return step
 
     def _apply(self, name: str, state) -> None:
@@ -213,6 +235,22 @@ class Checkpoint:
 
     def steps(self) -> list[int]:
         return self._store.steps()
+
+    @property
+    def branch(self) -> str:
+        return self._store.branch
+
+    def branches(self) -> list[str]:
+        return self._store.branches()
+
+    def fork(self, name: str, step: int | str | None = None) -> int:
+        """Start branch ``name`` at ``step`` (default: latest) without writing chunks; returns
+        the step.  Continue on it with ``Checkpoint(path, branch=name)``."""
+        return self._store.fork(name, step)
+
+    def delete_branch(self, name: str) -> list[int]:
+        """Delete the steps of another branch (chunks are freed by the next GC)."""
+        return self._store.delete_branch(name)
 
     def tag(self, name: str, step: int | None = None) -> int:
         """Name a step (default: latest); ``load(step=name)`` loads it, retention keeps it."""

@@ -9,9 +9,9 @@ import msgpack
 from .chunker import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from .errors import FormatError
 from .ids import HASH_NAME
-from .manifest import PAGE_IDS
+from .manifest import PAGE_IDS, unpack_untrusted
 
-STORE_FORMAT = 2  #: config ``format``: 2 adds trash, journal, stepinfo, tags (manifests stay 1)
+STORE_FORMAT = 3  #: config ``format``: 2 adds trash, journal, stepinfo, tags; 3 adds branches (manifests stay 1)
 
 
 def new_config(chunk_bytes: int) -> bytes:

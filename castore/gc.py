@@ -9,7 +9,7 @@ Where garbage comes from, and how GC finds it without scanning every chunk:
   name the chunks of saves that failed or were killed.
 
 The *candidates* are the ids named by trashed manifests and journal entries; the *live*
-ids are those named by every kept step (their manifests and chunk-list pages, each unique
+ids are those named by every kept step of every branch (their manifests and chunk-list pages, each unique
 page read once).  Garbage = candidates - live.  So a plan costs what it frees plus the
 live manifest pages, never a pass over the chunks.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .blobstore import BlobStore
+from .catalog import MAIN, branch_of
 from .errors import CorruptDataError
 from .ids import ID_BYTES, split_ids
 from .manifest import ChunkedBlob, Manifest, PagedBlob, decode_manifest, iter_blobs, page_ids_in
@@ -165,17 +166,19 @@ class StepAccount:
     referenced_bytes: int  #: stored bytes of the chunks and pages it references
     unique_bytes: int  #: of those, referenced by no other kept step: what deleting it frees
     shared_bytes: int  #: referenced_bytes - unique_bytes
+    branch: str = MAIN
 
 
 def account(blobs: BlobStore, txn) -> list[StepAccount]:
-    """Per-step accounting over every kept step (reads manifests and pages, not chunks)."""
+    """Per-step accounting over every kept step of every branch (reads manifests and pages,
+    not chunks).  A step forked to another branch shares all its bytes with its source."""
     per_step, counts = [], {}
-    for raw in txn.cursor(db=blobs.dbs["steps"]).iternext(keys=False):
+    for key, raw in txn.cursor(db=blobs.dbs["steps"]).iternext():
         manifest = decode_manifest(raw)
         chunks, pages = set(), set()
         _collect(txn, blobs, manifest, chunks, pages)
         ids = {("chunks", c) for c in chunks} | {("pages", p) for p in pages}
-        per_step.append((manifest, ids))
+        per_step.append((manifest, branch_of(key), ids))
         for key in ids:
             counts[key] = counts.get(key, 0) + 1
     sizes = {}
@@ -183,8 +186,8 @@ def account(blobs: BlobStore, txn) -> list[StepAccount]:
         value = txn.get(cid, db=blobs.dbs[db])
         sizes[(db, cid)] = 0 if value is None else len(value)
     accounts = []
-    for manifest, ids in per_step:
+    for manifest, branch, ids in per_step:
         referenced = sum(sizes[k] for k in ids)
         unique = sum(sizes[k] for k in ids if counts[k] == 1)
-        accounts.append(StepAccount(manifest.step, manifest.logical_bytes, referenced, unique, referenced - unique))
+        accounts.append(StepAccount(manifest.step, manifest.logical_bytes, referenced, unique, referenced - unique, branch))
     return accounts

@@ -59,6 +59,7 @@ class SaveResult:
     seconds: float  #: from the call to the commit
     changed_bytes: int = 0  #: bytes of chunks found changed since the last save (hashed)
     capture_seconds: float = 0.0  #: time the caller was blocked capturing (async saves)
+    abandoned_to: str | None = None  #: branch the later steps moved to (see ``continue_from``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +90,23 @@ class _Captured:
     job: SaveJob
     started: float
     capture_seconds: float
+    continue_from: int | None  #: the loaded step this save continues from (see continue_from)
+
+    def is_continuation(self) -> bool:
+        """True if this save moves the branch's steps after ``continue_from`` away first."""
+        return self.continue_from is not None and self.step > self.continue_from
 
 
 def _resolved(blob):
     return blob.resolved if isinstance(blob, PendingBlob) else blob
 
 
-step_key, step_of = catalog.step_key, catalog.step_of
+step_key, step_of, branch_of = catalog.step_key, catalog.step_of, catalog.branch_of
+
+
+def _describe(key: bytes) -> str:
+    branch = branch_of(key)
+    return f"step {step_of(key)}" if branch == catalog.MAIN else f"step {step_of(key)} of branch {branch!r}"
 
 
 def check_step(step) -> int:
@@ -113,6 +124,10 @@ class Store:
     ``create=False``.  Opening the same path again in one process shares one LMDB
     environment.  The first save or delete takes the store's single-writer lock, raising
     :class:`StoreLockedError` at once if another process holds it.
+
+    A store holds branches, each its own sequence of steps; a ``Store`` works on one
+    (``branch``, default ``"main"``): ``save``, ``steps``, ``latest``, ``delete`` and
+    ``retain`` act on it.  Tags name a step of any branch.
     """
 
     def __init__(
@@ -128,6 +143,7 @@ class Store:
         check_tracking: bool | None = None,
         max_pending: int = 1,
         keep=None,
+        branch: str = catalog.MAIN,
     ):
         if not isinstance(max_pending, int) or max_pending < 1:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -140,6 +156,8 @@ class Store:
         self.check_tracking = check_tracking
         self.max_pending = max_pending
         self.keep: Keep | None = policy_of(keep)
+        self.branch = catalog.check_branch(branch)
+        self._continue_from: int | None = None  # see continue_from()
         self._save_lock = threading.RLock()  # saves (capture, submit) vs. garbage collection
         self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
         self._staging = Staging()
@@ -271,6 +289,10 @@ class Store:
                 captured = self._capture(step, tree, overwrite, metrics, copy=True)
                 return background.submit(SaveHandle(captured.step), self._write, captured)
 
+    def in_flight(self) -> int:
+        """Async saves submitted and not yet finished."""
+        return 0 if self._background is None else self._background.in_flight()
+
     def wait(self) -> None:
         """Wait for async saves in flight; raise the first error nobody has seen yet."""
         if self._background is not None:
@@ -300,24 +322,34 @@ class Store:
         except BaseException:
             job.abort()
             raise
+        continue_from, self._continue_from = self._continue_from, None  # this save carries it now
         return _Captured(step, components, encoder.logical_bytes, overwrite, metrics, job, started,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, continue_from)
 
     def _write(self, captured: "_Captured") -> SaveResult:
         job = captured.job
+        committed = False
         try:
-            job.finish()
-        except BaseException:
-            job.abort()
-            raise
-        components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
-        manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
-        data = encode_manifest(manifest)
-        if not captured.overwrite and self._is_same_as_committed(manifest):
-            data = b""  # the same state saved again under its step: nothing to commit
-        else:
-            self._blobs.reserve(len(data))
-            self._blobs.write(self._commit_manifest, captured, data)
+            try:
+                job.finish()
+            except BaseException:
+                job.abort()
+                raise
+            components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
+            manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
+            data = encode_manifest(manifest)
+            abandoned_to = None
+            if not (captured.overwrite or captured.is_continuation()) and self._is_same_as_committed(manifest):
+                data = b""  # the same state saved again under its step: nothing to commit
+            else:
+                self._blobs.reserve(len(data))
+                abandoned_to = self._blobs.write(self._commit_manifest, captured, data)
+                committed = True
+        finally:
+            if not committed and captured.continue_from is not None and self._continue_from is None:
+                self._continue_from = captured.continue_from  # nothing moved: the next save does it
+        if abandoned_to is not None:
+            log.info("steps of branch %r after %d moved to branch %r", self.branch, captured.continue_from, abandoned_to)
         self._remember_baselines(job.capture)
         self._retain_after_commit()
         sink = job.sink
@@ -325,7 +357,7 @@ class Store:
             captured.step, captured.logical_bytes, sink.new_bytes, sink.new_chunks,
             sink.reused_chunks + job.capture.reused_chunks,
             len(data), time.perf_counter() - captured.started, job.capture.changed_bytes,
-            captured.capture_seconds,
+            captured.capture_seconds, abandoned_to,
         )
 
     def _remember_baselines(self, capture: Capture) -> None:
@@ -340,11 +372,12 @@ class Store:
 
     def _is_same_as_committed(self, manifest: Manifest) -> bool:
         """True if ``manifest.step`` exists with the same content; raises if it differs."""
+        key = self._key(manifest.step)
         with self._blobs.read() as txn:
-            raw = txn.get(step_key(manifest.step), db=self._blobs.dbs["steps"])
+            raw = txn.get(key, db=self._blobs.dbs["steps"])
             if raw is None:
                 return False
-            committed = self._manifest(txn, manifest.step)
+            committed = self._manifest(txn, key)
         if encode_manifest(dataclasses.replace(manifest, created=committed.created)) == bytes(raw):
             return True
         raise StepExistsError(
@@ -352,37 +385,43 @@ class Store:
             "pass overwrite=True to replace it"
         )
 
-    def _commit_manifest(self, txn, captured: "_Captured", data: bytes) -> None:
-        step, steps_db = captured.step, self._blobs.dbs["steps"]
-        old = txn.get(step_key(step), db=steps_db)
+    def _commit_manifest(self, txn, captured: "_Captured", data: bytes) -> str | None:
+        """Commit the manifest; returns the branch later steps moved to, if any."""
+        key, steps_db = self._key(captured.step), self._blobs.dbs["steps"]
+        abandoned_to = None
+        if captured.continue_from is not None:
+            abandoned_to = catalog.move_steps_after(txn, self._blobs, self.branch, captured.continue_from)
+        old = txn.get(key, db=steps_db)
         if old is not None:
             if not captured.overwrite:
-                raise StepExistsError(f"step {step} exists in {self.path}; pass overwrite=True to replace it")
-            catalog.trash_manifest(txn, self._blobs, step, old)
-        txn.put(step_key(step), data, db=steps_db)
-        catalog.put_metrics(txn, self._blobs, step, captured.metrics)
+                raise StepExistsError(
+                    f"step {captured.step} exists in {self._where()}; pass overwrite=True to replace it")
+            catalog.trash_manifest(txn, self._blobs, key, old)
+        txn.put(key, data, db=steps_db)
+        catalog.put_metrics(txn, self._blobs, key, captured.metrics)
         drop_journal(txn, self._blobs, captured.job.sink.token)  # its chunks are referenced now
+        return abandoned_to
 
     def delete(self, step: int) -> None:
         """Remove a step; its chunks stay until garbage collection (:meth:`gc`) frees them.
 
         Raises StepNotFoundError, and UsageError for a tagged step (untag it first).
         """
-        step = check_step(step)
+        key = self._key(check_step(step))
         with self._save_lock:
             self._take_writer_lock()
-            self._blobs.write(self._delete_steps, [step])
+            self._blobs.write(self._delete_steps, [key])
 
-    def _delete_steps(self, txn, steps: list[int]) -> None:
-        tagged = {s: name for name, s in catalog.tags(txn, self._blobs).items()}
-        for step in steps:
-            raw = txn.get(step_key(step), db=self._blobs.dbs["steps"])
+    def _delete_steps(self, txn, keys: list[bytes]) -> None:
+        tagged = {key: name for name, key in catalog.tags(txn, self._blobs).items()}
+        for key in keys:
+            raw = txn.get(key, db=self._blobs.dbs["steps"])
             if raw is None:
-                raise StepNotFoundError(f"step {step} does not exist in {self.path}")
-            if step in tagged:
-                raise UsageError(f"step {step} is tagged {tagged[step]!r}: untag it before deleting")
-            catalog.trash_manifest(txn, self._blobs, step, raw)
-            txn.delete(step_key(step), db=self._blobs.dbs["steps"])
+                raise StepNotFoundError(f"{_describe(key)} does not exist in {self.path}")
+            if key in tagged:
+                raise UsageError(f"{_describe(key)} is tagged {tagged[key]!r}: untag it before deleting")
+            catalog.trash_manifest(txn, self._blobs, key, raw)
+            txn.delete(key, db=self._blobs.dbs["steps"])
 
     # -- retention and garbage collection ----------------------------------------------------
 
@@ -426,10 +465,10 @@ class Store:
     def _delete_unkept(self, policy: Keep) -> list[int]:
         """Move the steps ``policy`` does not keep to the trash; returns them."""
         with self._blobs.read() as txn:
-            infos = catalog.step_infos(txn, self._blobs)
+            infos = catalog.step_infos(txn, self._blobs, self.branch)
         doomed = sorted({i.step for i in infos} - policy.select(infos))
         if doomed:
-            self._blobs.write(self._delete_steps, doomed)
+            self._blobs.write(self._delete_steps, [self._key(step) for step in doomed])
         return doomed
 
     def plan_gc(self) -> gc_.GcPlan:
@@ -488,18 +527,17 @@ class Store:
 
     # -- tags and metrics ---------------------------------------------------------------------
 
-    def tag(self, name: str, step: int | None = None) -> int:
+    def tag(self, name: str, step: int | str | None = None) -> int:
         """Name ``step`` (default: latest); tagged steps survive retention. Returns the step."""
         key = catalog.tag_key(name)
         with self._maintaining():
             return self._blobs.write(self._put_tag, key, step)
 
-    def _put_tag(self, txn, key: bytes, step: int | None) -> int:
-        step = self._resolve_step(txn, step)
-        if txn.get(step_key(step), db=self._blobs.dbs["steps"]) is None:
-            raise StepNotFoundError(f"step {step} does not exist in {self.path}")
-        txn.put(key, step_key(step), db=self._blobs.dbs["tags"])
-        return step
+    def _put_tag(self, txn, key: bytes, step: int | str | None) -> int:
+        target = self._locate(txn, step)
+        self._manifest_bytes(txn, target)  # raises StepNotFoundError
+        txn.put(key, target, db=self._blobs.dbs["tags"])
+        return step_of(target)
 
     def untag(self, name: str) -> None:
         key = catalog.tag_key(name)
@@ -512,79 +550,154 @@ class Store:
             raise StepNotFoundError(f"no tag {name!r} in {self.path}")
 
     def tags(self) -> dict[str, int]:
-        """``{tag: step}``."""
+        """``{tag: step}`` of the tags naming steps of this branch."""
         self._check_open()
         with self._blobs.read() as txn:
-            return catalog.tags(txn, self._blobs)
+            tagged = catalog.tags(txn, self._blobs)
+        return {name: step_of(key) for name, key in tagged.items() if branch_of(key) == self.branch}
 
     def metrics(self, step: int | str | None = None) -> dict:
         """The metrics recorded with a step (default: latest)."""
         self._check_open()
         with self._blobs.read() as txn:
-            return catalog.read_metrics(txn, self._blobs, self._resolve_step(txn, step))
+            return catalog.read_metrics(txn, self._blobs, self._locate(txn, step))
+
+    # -- branches -----------------------------------------------------------------------------------
+
+    def branches(self) -> list[str]:
+        """Branches holding steps (``main`` always), main first, then by name."""
+        self._check_open()
+        with self._blobs.read() as txn:
+            return catalog.branch_names(txn, self._blobs)
+
+    def continue_from(self, step: int) -> None:
+        """Make the next save continue the lineage of ``step`` (of this branch).
+
+        When that save commits, the branch's steps after ``step`` move to a new branch
+        ``<branch>-abandoned-<step>`` in the same transaction (metrics and tags follow
+        them), so the old future stays reachable but is not mixed into this one.
+        ``Checkpoint.load`` calls this; a save that commits nothing keeps it pending.
+        """
+        self._continue_from = check_step(step)
+
+    @property
+    def continuing_from(self) -> int | None:
+        """The step the next save continues from, if :meth:`continue_from` set one."""
+        return self._continue_from
+
+    def fork(self, name: str, step: int | str | None = None) -> int:
+        """Start branch ``name`` at ``step`` (default: latest; a tag may name another branch).
+
+        Writes no chunk: the new branch's first step shares the manifest (and metrics) of
+        ``step``.  Open it with ``Store(path, branch=name)``.  Raises UsageError if the
+        branch has steps already, StepNotFoundError.  Returns the step.
+        """
+        name = catalog.check_branch(name)
+        with self._save_lock:
+            self._take_writer_lock()
+            self.wait()
+            return self._blobs.write(self._fork, name, step)
+
+    def _fork(self, txn, name: str, step) -> int:
+        source = self._locate(txn, step)
+        self._manifest_bytes(txn, source)
+        if catalog.latest_step(txn, self._blobs, name) is not None:
+            raise UsageError(f"branch {name!r} exists in {self.path}; fork to a new name")
+        catalog.copy_step(txn, self._blobs, source, step_key(step_of(source), name))
+        return step_of(source)
+
+    def delete_branch(self, name: str) -> list[int]:
+        """Delete every step of branch ``name``; returns them.  Chunks stay until :meth:`gc`.
+
+        Raises UsageError for this store's own branch or if a tag names one of its steps,
+        StepNotFoundError if the branch has no steps.
+        """
+        name = catalog.check_branch(name)
+        if name == self.branch:
+            raise UsageError(f"cannot delete branch {name!r}: this store is on it")
+        with self._save_lock:
+            self._take_writer_lock()
+            return self._blobs.write(self._delete_branch, name)
+
+    def _delete_branch(self, txn, name: str) -> list[int]:
+        steps = list(catalog.branch_items(txn, self._blobs, name, values=False))
+        if not steps:
+            raise StepNotFoundError(f"no branch {name!r} in {self.path}")
+        self._delete_steps(txn, [step_key(step, name) for step in steps])
+        return steps
 
     # -- listing ----------------------------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Committed step numbers, ascending."""
+        """Committed step numbers of this branch, ascending."""
         self._check_open()
         with self._blobs.read() as txn:
-            return [step_of(k) for k in txn.cursor(db=self._blobs.dbs["steps"]).iternext(values=False)]
+            return list(catalog.branch_items(txn, self._blobs, self.branch, values=False))
 
     def latest(self) -> int | None:
-        """The highest committed step, or None for an empty store."""
+        """The highest committed step of this branch, or None if it has none."""
         self._check_open()
         with self._blobs.read() as txn:
-            return self._latest(txn)
-
-    def _latest(self, txn) -> int | None:
-        cursor = txn.cursor(db=self._blobs.dbs["steps"])
-        return step_of(cursor.key()) if cursor.last() else None
+            return catalog.latest_step(txn, self._blobs, self.branch)
 
     def has_step(self, step: int) -> bool:
         self._check_open()
         with self._blobs.read() as txn:
-            return txn.get(step_key(check_step(step)), db=self._blobs.dbs["steps"]) is not None
+            return txn.get(self._key(check_step(step)), db=self._blobs.dbs["steps"]) is not None
 
-    def manifest(self, step: int | None = None) -> Manifest:
+    def manifest(self, step: int | str | None = None) -> Manifest:
         """The decoded manifest of ``step`` (default: latest); raises StepNotFoundError."""
         self._check_open()
         with self._blobs.read() as txn:
-            return self._manifest(txn, self._resolve_step(txn, step))
+            return self._manifest(txn, self._locate(txn, step))
 
     def resolve(self, step: int | str | None = None) -> int:
         """The step number of ``step``: an int, a tag name, or None for the latest.
 
-        Raises StepNotFoundError for an unknown tag or an empty store (an int is only
+        Raises StepNotFoundError for an unknown tag or an empty branch (an int is only
         range-checked; loading it says whether it exists).
         """
+        return self.locate(step)[1]
+
+    def locate(self, step: int | str | None = None) -> tuple[str, int]:
+        """``(branch, step)`` of ``step``: a tag may name a step of another branch."""
         self._check_open()
         with self._blobs.read() as txn:
-            return self._resolve_step(txn, step)
+            key = self._locate(txn, step)
+        return branch_of(key), step_of(key)
 
-    def _resolve_step(self, txn, step: int | str | None) -> int:
+    def _key(self, step: int) -> bytes:
+        return step_key(step, self.branch)
+
+    def _where(self) -> str:
+        return self.path if self.branch == catalog.MAIN else f"branch {self.branch!r} of {self.path}"
+
+    def _locate(self, txn, step: int | str | None, branch: str | None = None) -> bytes:
+        """The step key of a tag, a step number or None (the latest) of ``branch``."""
         if isinstance(step, str):
-            tagged = catalog.tags(txn, self._blobs)
-            if step not in tagged:
-                raise StepNotFoundError(f"no tag {step!r} in {self.path}; tags: {sorted(tagged) or 'none'}")
-            return tagged[step]
+            return catalog.find_tag(txn, self._blobs, step)
+        branch = self.branch if branch is None else branch
         if step is not None:
-            return check_step(step)
-        latest = self._latest(txn)
+            return step_key(check_step(step), branch)
+        latest = catalog.latest_step(txn, self._blobs, branch)
         if latest is None:
-            raise StepNotFoundError(f"store {self.path} has no steps yet")
-        return latest
+            where = self.path if branch == catalog.MAIN else f"branch {branch!r} of {self.path}"
+            raise StepNotFoundError(f"{where} has no steps yet")
+        return step_key(latest, branch)
 
-    def _manifest(self, txn, step: int) -> Manifest:
-        raw = txn.get(step_key(step), db=self._blobs.dbs["steps"])
+    def _manifest_bytes(self, txn, key: bytes):
+        raw = txn.get(key, db=self._blobs.dbs["steps"])
         if raw is None:
-            raise StepNotFoundError(f"step {step} does not exist in {self.path}")
+            raise StepNotFoundError(f"{_describe(key)} does not exist in {self.path}")
+        return raw
+
+    def _manifest(self, txn, key: bytes) -> Manifest:
         try:
-            manifest = decode_manifest(raw)
+            manifest = decode_manifest(self._manifest_bytes(txn, key))
         except CorruptDataError as exc:
-            raise CorruptDataError(f"step {step}: {exc}") from None
-        if manifest.step != step:
-            raise CorruptDataError(f"step {step}: its manifest says step {manifest.step}")
+            raise CorruptDataError(f"{_describe(key)}: {exc}") from None
+        if manifest.step != step_of(key):
+            raise CorruptDataError(f"{_describe(key)}: its manifest says step {manifest.step}")
         return manifest
 
     def stats(self) -> StoreStats:
@@ -600,10 +713,12 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def load(self, step: int | None = None, keys=None, regex: str | None = None, *, verify: bool | None = None) -> dict:
+    def load(self, step: int | str | None = None, keys=None, regex: str | None = None, *,
+             verify: bool | None = None, branch: str | None = None) -> dict:
         """Read a step (default: latest) as component name -> state.
 
-        ``keys`` restricts the components.  With ``regex``, each component's value is a flat
+        ``step`` is a number or None (the latest) of ``branch`` (default: this store's), or
+        a tag.  ``keys`` restricts the components.  With ``regex``, each component's value is a flat
         dict ``{leaf path: value}`` of the leaves whose path matches from its start, and
         only those leaves are read.  A sharded component comes back as an iterator that
         reads one shard at a time.  Raises StepNotFoundError, SelectionError (regex
@@ -612,10 +727,11 @@ class Store:
         self._check_open()
         verify = self.verify if verify is None else verify
         with self._blobs.read() as txn:
-            step = self._resolve_step(txn, step)
+            key = self._locate(txn, step, None if branch is None else catalog.check_branch(branch))
+            step = step_of(key)
             if not verify:
-                log.info("loading step %d of %s WITHOUT checking chunk digests (verify=False)", step, self.path)
-            manifest = self._manifest(txn, step)
+                log.info("loading %s of %s WITHOUT checking chunk digests (verify=False)", _describe(key), self.path)
+            manifest = self._manifest(txn, key)
             names = self._select_components(manifest, keys)
             if regex is not None:
                 return self._load_selected(txn, manifest, names, regex, verify)

@@ -251,16 +251,17 @@ def test_checkpoint_beside_a_store_on_one_path(tmp_path):
         # The Checkpoint keeps working after the Store beside it closed.
         state = state_for(2)
         cp.replay, cp.agent, cp.step = state["replay"], state["agent"], state["step"]
-        cp.save()
-        assert cp.steps() == [0, 1, 2]
+        assert cp.save().abandoned_to == "main-abandoned-0"  # saving after a rollback to step 0
+        assert cp.steps() == [0, 2]
         assert cp.load() == 2
         assert_state_equal({"replay": cp.replay, "agent": cp.agent, "step": cp.step}, state_for(2))
     finally:
         store.close()
         cp.close()
-    with castore.Store(path) as again:
-        assert again.steps() == [0, 1, 2]
+    with castore.Store(path) as again, castore.Store(path, branch="main-abandoned-0") as old:
+        assert again.steps() == [0, 2] and old.steps() == [1]
         assert_state_equal(again.load(2), state_for(2))
+        assert_state_equal(old.load(1), state_for(1))
 
 
 def test_read_only_store_beside_a_writable_one_refuses_to_write(tmp_path):

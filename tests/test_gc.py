@@ -38,6 +38,7 @@ import castore  # noqa: E402
 import castore.gc  # noqa: E402
 import castore.pipeline  # noqa: E402
 from castore import Keep  # noqa: E402
+from castore.config import STORE_FORMAT  # noqa: E402
 from castore.manifest import ChunkedBlob, PagedBlob, decode_manifest, iter_blobs  # noqa: E402
 
 SEED = int(os.environ.get("CASTORE_GC_SEED", "20240917"))
@@ -887,7 +888,7 @@ def make_format1(tmp_path, later_dbs: bool):
                             txn.put(key, value, db=db)
                 config = msgpack.unpackb(txn.get(b"config", db=db), raw=False) if name == b"meta" else None
                 if config is not None:
-                    assert config["format"] == 2
+                    assert config["format"] == STORE_FORMAT
                     config["format"] = 1
                     txn.put(b"config", msgpack.packb(config, use_bin_type=True), db=db)
         if not later_dbs:
@@ -920,7 +921,7 @@ def test_a_format1_store_loads_and_a_writer_upgrades_it(tmp_path, later_dbs):
         assert read_config(store)["format"] == 1  # opening does not upgrade; a writer does
         third = {"a": {"w": np.concatenate([states_[1]["a"]["w"][:100], rows(82, 200)])}, "n": 3}
         store.save(3, third)
-        assert read_config(store)["format"] == 2
+        assert read_config(store)["format"] == STORE_FORMAT
         store.delete(1)  # through the trash now
         freed = store.gc()
         assert freed.steps == (1,)
@@ -928,7 +929,7 @@ def test_a_format1_store_loads_and_a_writer_upgrades_it(tmp_path, later_dbs):
         store.tag("best", 3)
         assert_no_garbage(store)
     with castore.Store(path, readonly=True) as store:
-        assert read_config(store)["format"] == 2
+        assert read_config(store)["format"] == STORE_FORMAT
         assert store.steps() == [2, 3] and store.tags() == {"best": 3}
         assert_state_equal(store.load(3, verify=True), third)
         assert_state_equal(store.load(2, verify=True), states_[2])
@@ -941,10 +942,10 @@ def test_a_store_of_a_later_format_is_refused(tmp_path):
     db = env.open_db(b"meta")
     with env.begin(write=True) as txn:
         config = msgpack.unpackb(txn.get(b"config", db=db), raw=False)
-        config["format"] = 3
+        config["format"] = STORE_FORMAT + 1
         txn.put(b"config", msgpack.packb(config, use_bin_type=True), db=db)
     env.close()
-    with pytest.raises(castore.FormatError, match="format 3"):
+    with pytest.raises(castore.FormatError, match=f"format {STORE_FORMAT + 1}"):
         castore.Store(path)
 
 
