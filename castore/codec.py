@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import pickle
 import re
 import types
@@ -41,7 +42,10 @@ except ImportError:  # pragma: no cover - exercised only without ml_dtypes
     ml_dtypes = None
 
 _PLAIN = (type(None), bool, int, float, str)
+_MAX_NBYTES = np.iinfo(np.intp).max  # numpy's bound on an array's size times its item size
 _ARRAY_KINDS = "biufcmMSU"  # numeric, bool, datetime, fixed-size strings: all pickle-free
+#: a ``dtype.str`` of those kinds: byte order, kind, item size, datetime unit ("<M8[ns]")
+_DTYPE_STR = re.compile(r"[<>|][biufcmMSU][0-9]{1,10}(\[[0-9]{0,10}[A-Za-z]{1,2}\])?")
 _ML_DTYPE_NAMES = frozenset(
     "bfloat16 float8_e3m4 float8_e4m3 float8_e4m3b11fnuz float8_e4m3fn float8_e4m3fnuz "
     "float8_e5m2 float8_e5m2fnuz float8_e8m0fnu float6_e2m3fn float6_e3m2fn float4_e2m1fn "
@@ -75,18 +79,24 @@ def dtype_name(dtype: np.dtype, path: str) -> str:
 
 
 def dtype_from_name(name: str) -> np.dtype:
-    """Parse a stored dtype name; raises :class:`CorruptDataError` for anything unknown."""
+    """Parse a stored dtype name; raises :class:`CorruptDataError` for anything unknown.
+
+    Only what :func:`dtype_name` writes is accepted: an ``ml_dtypes`` name or a numpy
+    ``dtype.str`` of a stored kind.  numpy's other spellings (``"int"``, ``"a"``,
+    ``"i4,i4"``) are refused before its parser sees them, and so are zero-size items
+    (``"|S0"``), of which numpy builds no array.
+    """
     if name in _ML_DTYPE_NAMES:
         if ml_dtypes is None:
             raise CorruptDataError(f"dtype {name!r} needs the ml_dtypes package: pip install ml_dtypes")
         return np.dtype(getattr(ml_dtypes, name))
-    if len(name) > 32:
-        raise CorruptDataError(f"dtype name of {len(name)} characters")
+    if not _DTYPE_STR.fullmatch(name):
+        raise CorruptDataError(f"dtype {name[:40]!r} is not a numpy dtype.str castore writes")
     try:
         dtype = np.dtype(name)
     except (TypeError, ValueError, SyntaxError) as exc:
         raise CorruptDataError(f"unknown dtype {name!r}: {exc}") from None
-    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+    if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None or not dtype.itemsize:
         raise CorruptDataError(f"dtype {name!r} is not one castore stores")
     return dtype
 
@@ -197,7 +207,11 @@ def _read_bytes(blob: Blob, read_blob: ReadBlob, path: str) -> bytes:
 
 def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str) -> np.ndarray:
     dtype = dtype_from_name(node.dtype)
-    nbytes = int(np.prod(node.shape, dtype=object)) * dtype.itemsize
+    # numpy refuses a shape whose non-zero dimensions times the item size overflow, even
+    # when another dimension is 0 and the array holds no byte
+    if math.prod(max(d, 1) for d in node.shape) * dtype.itemsize > _MAX_NBYTES:
+        raise CorruptDataError(f"at {path!r}: shape {node.shape} of {dtype} is larger than numpy allows")
+    nbytes = math.prod(node.shape) * dtype.itemsize
     blob = node.blob
     have = len(blob.data) if isinstance(blob, InlineBlob) else blob.nbytes
     if have != nbytes:

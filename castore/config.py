@@ -34,13 +34,13 @@ def upgraded(raw: bytes) -> bytes | None:
 def parse_config(raw: bytes, path: str) -> tuple[int, int]:
     """Check a store's config record; returns ``(chunk size, format)``."""
     try:
-        config = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        config = unpack_untrusted(raw)
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise FormatError(f"{path}: config record is not valid msgpack: {exc}") from None
     if not isinstance(config, dict):
         raise FormatError(f"{path}: config record is not a map")
     version = config.get("format")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise FormatError(f"{path}: config has no valid format version")
     if version > STORE_FORMAT:
         raise FormatError(

@@ -309,12 +309,28 @@ def _item_from_wire(w, depth: int) -> tuple[str, Node]:
     return w[0], _node_from_wire(w[1], depth)
 
 
+def unpack_untrusted(data: bytes):
+    """msgpack-decode an untrusted record, refusing what cannot be in ``data``.
+
+    Every declared length is bounded by the bytes present (each element takes at least one
+    byte), so a hostile header cannot make the decoder allocate more than the input's
+    size; msgpack's own stack bounds nesting (1,024 levels).  Raises
+    ``msgpack.UnpackException``, ``ValueError`` or ``TypeError``; callers wrap them.
+    """
+    data = bytes(data)
+    n = len(data)
+    return msgpack.unpackb(
+        data, raw=False, strict_map_key=True, use_list=True, max_str_len=n, max_bin_len=n,
+        max_array_len=n, max_map_len=n // 2, max_ext_len=n,
+    )
+
+
 def decode_manifest(data: bytes) -> Manifest:
     """Decode a manifest; raises :class:`CorruptDataError` for anything malformed."""
     if len(data) > MAX_MANIFEST_BYTES:
         _fail("manifest larger than the format allows")
     try:
-        record = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, use_list=True)
+        record = unpack_untrusted(data)
     except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as exc:
         raise CorruptDataError(f"manifest is not valid msgpack: {exc}") from None
     if not isinstance(record, dict):
@@ -323,8 +339,8 @@ def decode_manifest(data: bytes) -> Manifest:
     if version != FORMAT_VERSION:
         _fail(f"manifest format {version!r}, this castore reads {FORMAT_VERSION}")
     created = record.get("created")
-    if not isinstance(created, float):
-        _fail("created must be a float")
+    if not isinstance(created, float) or not math.isfinite(created):
+        _fail("created must be a finite float")  # retention buckets steps by it
     comps = record.get("components")
     if not isinstance(comps, list):
         _fail("components must be a list")
