@@ -22,6 +22,7 @@ import weakref
 
 import lmdb
 
+from . import fsinfo
 from .errors import (
     CorruptDataError,
     FormatError,
@@ -90,8 +91,13 @@ class BlobStore:
     _registry_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str, *, create: bool = True, readonly: bool = False) -> "BlobStore":
-        """The process's shared environment for ``path``; each call must be paired with close()."""
+    def open(cls, path: str, *, create: bool = True, readonly: bool = False,
+             allow_network_fs: bool = False) -> "BlobStore":
+        """The process's shared environment for ``path``; each call must be paired with close().
+
+        Raises :class:`UnsafeFilesystemError` for a directory on a network filesystem
+        (where LMDB can lose commits) unless ``allow_network_fs``.
+        """
         real = os.path.realpath(path)
         with cls._registry_lock:
             existing = cls._open.get(real)
@@ -100,6 +106,7 @@ class BlobStore:
                     raise UsageError(f"store {path} is already open read-only in this process")
                 existing.refs += 1
                 return existing
+            fsinfo.check_local_filesystem(real, force=allow_network_fs)
             store = cls(real, create=create, readonly=readonly)
             cls._open[real] = store
             return store

@@ -116,3 +116,21 @@ class TrackingError(SaveError):
             f"but {how} said it had not. Mark changed rows (TrackedArray.mark) or write through "
             "tracked[index] = value; nothing was committed"
         )
+
+
+class UnsafeFilesystemError(CastoreError):
+    """The store's directory is on a network filesystem (NFS, SMB, ...), where LMDB is unsafe.
+
+    Attributes: ``path`` (the store's real path), ``fs_type`` (as the kernel names it),
+    ``mount_point`` and ``source`` of the mount holding it.
+    """
+
+    def __init__(self, path: str, fs_type: str, mount_point: str, source: str = ""):
+        self.path, self.fs_type, self.mount_point, self.source = path, fs_type, mount_point, source
+        super().__init__(
+            f"store {path} is on a {fs_type} filesystem ({source or 'mounted'} at {mount_point}): "
+            "LMDB needs a local filesystem (its memory map and locks are not coherent over a "
+            "network, so commits can be lost and two writers let in); put the store on a local "
+            "disk, or pass allow_network_fs=True to force it if only one process on one "
+            "machine will ever open it"
+        )

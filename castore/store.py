@@ -123,7 +123,9 @@ class Store:
     ``Store(path)`` opens the store in directory ``path``, creating it unless
     ``create=False``.  Opening the same path again in one process shares one LMDB
     environment.  The first save or delete takes the store's single-writer lock, raising
-    :class:`StoreLockedError` at once if another process holds it.
+    :class:`StoreLockedError` at once if another process holds it.  A directory on a
+    network filesystem (NFS, SMB, ...) is refused with :class:`UnsafeFilesystemError`
+    unless ``allow_network_fs=True``: LMDB's map and locks are not safe there.
 
     A store holds branches, each its own sequence of steps; a ``Store`` works on one
     (``branch``, default ``"main"``): ``save``, ``steps``, ``latest``, ``delete`` and
@@ -144,6 +146,7 @@ class Store:
         max_pending: int = 1,
         keep=None,
         branch: str = catalog.MAIN,
+        allow_network_fs: bool = False,
     ):
         if not isinstance(max_pending, int) or max_pending < 1:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -162,7 +165,7 @@ class Store:
         self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
         self._staging = Staging()
         self._background: Background | None = None
-        self._blobs = BlobStore.open(self.path, create=create, readonly=readonly)
+        self._blobs = BlobStore.open(self.path, create=create, readonly=readonly, allow_network_fs=allow_network_fs)
         try:
             self.chunk_bytes = self._open_config(chunk_bytes)
         except BaseException:
