@@ -19,7 +19,7 @@ import msgpack
 
 from .blobstore import BlobStore
 from .errors import CorruptDataError, StepNotFoundError, UsageError
-from .manifest import decode_manifest
+from .manifest import decode_manifest, seal, unpack_untrusted, unseal
 from .retention import StepInfo
 
 MAX_TAG_BYTES = 256
@@ -161,7 +161,7 @@ def trash_manifest(txn, blobs: BlobStore, key: bytes, raw) -> None:
 
 def put_metrics(txn, blobs: BlobStore, key: bytes, metrics: dict | None) -> None:
     if metrics:
-        txn.put(key, msgpack.packb({"metrics": metrics}, use_bin_type=True), db=blobs.dbs["stepinfo"])
+        txn.put(key, seal(msgpack.packb({"metrics": metrics}, use_bin_type=True)), db=blobs.dbs["stepinfo"])
     else:
         txn.delete(key, db=blobs.dbs["stepinfo"])
 
@@ -187,7 +187,7 @@ def read_metrics(txn, blobs: BlobStore, key: bytes) -> dict:
     if raw is None:
         return {}
     try:
-        record = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True)
+        record = unpack_untrusted(unseal(raw, f"metrics record of step {step_of(key)}"))
         metrics = record["metrics"]
         if not isinstance(metrics, dict):
             raise TypeError("metrics is not a map")

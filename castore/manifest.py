@@ -15,7 +15,7 @@ import msgpack
 
 from .chunker import MAX_CHUNK_BYTES
 from .errors import CorruptDataError
-from .ids import ID_BYTES
+from .ids import ID_BYTES, chunk_id
 
 FORMAT_VERSION = 1
 MAX_DEPTH = 128  # nesting of containers in one component; encode and decode both enforce it
@@ -193,7 +193,32 @@ def encode_manifest(manifest: Manifest) -> bytes:
         "logical_bytes": manifest.logical_bytes,
         "components": [[k, _node_wire(v)] for k, v in manifest.components],
     }
-    return msgpack.packb(record, use_bin_type=True)
+    return seal(msgpack.packb(record, use_bin_type=True))
+
+
+# --- sealing: a digest in front of a record whose bytes are not content-addressed -------
+
+SEAL = b"\xc1"  # a byte msgpack never uses: no bare record (formats 1-2) starts with it
+SEAL_BYTES = 1 + ID_BYTES
+
+
+def seal(body: bytes) -> bytes:
+    """``SEAL + BLAKE3-256(body) + body``: a flipped bit anywhere is caught by :func:`unseal`."""
+    return SEAL + chunk_id(body) + body
+
+
+def unseal(data, what: str) -> bytes:
+    """The body of a sealed record, checked; a bare (older, unsealed) record as it is.
+
+    Raises :class:`CorruptDataError` if the digest does not match.
+    """
+    data = bytes(data)
+    if data[:1] != SEAL:
+        return data
+    body = data[SEAL_BYTES:]
+    if len(data) < SEAL_BYTES or chunk_id(body) != data[1:SEAL_BYTES]:
+        raise CorruptDataError(f"{what} bytes do not match their checksum (damaged on disk)")
+    return body
 
 
 # --- decoding (untrusted input) ---------------------------------------------------------
@@ -329,6 +354,7 @@ def decode_manifest(data: bytes) -> Manifest:
     """Decode a manifest; raises :class:`CorruptDataError` for anything malformed."""
     if len(data) > MAX_MANIFEST_BYTES:
         _fail("manifest larger than the format allows")
+    data = unseal(data, "manifest")
     try:
         record = unpack_untrusted(data)
     except (msgpack.UnpackException, ValueError, TypeError, RecursionError) as exc:
