@@ -1,8 +1,10 @@
 """``castore``: inspect a store from the shell (read-only: the store is never written).
 
-    castore steps PATH          committed steps, one per line
-    castore stats PATH          totals and the dedup ratio
-    castore show PATH [STEP]    components and leaves of a step (default: latest)
+    castore steps PATH [--branch B]     committed steps, one per line
+    castore stats PATH                  totals and the dedup ratio
+    castore show PATH [STEP]            components and leaves of a step (default: latest)
+    castore branches PATH               branches and their steps
+    castore verify PATH [--sample 5%]   check every step down to its chunks; exit 1 on damage
     castore export PATH STEP OUT_DIR [--keys NAME ...] [--overwrite]
                                 a step (number or tag) as .npy files and JSON; see
                                 castore/export.py for the layout
@@ -31,43 +33,109 @@ def _step(text: str) -> int | str:
     return int(text) if text.isdigit() else text  # tags are never all digits
 
 
-def main(argv=None) -> int:
+def _fraction(text: str) -> float:
+    """``5%`` or ``0.05``."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction or percentage: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100%]: {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="castore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("steps", "stats", "show"):
-        cmd = sub.add_parser(name)
+    commands = {
+        "steps": "committed steps of a branch", "stats": "store totals", "show": "components and leaves of a step",
+        "branches": "branches and their steps", "verify": "check every step down to its chunks",
+        "export": "write a step as .npy files and JSON",
+    }
+    for name, text in commands.items():
+        cmd = sub.add_parser(name, help=text)
         cmd.add_argument("path")
+        if name in ("steps", "show", "export"):
+            cmd.add_argument("--branch", default="main")
         if name == "show":
-            cmd.add_argument("step", type=int, nargs="?")
-    cmd = sub.add_parser("export", help="write a step as .npy files and JSON")
-    cmd.add_argument("path")
-    cmd.add_argument("step", type=_step, help="a step number or a tag")
-    cmd.add_argument("out_dir", help="an empty or new directory")
-    cmd.add_argument("--keys", nargs="+", metavar="NAME", help="only these components")
-    cmd.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
-    args = parser.parse_args(argv)
+            cmd.add_argument("step", type=_step, nargs="?", help="a step number or a tag (default: latest)")
+    verify = sub.choices["verify"]
+    verify.add_argument("--sample", type=_fraction, default=1.0, metavar="FRACTION",
+                        help="hash only this part of the chunks, e.g. 5%% (presence is always checked)")
+    verify.add_argument("--seed", type=int, help="pick the sample reproducibly")
+    export = sub.choices["export"]
+    export.add_argument("step", type=_step, help="a step number or a tag")
+    export.add_argument("out_dir", help="an empty or new directory")
+    export.add_argument("--keys", nargs="+", metavar="NAME", help="only these components")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run a command; exit status 0, or 1 for an error or (verify) any problem found."""
+    args = _parser().parse_args(argv)
     try:
-        with Store(args.path, create=False, readonly=True) as store:
-            if args.command == "export":
-                result = export_step(store, args.step, args.out_dir, keys=args.keys, overwrite=args.overwrite)
-                print(f"step {result.step}: {result.components} components, {result.leaves} leaves, "
-                      f"{result.files} files ({result.nbytes} bytes) in {result.out_dir}")
-            elif args.command == "steps":
-                print("\n".join(map(str, store.steps())))
-            elif args.command == "stats":
-                s = store.stats()
-                print(f"steps {s.steps}\nchunks {s.chunks}\nstored_bytes {s.stored_bytes}\n"
-                      f"logical_bytes {s.logical_bytes}\nfile_bytes {s.file_bytes}\ndedup_ratio {s.dedup_ratio:.3f}")
-            else:
-                manifest = store.manifest(args.step)
-                print(f"step {manifest.step}: {manifest.logical_bytes} logical bytes")
-                for name, node in manifest.components:
-                    for path, leaf in codec.leaf_nodes(node):
-                        print(f"  {f'{name}/{path}' if path else name}: {_describe(leaf)}")
+        with Store(args.path, create=False, readonly=True, branch=getattr(args, "branch", "main")) as store:
+            return _COMMANDS[args.command](store, args)
     except CastoreError as exc:
         print(f"castore: {exc}", file=sys.stderr)
         return 1
+
+
+def _steps(store: Store, args) -> int:
+    print("\n".join(map(str, store.steps())))
     return 0
+
+
+def _stats(store: Store, args) -> int:
+    s = store.stats()
+    print(f"steps {s.steps}\nchunks {s.chunks}\nstored_bytes {s.stored_bytes}\n"
+          f"logical_bytes {s.logical_bytes}\nfile_bytes {s.file_bytes}\ndedup_ratio {s.dedup_ratio:.3f}")
+    return 0
+
+
+def _show(store: Store, args) -> int:
+    manifest = store.manifest(args.step)
+    print(f"step {manifest.step}: {manifest.logical_bytes} logical bytes")
+    for name, node in manifest.components:
+        for path, leaf in codec.leaf_nodes(node):
+            print(f"  {f'{name}/{path}' if path else name}: {_describe(leaf)}")
+    return 0
+
+
+def _branches(store: Store, args) -> int:
+    for name in store.branches():
+        with Store(store.path, create=False, readonly=True, branch=name) as branch:
+            steps = branch.steps()
+        span = f"{len(steps)} steps, {steps[0]}..{steps[-1]}" if steps else "no steps"
+        print(f"{name}: {span}")
+    return 0
+
+
+def _verify(store: Store, args) -> int:
+    report = store.verify(args.sample, seed=args.seed)
+    for problem in report.problems:
+        print(problem)
+    part = "all" if report.sample == 1 else f"a {report.sample:.1%} sample:"
+    print(f"checked {report.steps} steps, {report.chunks} chunks present; hashed {part} "
+          f"{report.hashed_chunks} chunks, {report.hashed_bytes} bytes")
+    if report.ok:
+        print("no problems found")
+        return 0
+    print(f"{len(report.problems)} problems; {len(report.affected_steps)} steps affected: "
+          + ", ".join(f"{s}" if b == "main" else f"{b}:{s}" for b, s in report.affected_steps[:50]))
+    return 1
+
+
+def _export(store: Store, args) -> int:
+    result = export_step(store, args.step, args.out_dir, keys=args.keys, overwrite=args.overwrite)
+    print(f"step {result.step}: {result.components} components, {result.leaves} leaves, "
+          f"{result.files} files ({result.nbytes} bytes) in {result.out_dir}")
+    return 0
+
+
+_COMMANDS = {"steps": _steps, "stats": _stats, "show": _show, "branches": _branches, "verify": _verify,
+             "export": _export}
 
 
 if __name__ == "__main__":

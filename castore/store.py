@@ -24,6 +24,7 @@ import numpy as np
 
 from . import catalog, codec, reading
 from . import gc as gc_
+from . import verify as verify_
 from .background import Background, SaveHandle
 from .blobstore import BlobStore
 from .capture import Capture, PendingBlob, Staging
@@ -152,7 +153,7 @@ class Store:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
         self.path = os.fspath(path)
         self.readonly = readonly
-        self.verify = verify
+        self.verify_reads = verify  # the default of load(verify=...)
         self.allow_pickle = allow_pickle
         if check_tracking is None:
             check_tracking = os.environ.get("CASTORE_CHECK_TRACKING", "").lower() in ("1", "true", "yes")
@@ -703,6 +704,17 @@ class Store:
             raise CorruptDataError(f"{_describe(key)}: its manifest says step {manifest.step}")
         return manifest
 
+    def verify(self, sample: float = 1.0, *, seed: int | None = None) -> verify_.VerifyReport:
+        """Check every step of every branch down to its chunks; returns every problem found.
+
+        All chunks are hashed unless ``sample`` (a fraction, e.g. 0.05) asks for a part;
+        presence and length are always checked.  Damage is reported, never raised: each
+        problem names step, branch, component, leaf path and chunk.  Runs in one read
+        transaction beside a writer.
+        """
+        self._check_open()
+        return verify_.verify(self._blobs, self._pool, sample=sample, seed=seed)
+
     def stats(self) -> StoreStats:
         """Store totals; reads every manifest (small) but no chunk."""
         self._check_open()
@@ -728,7 +740,7 @@ class Store:
         matched nothing), IntegrityError (missing or damaged chunk).
         """
         self._check_open()
-        verify = self.verify if verify is None else verify
+        verify = self.verify_reads if verify is None else verify
         with self._blobs.read() as txn:
             key = self._locate(txn, step, None if branch is None else catalog.check_branch(branch))
             step = step_of(key)

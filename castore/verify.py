@@ -1,0 +1,258 @@
+"""Verify a store: every step of every branch, down to its chunks; report every problem.
+
+What is checked, in one read transaction (a consistent snapshot; writers keep going):
+
+* every manifest decodes and names its own step; its metrics record decodes;
+* every chunk-list page is present, well formed and matches its id (always hashed);
+* every chunk a step names is present with the length its blob implies, and its BLAKE3
+  digest matches its id: all chunks, or a ``sample`` of them (a fraction, picked by a
+  salted hash of the id so repeated partial runs cover different chunks);
+* every tag names a step, and every trashed manifest (GC's input) decodes.
+
+Each unique chunk and page is checked once however many steps share it; a damaged one is
+then reported once per step, component and leaf path that references it, so the report
+says exactly which steps would fail to load.  Cost: reading and hashing the checked bytes
+(parallel on ``pool``), plus one pass over the manifests.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from . import catalog, codec
+from .blobstore import BlobStore
+from .chunker import chunk_count
+from .errors import CastoreError, CorruptDataError, UsageError
+from .ids import ID_BYTES, chunk_id, short, split_ids
+from .manifest import ChunkedBlob, PagedBlob, decode_manifest, iter_blobs, page_ids_in
+
+HASH_GROUP = 64  # chunks handed to the pool at once (bounds the memoryviews in flight)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong in a store, and where."""
+
+    kind: str  #: manifest, metrics, page-missing, page-corrupt, chunk-missing, chunk-corrupt, tag, trash, store
+    detail: str
+    branch: str | None = None
+    step: int | None = None
+    component: str | None = None
+    path: str | None = None  #: leaf path within the component
+    chunk: str | None = None  #: short hex id of the chunk or page
+
+    def __str__(self) -> str:
+        where = []
+        if self.step is not None:
+            where.append(f"step {self.step}" + ("" if self.branch == catalog.MAIN else f" of branch {self.branch}"))
+        if self.component is not None:
+            where.append(f"component {self.component!r}" + (f" leaf {self.path!r}" if self.path else ""))
+        if self.chunk is not None:
+            where.append(f"chunk {self.chunk}")
+        return f"{self.kind}: {self.detail}" + (f" ({', '.join(where)})" if where else "")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The outcome of :func:`verify`."""
+
+    problems: tuple[Problem, ...]
+    steps: int  #: steps checked, over every branch
+    chunks: int  #: unique chunks the steps reference (each checked present, with its length)
+    hashed_chunks: int  #: of those, chunks whose digest was checked
+    hashed_bytes: int
+    sample: float  #: the fraction of chunks asked to be hashed (1.0: all)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def affected_steps(self) -> list[tuple[str, int]]:
+        """``(branch, step)`` of every step that would not load intact."""
+        return sorted({(p.branch, p.step) for p in self.problems if p.step is not None})
+
+
+def check_sample(sample) -> float:
+    if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 < sample <= 1:
+        raise UsageError(f"sample must be a fraction in (0, 1], got {sample!r}")
+    return float(sample)
+
+
+def verify(blobs: BlobStore, pool, *, sample: float = 1.0, seed: int | None = None) -> VerifyReport:
+    """Check the whole store (see the module docstring); never raises for damage it finds."""
+    sample = check_sample(sample)
+    salt = random.Random(seed).getrandbits(64)
+    checker = _Checker(blobs, pool, sample, salt)
+    try:
+        with blobs.read() as txn:
+            checker.run(txn)
+    except CastoreError as exc:  # LMDB itself could not read on: report what was found so far
+        checker.problems.append(Problem("store", str(exc)))
+    return VerifyReport(tuple(checker.problems), checker.steps, len(checker.lengths),
+                        checker.hashed_chunks, checker.hashed_bytes, sample)
+
+
+class _Checker:
+    def __init__(self, blobs: BlobStore, pool, sample: float, salt: int):
+        self.blobs, self.pool, self.salt = blobs, pool, salt
+        self.threshold = int(sample * (1 << 64))
+        self.problems: list[Problem] = []
+        self.steps = self.hashed_chunks = self.hashed_bytes = 0
+        self.lengths: dict[bytes, int] = {}  # chunk id -> length its blobs imply
+        self.pages: dict[bytes, str | None] = {}  # page id -> problem kind, or None if sound
+        self.bad_chunks: dict[bytes, str] = {}  # chunk id -> problem kind
+        self.miscounted = False  # some paged blob's pages list a wrong number of chunks
+
+    def run(self, txn) -> None:
+        manifests = list(self._manifests(txn))
+        for _, _, manifest in manifests:
+            for _, node in manifest.components:
+                for blob in iter_blobs(node):
+                    self._note_blob(txn, blob)
+        self._check_chunks(txn)
+        if self.bad_chunks or self.miscounted or any(self.pages.values()):
+            for branch, step, manifest in manifests:
+                self._locate_damage(txn, branch, step, manifest)
+        self._check_tags(txn)
+        self._check_trash(txn)
+
+    def _manifests(self, txn):
+        """``(branch, step, manifest)`` of every decodable step; problems for the rest."""
+        for key, raw in txn.cursor(db=self.blobs.dbs["steps"]).iternext():
+            try:
+                branch, step = catalog.branch_of(key), catalog.step_of(key)
+            except CorruptDataError as exc:
+                self.problems.append(Problem("manifest", str(exc)))
+                continue
+            self.steps += 1
+            try:
+                catalog.read_metrics(txn, self.blobs, bytes(key))
+            except CorruptDataError as exc:
+                self.problems.append(Problem("metrics", str(exc), branch, step))
+            try:
+                manifest = decode_manifest(raw)
+            except CorruptDataError as exc:
+                self.problems.append(Problem("manifest", str(exc), branch, step))
+                continue
+            if manifest.step != step:
+                self.problems.append(Problem("manifest", f"manifest says step {manifest.step}", branch, step))
+                continue
+            yield branch, step, manifest
+
+    def _note_blob(self, txn, blob) -> None:
+        for cid, length in self._chunks_of(txn, blob):
+            self.lengths.setdefault(cid, length)
+
+    def _chunks_of(self, txn, blob):
+        """``(chunk id, expected length)`` of a blob; nothing for pages that are damaged."""
+        if isinstance(blob, ChunkedBlob):
+            ids = blob.ids
+        elif isinstance(blob, PagedBlob):
+            ids = b""
+            for pid in split_ids(blob.page_ids):
+                page = self._page(txn, pid)
+                if page is None:
+                    return
+                ids += page
+            if len(ids) != chunk_count(blob.nbytes, blob.chunk_nbytes) * ID_BYTES:
+                self.miscounted = True  # reported per leaf by _damage_in
+                return
+        else:
+            return
+        stride = blob.chunk_nbytes
+        for index, cid in enumerate(split_ids(ids)):
+            yield cid, min(stride, blob.nbytes - index * stride)
+
+    def _page(self, txn, pid: bytes) -> bytes | None:
+        """The ids a chunk-list page lists, or None if it is missing or damaged."""
+        raw = txn.get(pid, db=self.blobs.dbs["pages"])
+        if pid not in self.pages:
+            kind = None
+            if raw is None:
+                kind = "page-missing"
+            elif chunk_id(raw) != pid:
+                kind = "page-corrupt"
+            else:
+                try:
+                    page_ids_in(bytes(raw))
+                except CorruptDataError:
+                    kind = "page-corrupt"
+            self.pages[pid] = kind
+        return None if self.pages[pid] else bytes(raw)
+
+    def _check_chunks(self, txn) -> None:
+        chunks_db = self.blobs.dbs["chunks"]
+        group = []
+        for cid, length in self.lengths.items():
+            view = txn.get(cid, db=chunks_db)
+            if view is None:
+                self.bad_chunks[cid] = "chunk-missing"
+            elif len(view) != length:
+                self.bad_chunks[cid] = "chunk-corrupt"
+            elif (int.from_bytes(cid[:8], "big") ^ self.salt) < self.threshold:
+                group.append((cid, view))
+                if len(group) == HASH_GROUP:
+                    self._hash(group)
+                    group = []
+        self._hash(group)
+
+    def _hash(self, group) -> None:
+        for (cid, view), intact in zip(group, self.pool.map(lambda item: chunk_id(item[1]) == item[0], group)):
+            self.hashed_chunks += 1
+            self.hashed_bytes += len(view)
+            if not intact:
+                self.bad_chunks[cid] = "chunk-corrupt"
+
+    def _locate_damage(self, txn, branch: str, step: int, manifest) -> None:
+        """One problem per damaged chunk or page, per leaf of this step that references it."""
+        for name, node in manifest.components:
+            for path, leaf in codec.leaf_nodes(node):
+                for blob in iter_blobs(leaf):
+                    for kind, cid, detail in self._damage_in(txn, blob):
+                        self.problems.append(Problem(kind, detail, branch, step, name, path, short(cid)))
+
+    def _damage_in(self, txn, blob):
+        if isinstance(blob, PagedBlob):
+            damaged = [(self.pages[pid], pid) for pid in split_ids(blob.page_ids) if self.pages.get(pid)]
+            for kind, pid in damaged:
+                yield kind, pid, "chunk-list page " + ("is missing" if kind == "page-missing" else "does not match its id")
+            if damaged:
+                return
+            listed = sum(len(self._page(txn, pid)) for pid in split_ids(blob.page_ids)) // ID_BYTES
+            needed = chunk_count(blob.nbytes, blob.chunk_nbytes)
+            if listed != needed:
+                yield "manifest", blob.page_ids[:ID_BYTES], f"chunk-list pages list {listed} chunks, the leaf needs {needed}"
+                return
+        seen = set()
+        for cid, _ in self._chunks_of(txn, blob):
+            kind = self.bad_chunks.get(cid)
+            if kind and cid not in seen:
+                seen.add(cid)
+                yield kind, cid, "chunk is missing" if kind == "chunk-missing" else "chunk bytes do not match its id"
+
+    def _check_tags(self, txn) -> None:
+        db = self.blobs.dbs["tags"]
+        if db is None:
+            return
+        for name, key in txn.cursor(db=db).iternext():
+            label = bytes(name).decode("utf-8", "replace")
+            try:
+                branch = catalog.branch_of(key)
+            except CorruptDataError:
+                self.problems.append(Problem("tag", f"tag {label!r} does not name a step"))
+                continue
+            if txn.get(bytes(key), db=self.blobs.dbs["steps"]) is None:
+                self.problems.append(Problem("tag", f"tag {label!r} names a step that does not exist",
+                                             branch, catalog.step_of(key)))
+
+    def _check_trash(self, txn) -> None:
+        db = self.blobs.dbs["trash"]
+        if db is None:
+            return
+        for key, raw in txn.cursor(db=db).iternext():
+            try:
+                decode_manifest(raw)
+            except CorruptDataError as exc:
+                self.problems.append(Problem("trash", f"trashed manifest {bytes(key).hex()[:24]}: {exc}"))
