@@ -104,6 +104,24 @@ def dtype_from_name(name: str) -> np.dtype:
 # --- encoding -----------------------------------------------------------------------------
 
 
+def _check_text(text: str, path: str, what: str) -> None:
+    """Refuse a str UTF-8 cannot encode (lone surrogates): the manifest could not hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedValueError(path, f"{what} {text[:40]!r} is not valid Unicode (lone surrogate)") from None
+
+
+def _check_unique_paths(node: Node, name: str) -> None:
+    """Refuse two leaves with one path (``{"a/b": 1, "a": {"b": 2}}``): regex loads and
+    exports address leaves by path, so one would shadow the other."""
+    seen = set()
+    for path, _ in leaf_nodes(node):
+        if path in seen:
+            raise UnsupportedValueError(join(name, path), "two leaves have this path (a dict key contains '/')")
+        seen.add(path)
+
+
 class Encoder:
     """Turns a state tree into nodes, handing large byte buffers to ``make_blob``."""
 
@@ -116,9 +134,13 @@ class Encoder:
 
     def component(self, value, name: str) -> Node:
         """Encode one component's state; a generator or iterator becomes shards."""
+        _check_text(name, name, "component name")
         if isinstance(value, (types.GeneratorType, collections.abc.Iterator)):
-            return ShardsNode(tuple(self._shard(shard, join(name, i)) for i, shard in enumerate(value)))
-        return self.node(value, name, 0)
+            node = ShardsNode(tuple(self._shard(shard, join(name, i)) for i, shard in enumerate(value)))
+        else:
+            node = self.node(value, name, 0)
+        _check_unique_paths(node, name)
+        return node
 
     def _shard(self, value, path: str) -> Node:
         node = self.node(value, path, 1)
@@ -131,6 +153,8 @@ class Encoder:
             raise UnsupportedValueError(path, f"nesting deeper than {MAX_DEPTH} (a cycle?)")
         kind = type(value)
         if kind in _PLAIN:
+            if kind is str:
+                _check_text(value, path, "string")
             self.logical_bytes += 8 if kind is not str else len(value)
             return ValueLeaf(value)
         if kind is bytes:
@@ -151,6 +175,7 @@ class Encoder:
     def _item(self, key, value, path: str, depth: int) -> tuple[str, Node]:
         if type(key) is not str:
             raise UnsupportedValueError(path, f"dict key {key!r} is a {type(key).__name__}, not str")
+        _check_text(key, path, "dict key")
         return key, self.node(value, join(path, key), depth + 1)
 
     def _scalar(self, value: np.generic, path: str) -> Node:

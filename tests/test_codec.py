@@ -125,3 +125,24 @@ def test_unknown_or_unsafe_dtype_names_are_corrupt_data():
     for name in ["O", "|O", "i4,f4", "V8", "not-a-dtype", "x" * 100]:
         with pytest.raises(castore.CorruptDataError):
             codec.dtype_from_name(name)
+
+
+@pytest.mark.parametrize("tree", [
+    {"c": {"a/b": 1, "a": {"b": 2}}},
+    {"c": [{"x/0": 1, "x": [2]}]},
+])
+def test_leaves_whose_paths_collide_are_refused_before_anything_commits(tmp_path, tree):
+    with castore.Store(tmp_path / "s") as store:
+        with pytest.raises(castore.UnsupportedValueError, match="two leaves have this path"):
+            store.save(1, tree)
+        assert store.steps() == []
+        store.save(1, {"c": {"a/b": 1, "a": {"c": 2}}})  # slashes alone are fine
+        assert store.load(1, regex="a/b") == {"c": {"a/b": 1}}
+
+
+@pytest.mark.parametrize("tree", [{"a\ud800": 1}, {"c": "x\udcff"}, {"c": {"k\udfff": 1}}])
+def test_strings_utf8_cannot_encode_are_refused_as_unsupported(tmp_path, tree):
+    with castore.Store(tmp_path / "s") as store:
+        with pytest.raises(castore.UnsupportedValueError, match="surrogate"):
+            store.save(1, tree)
+        assert store.steps() == []
