@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import castore
+from castore.codec import join
 from castore.cli import main
 from castore.export import DEEP, INDEX, LEAVES, MAX_NAME, encode_name, export_step
 
@@ -301,7 +302,13 @@ def test_pairs_of_hostile_names_never_share_a_file(tmp_path):
     """Every two hostile keys side by side, as leaves and as directories: no file is shared."""
     with castore.Store(tmp_path / "store") as store:
         for step, (a, b) in enumerate(itertools.combinations(HOSTILE[:12], 2)):
-            store.save(step, {"c": {a: np.full(200, 1), b: {a: np.full(200, 2), b: 3}}})
+            tree = {"c": {a: np.full(200, 1), b: {a: np.full(200, 2), b: 3}}}
+            paths = [a, join(b, a), join(b, b)]
+            if len(set(paths)) < 3:  # e.g. b == "": leaves a and ""/a share the path a
+                with pytest.raises(castore.UnsupportedValueError, match="two leaves have this path"):
+                    store.save(step, tree)
+                continue
+            store.save(step, tree)
             out = tmp_path / f"out{step}"
             export_step(store, step, out)
             got = read_export(out)["c"]
