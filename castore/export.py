@@ -164,7 +164,7 @@ def _prepare(out_dir, overwrite: bool) -> str:
     if os.path.lexists(out) and not os.path.isdir(out):
         raise UsageError(f"export target {out} exists and is not a directory")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise UsageError(f"export target {out} is not empty; pass overwrite=True to write into it")
+        raise UsageError(f"export target {out} is not empty; pass overwrite=True (--overwrite) to write into it")
     os.makedirs(out, exist_ok=True)
     return os.path.realpath(out)
 
@@ -238,8 +238,8 @@ def export_step(store: Store, step: int | str | None, out_dir, *, keys=None, ove
     UnsupportedValueError (a pickled leaf), and what :meth:`Store.load` raises for damaged
     data; files written before an error stay.
     """
-    step = store.resolve(step)
-    stored = store.manifest(step).names
+    branch, step = store.locate(step)  # a tag may name a step of another branch
+    stored = store.manifest(step, branch=branch).names
     names = stored if keys is None else ([keys] if isinstance(keys, str) else list(keys))
     missing = [name for name in names if name not in stored]
     if missing:
@@ -248,12 +248,13 @@ def export_step(store: Store, step: int | str | None, out_dir, *, keys=None, ove
     top = _Directory("", reserved=(INDEX,))
     components, count = [], 0
     for name in names:
-        (value,) = store.load(step, keys=[name]).values()
+        (value,) = store.load(step, keys=[name], branch=branch).values()
         directory = _Directory(top.name(name), reserved=(LEAVES, DEEP))
         exporter = _Exporter(writer, name, directory.rel)
         exporter.export(value, directory)
         writer.write_json(f"{directory.rel}/{LEAVES}", exporter.leaves)
         components.append({"name": name, "dir": directory.rel})
         count += len(exporter.leaves)
-    writer.write_json(INDEX, {"format": EXPORT_FORMAT, "store": store.path, "step": step, "components": components})
+    writer.write_json(INDEX, {"format": EXPORT_FORMAT, "store": store.path, "branch": branch, "step": step,
+                                "components": components})
     return ExportResult(step, writer.root, len(components), count, writer.files, writer.nbytes)

@@ -39,7 +39,7 @@ from .errors import (
     UsageError,
 )
 from .ids import split_ids
-from .manifest import Manifest, ShardsNode, decode_manifest, encode_manifest
+from .manifest import Manifest, ShardsNode, decode_manifest, encode_manifest, unseal
 from .pipeline import SaveJob, drop_journal, read_counters
 from .retention import Keep, policy_of
 
@@ -382,7 +382,8 @@ class Store:
             if raw is None:
                 return False
             committed = self._manifest(txn, key)
-        if encode_manifest(dataclasses.replace(manifest, created=committed.created)) == bytes(raw):
+        again = encode_manifest(dataclasses.replace(manifest, created=committed.created))
+        if unseal(again, "manifest") == unseal(raw, "manifest"):  # a bare record of format 1-2 too
             return True
         raise StepExistsError(
             f"step {manifest.step} exists in {self.path} with different content; "
@@ -649,11 +650,12 @@ class Store:
         with self._blobs.read() as txn:
             return txn.get(self._key(check_step(step)), db=self._blobs.dbs["steps"]) is not None
 
-    def manifest(self, step: int | str | None = None) -> Manifest:
-        """The decoded manifest of ``step`` (default: latest); raises StepNotFoundError."""
+    def manifest(self, step: int | str | None = None, *, branch: str | None = None) -> Manifest:
+        """The decoded manifest of ``step`` (default: latest of ``branch``, default this
+        store's; or a tag); raises StepNotFoundError."""
         self._check_open()
         with self._blobs.read() as txn:
-            return self._manifest(txn, self._locate(txn, step))
+            return self._manifest(txn, self._locate(txn, step, None if branch is None else catalog.check_branch(branch)))
 
     def resolve(self, step: int | str | None = None) -> int:
         """The step number of ``step``: an int, a tag name, or None for the latest.

@@ -313,3 +313,20 @@ def test_pairs_of_hostile_names_never_share_a_file(tmp_path):
             export_step(store, step, out)
             got = read_export(out)["c"]
             assert int(got[(a,)][0]) == 1 and int(got[(b, a)][0]) == 2 and got[(b, b)] == 3
+
+
+def test_a_tag_on_another_branch_exports_that_branch_step(tmp_path):
+    path = str(tmp_path / "store")
+    cp = castore.Checkpoint(path)
+    for s in range(1, 5):
+        cp.w = np.full(4, s, np.float32)
+        cp.save(s)
+    cp.tag("best", 3)
+    cp.load(step=2)
+    cp.w = np.full(4, 100, np.float32)
+    cp.save()  # main's step 3 is new; the tagged one moved to main-abandoned-2
+    cp.close()
+    assert main(["export", path, "best", str(tmp_path / "out")]) == 0
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    assert (index["branch"], index["step"]) == ("main-abandoned-2", 3)
+    assert read_export(tmp_path / "out")["w"][()].tolist() == [3.0] * 4

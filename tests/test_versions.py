@@ -170,3 +170,15 @@ def test_a_store_of_an_unknown_later_format_is_refused(tmp_path, readonly):
         castore.Store(path, readonly=readonly)
     assert str(path) in str(raised.value)
     assert config_of(path)["format"] == 99  # refused before anything was written
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_saving_a_loaded_golden_step_again_is_a_no_op(tmp_path, version):
+    """Resuming: the same state under its step commits nothing, though old manifests are unsealed."""
+    path = copy_golden(version, tmp_path / "store")
+    with castore.Store(path) as store:
+        step = store.latest()
+        state = golden.state(version, step)
+        state[golden.SHARDED] = iter(state[golden.SHARDED])  # saved from an iterator: shards
+        result = store.save(step, state)
+        assert result.manifest_bytes == 0 and store.steps()[-1] == step
