@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
 import sys
 
 from . import codec
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--sample", type=_fraction, default=1.0, metavar="FRACTION",
                         help="hash only this part of the chunks, e.g. 5%% (presence is always checked)")
     verify.add_argument("--seed", type=int, help="pick the sample reproducibly")
+    verify.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     export = sub.choices["export"]
     export.add_argument("step", type=_step, help="a step number or a tag")
     export.add_argument("out_dir", help="an empty or new directory")
@@ -74,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run a command; exit status 0, or 1 for an error or (verify) any problem found."""
     args = _parser().parse_args(argv)
+    if args.command == "verify" and not args.in_process:
+        return _verify_isolated(argv if argv is not None else sys.argv[1:])
     try:
         with Store(args.path, create=False, readonly=True, branch=getattr(args, "branch", "main")) as store:
             return _COMMANDS[args.command](store, args)
@@ -124,6 +129,19 @@ def _verify(store: Store, args) -> int:
         return 0
     print(f"{len(report.problems)} problems; {len(report.affected_steps)} steps affected: "
           + ", ".join(f"{s}" if b == "main" else f"{b}:{s}" for b, s in report.affected_steps[:50]))
+    return 1
+
+
+def _verify_isolated(argv: list[str]) -> int:
+    """Run verify in a child process: LMDB trusts its B-tree, and a damaged one can kill the
+    reading process (SIGBUS/SIGSEGV) before castore sees any bytes.  That is reported too."""
+    child = subprocess.run([sys.executable, "-m", "castore", *argv, "--in-process"], check=False)
+    if child.returncode >= 0:
+        return child.returncode
+    name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else "a signal"
+    print(f"castore: reading the store killed the verifying process ({name}): LMDB's own structure in "
+          "data.mdb is damaged. Restore the store from a backup, or copy intact steps out with "
+          "`castore export` (in a child process, step by step).", file=sys.stderr)
     return 1
 
 
