@@ -9,4 +9,4 @@ from .retention import Keep
 from .store import SaveResult, Store, StoreStats
 from .tracking import TrackedArray
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
