@@ -3,21 +3,30 @@
 Knows nothing of manifests or arrays.  Guarantees:
 
 * one LMDB environment per store path per process, shared by every opener (LMDB refuses
-  a second one), and never reused in a forked child;
+  a second one); a forked child never uses its parent's (:class:`UsageError`), it opens
+  the store again;
+* opening checks that the data file holds every page LMDB's meta page claims before any
+  other page is touched (a truncated file raises :class:`CorruptDataError`, where LMDB
+  would die by SIGBUS or pad it with zeros), and writes only to a new store: its named
+  databases are created in one transaction; those a format-1 store lacks are created by
+  the writer alone (:meth:`BlobStore.ensure_databases`);
 * the LMDB map grows by itself: writes are run through :meth:`BlobStore.write`, which
   retries its function after growing the map when LMDB reports it full;
 * a single writer process per store: :meth:`BlobStore.acquire_writer` takes an exclusive
-  ``flock`` at once or raises :class:`StoreLockedError` naming the holder's PID.
+  ``flock`` at once or within ``lock_timeout`` seconds, or raises :class:`StoreLockedError`
+  naming the holder's PID; taking it frees the reader slots of killed readers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import shutil
 import threading
+import time
 import weakref
 
 import lmdb
@@ -41,6 +50,7 @@ LATER_DATABASES = (b"trash", b"journal", b"stepinfo", b"tags")
 INITIAL_MAP_BYTES = 1 << 30
 LOCK_FILE = "writer.lock"
 RESERVE_SLACK = 8 << 20  # disk blocks kept allocated past the data for B-tree pages and small writes
+LOCK_POLL_SECONDS = 0.05  # how often a writer waiting for the lock tries again
 
 
 class _SharedLock:
@@ -83,6 +93,10 @@ class _SharedLock:
                 self._exclusive = False
                 self._cond.notify_all()
 
+    def is_idle(self) -> bool:
+        """No holder: a snapshot, exact only where no other thread runs (a forked child)."""
+        return self._shared == 0 and not self._exclusive
+
 
 class BlobStore:
     """An LMDB environment with the named databases of a castore store."""
@@ -92,62 +106,197 @@ class BlobStore:
 
     @classmethod
     def open(cls, path: str, *, create: bool = True, readonly: bool = False,
-             allow_network_fs: bool = False) -> "BlobStore":
+             allow_network_fs: bool = False, lock_timeout: float | None = None) -> "BlobStore":
         """The process's shared environment for ``path``; each call must be paired with close().
 
+        ``lock_timeout`` is how long :meth:`acquire_writer` waits for another writer process
+        (None or 0: not at all); openers in one process share it, the last one given wins.
+        A read-only open of a store this process may not write (``lock.mdb`` or the directory
+        not writable, a read-only filesystem) reads without LMDB's lock file and logs a
+        warning: such a reader holds no reader slot, so a writer could reuse pages under it;
+        it is only safe while nothing writes the store.
+
         Raises :class:`UnsafeFilesystemError` for a directory on a network filesystem
-        (where LMDB can lose commits) unless ``allow_network_fs``.
+        (where LMDB can lose commits) unless ``allow_network_fs``; :class:`StoreNotFoundError`;
+        :class:`CorruptDataError` for a truncated or damaged data file; :class:`FormatError`
+        for one that is no castore store; :class:`UsageError` for missing permissions and in
+        a forked child whose parent was using the store in another thread.
         """
+        lock_timeout = _check_timeout(lock_timeout)
         real = os.path.realpath(path)
         with cls._registry_lock:
             existing = cls._open.get(real)
-            if existing is not None and existing.pid == os.getpid():
+            if existing is not None and existing.pid != os.getpid():
+                existing._let_go_inherited()  # a forked child: the parent's environment is not ours
+                del cls._open[real]
+                existing = None
+            if existing is not None:
                 if existing.readonly and not readonly:
                     raise UsageError(f"store {path} is already open read-only in this process")
                 existing.refs += 1
+                if lock_timeout is not None:
+                    existing.lock_timeout = lock_timeout
                 return existing
             fsinfo.check_local_filesystem(real, force=allow_network_fs)
-            store = cls(real, create=create, readonly=readonly)
+            store = cls(real, create=create, readonly=readonly, lock_timeout=lock_timeout)
             cls._open[real] = store
             return store
 
-    def __init__(self, path: str, *, create: bool, readonly: bool):
+    def __init__(self, path: str, *, create: bool, readonly: bool, lock_timeout: float | None = None):
         if not os.path.isdir(path):
             if not create or readonly:
                 raise StoreNotFoundError(f"no castore store at {path}")
             os.makedirs(path, exist_ok=True)
         self.path = path
         self.readonly = readonly
+        self.lock_timeout = _check_timeout(lock_timeout)
+        #: False for a read-only open without permission to write LMDB's lock file (see open())
+        self.has_reader_lock = True
         self.pid = os.getpid()
         self.refs = 1
         self._lock = _SharedLock()
         self._write_mutex = threading.RLock()
+        self._writer_mutex = threading.Lock()  # one thread of this process takes the writer lock
         self._writer_fd: int | None = None
+        self._data_fd: int | None = None
+        self.env = None
         self.writer_session: object | None = None
         #: objects holding remembered chunk ids (``pinned_ids(session)``): GC must not free them
         self.pin_holders: "weakref.WeakSet" = weakref.WeakSet()
         self._open_env(INITIAL_MAP_BYTES)
 
-    def _open_env(self, map_size: int) -> None:
-        try:
-            self.env = lmdb.open(
-                self.path, map_size=map_size, max_dbs=len(DATABASES), subdir=True,
-                readonly=self.readonly, create=not self.readonly, max_readers=256, writemap=not self.readonly,
-            )
-            self.dbs = {name.decode(): self._open_db(name) for name in DATABASES}
-        except lmdb.Error as exc:
-            raise FormatError(f"cannot open LMDB store at {self.path}: {exc}") from None
-        self._data_fd = None if self.readonly else os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR)
+    # -- opening --------------------------------------------------------------------------
 
-    def _open_db(self, name: bytes):
+    def _open_env(self, map_size: int) -> None:
+        """Open LMDB and the named databases; no transaction of this process may be open."""
+        self.env = self._open_lmdb(map_size)
         try:
-            return self.env.open_db(name, create=not self.readonly)
-        except lmdb.NotFoundError:
-            if self.readonly and name in LATER_DATABASES:
-                return None  # a read-only open of a format-1 store: the database is empty
+            if not self.readonly:
+                self._data_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR)
+            self.dbs = self._open_dbs()
+        except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
+            self._close_env()
+            raise CorruptDataError(f"LMDB found {self.path} damaged: {exc}; restore it from a backup") from None
+        except lmdb.Error as exc:
+            self._close_env()
+            raise FormatError(f"cannot open LMDB store at {self.path}: {exc}") from None
+        except BaseException:
+            self._close_env()
             raise
 
+    def _open_lmdb(self, map_size: int):
+        """The environment, opened after checking the data file's size (see _check_data_size)."""
+        data = os.path.join(self.path, "data.mdb")
+        if not self.readonly and os.path.exists(data) and os.path.getsize(data):
+            # A writable map first grows the file to the map size, padding a truncated one with
+            # zeros: look at it through a read-only environment first.
+            probe = self._lmdb_open(map_size, readonly=True)
+            try:
+                _check_data_size(probe, data)
+            finally:
+                probe.close()
+        env = self._lmdb_open(map_size, readonly=self.readonly)
+        if self.readonly:
+            try:
+                _check_data_size(env, data)
+            except BaseException:
+                env.close()
+                raise
+        return env
+
+    def _lmdb_open(self, map_size: int, *, readonly: bool):
+        try:
+            return lmdb.open(
+                self.path, map_size=map_size, max_dbs=len(DATABASES), subdir=True, readonly=readonly,
+                create=not readonly, max_readers=256, writemap=not readonly, lock=self.has_reader_lock,
+            )
+        except lmdb.Error as exc:
+            if not _is_permission_error(exc):
+                raise FormatError(f"cannot open LMDB store at {self.path}: {exc}") from None
+            if not self.readonly:
+                raise UsageError(f"no permission to write store {self.path} ({exc}); "
+                                 "open it with readonly=True to load from it") from None
+            if not self.has_reader_lock:
+                raise UsageError(f"no permission to read store {self.path} ({exc})") from None
+        self.has_reader_lock = False
+        env = self._lmdb_open(map_size, readonly=readonly)
+        log.warning(
+            "store %s: no permission to write its LMDB lock file, reading without one: this reader "
+            "takes no reader slot, so a writer could reuse pages under it; only safe while nothing "
+            "writes the store", self.path)
+        return env
+
+    def _open_dbs(self) -> dict:
+        """The named databases, None for a later one an older store lacks.
+
+        A writable open creates them all in a new store (one transaction: all or none); the
+        writer also creates the later ones (see ensure_databases); nobody else creates any,
+        so an open never writes to an existing store.  No transaction of this process may
+        be open (LMDB's rule for opening databases).
+        """
+        if self.readonly:  # without txn=: py-lmdb keeps no handle opened in a read txn of ours
+            found = {name: _existing_db(self.env, name) for name in DATABASES}
+            return self._checked(found)
+        if self.env.stat()["entries"] == 0:  # a new store: put disk blocks under its first pages
+            self.reserve(0, grow=False)
+        txn = self._begin_alone(write=True)
+        try:
+            found = {name: _existing_db(self.env, name, txn=txn) for name in DATABASES}
+            if found[b"meta"] is None:
+                entries = self.env.stat()["entries"]
+                if entries:
+                    raise FormatError(f"{self.path} is not a castore store, or a damaged one: LMDB's "
+                                      f"main database holds {entries} records but no meta database")
+                fresh = True
+            else:  # created by an older castore killed before the config was written
+                fresh = txn.stat(found[b"meta"])["entries"] == 0
+            writer = self._writer_fd is not None
+            for name, db in found.items():
+                if db is None and (fresh or (writer and name in LATER_DATABASES)):
+                    found[name] = self.env.open_db(name, txn=txn, create=True)
+            txn.commit()  # writes nothing when nothing was created
+        except BaseException:
+            txn.abort()
+            raise
+        return self._checked(found)
+
+    def _checked(self, found: dict) -> dict:
+        for name, db in found.items():
+            if db is None and name not in LATER_DATABASES:
+                if name == b"meta":
+                    raise FormatError(f"{self.path} is not a castore store (no meta database)")
+                raise FormatError(f"store {self.path} lacks its {name.decode()!r} database")
+        return {name.decode(): db for name, db in found.items()}
+
+    def ensure_databases(self) -> None:
+        """Create the databases a format-1 store lacks (until then they read as empty).
+
+        Only the writer may: :meth:`acquire_writer` calls it.  Waits until no transaction of
+        this process is open, since one begun before a database exists cannot use it.
+        """
+        self._check_process()
+        if self.readonly or all(db is not None for db in self.dbs.values()):
+            return
+        self.reserve(0)
+        with self._write_mutex, self._lock.exclusive():
+            self.dbs = self._open_dbs()
+
+    def _begin_alone(self, *, write: bool):
+        """A transaction while no other of this process is open (so the map may be adopted)."""
+        while True:
+            try:
+                return self.env.begin(write=write, buffers=True)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+
     def close(self) -> None:
+        if self.pid != os.getpid():  # a forked child closing what its parent opened
+            with self._registry_lock:
+                if self._open.get(self.path) is self:
+                    del self._open[self.path]
+            with contextlib.suppress(UsageError):
+                self._let_go_inherited()
+            return
         with self._registry_lock:
             self.refs -= 1
             if self.refs > 0:
@@ -157,11 +306,48 @@ class BlobStore:
         self._release_writer()
         self._close_env()
 
+    # -- fork() ---------------------------------------------------------------------------
+
+    def _check_process(self) -> None:
+        if self.pid != os.getpid():
+            raise UsageError(f"store {self.path} was opened in another process (before fork()); "
+                             "open it again in the child")
+
+    def _drop_inherited_fds(self) -> None:
+        """In a forked child: close our copies of the parent's descriptors.  The parent keeps
+        its writer lock (a flock belongs to the open file, which the parent still has), but a
+        child living on after the parent must not hold it."""
+        for fd in (self._writer_fd, self._data_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._writer_fd = self._data_fd = None
+        self.writer_session = None
+
+    def _let_go_inherited(self) -> None:
+        """In a forked child: close the parent's environment as far as this process goes.
+
+        Safe only if no transaction of the parent was open at the fork: closing one marks
+        its reader slot, shared with the parent, as free, and writers would then reuse
+        pages under the parent's reader.  Raises :class:`UsageError` otherwise.
+        """
+        self._drop_inherited_fds()
+        if self.env is None:
+            return
+        if not self._lock.is_idle():
+            raise UsageError(
+                f"store {self.path} was in use by another thread when this process forked, so the "
+                "child cannot let go of the parent's LMDB environment safely; fork while no thread "
+                "uses the store, or start the child with the 'spawn' method")
+        self.env.close()  # aborts nothing (no transaction); LMDB frees only this process's slots
+        self.env = None
+
     # -- transactions ---------------------------------------------------------------------
 
     @contextlib.contextmanager
     def read(self):
         """A read transaction whose ``get`` returns memoryviews valid until it ends."""
+        self._check_process()
         while True:
             with self._lock.shared():
                 txn = self._begin(write=False)
@@ -181,6 +367,7 @@ class BlobStore:
         ``fn`` may be run more than once: when the map is full the transaction is aborted,
         the map grown and ``fn`` run again, so ``fn`` must only put and delete.
         """
+        self._check_process()
         if self.readonly:
             raise UsageError(f"store {self.path} is open read-only")
         with self._write_mutex:
@@ -209,20 +396,25 @@ class BlobStore:
                         raise
                 self._grow_map()
 
-    def reserve(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int, *, grow: bool = True) -> None:
         """Make room for a write transaction of about ``nbytes``: map space and disk blocks.
 
-        The map grows ahead so a write rarely hits its limit.  The environment uses LMDB's
+        The map grows ahead so a write rarely hits its limit (not with ``grow=False``: then
+        only the part of ``nbytes`` the map holds is allocated).  The environment uses LMDB's
         writable map (one copy less per byte written), where writing to a file page the
         disk has no room for kills the process with SIGBUS; so the pages past the last
         used one are allocated on disk first (``posix_fallocate``), and a full disk
         raises :class:`SaveError` here, before anything is written.
         """
+        self._check_process()
         need = 2 * nbytes + RESERVE_SLACK
         info = self.env.info()
         used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
         if info["map_size"] - used < need:
-            self._grow_map(used + need)
+            if grow:
+                self._grow_map(used + need)
+            else:
+                need = info["map_size"] - used
         if self._data_fd is not None:
             try:
                 os.posix_fallocate(self._data_fd, used, need)
@@ -255,28 +447,72 @@ class BlobStore:
 
     # -- the single-writer lock -----------------------------------------------------------
 
-    def acquire_writer(self) -> None:
-        """Take the store's writer lock for this process, or raise at once if held elsewhere."""
-        with self._registry_lock:
+    def acquire_writer(self, timeout: float | None = None) -> None:
+        """Take the store's writer lock for this process (a no-op if it has it).
+
+        Waits up to ``timeout`` seconds for another writer process to let go (None: the
+        ``lock_timeout`` given to :meth:`open`, by default not at all; 0: not at all), then
+        raises :class:`StoreLockedError` naming the holder's PID.  Taking the lock also
+        frees the reader slots of killed readers and creates the databases an older store
+        lacks (:meth:`ensure_databases`).
+        """
+        self._check_process()
+        if self.readonly:
+            raise UsageError(f"store {self.path} is open read-only")
+        timeout = self.lock_timeout if timeout is None else _check_timeout(timeout)
+        with self._writer_mutex:  # held until the writer is ready: another thread must not write first
             if self._writer_fd is not None:
                 return
-            if self.readonly:
-                raise UsageError(f"store {self.path} is open read-only")
-            fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-                raise StoreLockedError(self.path, int(holder) if holder.isdigit() else None) from None
+            fd = self._lock_writer_file(timeout or 0.0)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self._writer_fd = fd
             self.new_writer_session()
-        # A writer killed inside its commit may have written the new meta page without
-        # publishing it to readers; taking LMDB's write mutex recovers it, so this writer
-        # starts from the true latest step.
-        self.write(lambda txn: None)
+            self.clear_stale_readers()
+            # A writer killed inside its commit may have written the new meta page without
+            # publishing it to readers; taking LMDB's write mutex recovers it, so this writer
+            # starts from the true latest step.
+            self.write(lambda txn: None)
+            self.ensure_databases()
+
+    def _lock_writer_file(self, timeout: float) -> int:
+        """An open ``writer.lock`` holding our exclusive flock, polled for up to ``timeout``."""
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    time.sleep(min(LOCK_POLL_SECONDS, left))
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        error = StoreLockedError(self.path, int(holder) if holder.isdigit() else None)
+        if timeout:
+            error.args = (f"{error.args[0]}; gave up after waiting {timeout:g} s",)
+        raise error
+
+    def clear_stale_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read transaction; how many.
+
+        A stale slot pins the pages of the snapshot it read, so LMDB cannot reuse them and
+        the file grows.  :meth:`acquire_writer` calls it; calling it again before big writes
+        (GC, compaction) catches readers killed since.
+        """
+        self._check_process()
+        if not self.has_reader_lock:
+            return 0
+        cleared = self.env.reader_check()
+        if cleared:
+            log.info("store %s: freed %d reader slots of killed processes", self.path, cleared)
+        return cleared
 
     def pinned_ids(self) -> set[bytes]:
         """Chunk ids remembered by baselines of this writer session (see capture)."""
@@ -345,7 +581,8 @@ class BlobStore:
         if self._data_fd is not None:
             os.close(self._data_fd)
             self._data_fd = None
-        self.env.close()
+        if self.env is not None:
+            self.env.close()
 
     def file_bytes(self) -> int:
         """Disk space the data file occupies (its size is the map size: the file is sparse)."""
@@ -358,3 +595,48 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _check_timeout(timeout):
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
+        raise UsageError(f"lock_timeout must be None or seconds >= 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_data_size(env, data: str) -> None:
+    """Refuse a data file shorter than the pages LMDB's meta page says are in use.
+
+    Reads only the meta pages, before any other page is touched: reading past the end of
+    the file through LMDB's map kills the process (SIGBUS).  A longer file is fine (with a
+    writable map the file is sparse and as large as the map).
+    """
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    have = os.path.getsize(data)
+    if have < need:
+        raise CorruptDataError(f"data file {data} truncated: {have} bytes, LMDB needs {need}; "
+                               "restore it from a backup")
+
+
+def _existing_db(env, name: bytes, txn=None):
+    """The handle of database ``name``, or None if it does not exist."""
+    try:
+        return env.open_db(name, txn=txn, create=False)
+    except lmdb.NotFoundError:
+        return None
+
+
+def _is_permission_error(exc: lmdb.Error) -> bool:
+    # py-lmdb reports EACCES as ReadonlyError and other errno values only in the message
+    return isinstance(exc, lmdb.ReadonlyError) or os.strerror(errno.EROFS) in str(exc)
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held the registry lock; it does not exist here.
+    BlobStore._registry_lock = threading.Lock()
+    for store in BlobStore._open.values():
+        store._drop_inherited_fds()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

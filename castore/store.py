@@ -124,7 +124,8 @@ class Store:
     ``Store(path)`` opens the store in directory ``path``, creating it unless
     ``create=False``.  Opening the same path again in one process shares one LMDB
     environment.  The first save or delete takes the store's single-writer lock, raising
-    :class:`StoreLockedError` at once if another process holds it.  A directory on a
+    :class:`StoreLockedError` if another process holds it (at once, or after waiting
+    ``lock_timeout`` seconds).  A directory on a
     network filesystem (NFS, SMB, ...) is refused with :class:`UnsafeFilesystemError`
     unless ``allow_network_fs=True``: LMDB's map and locks are not safe there.
 
@@ -148,6 +149,7 @@ class Store:
         keep=None,
         branch: str = catalog.MAIN,
         allow_network_fs: bool = False,
+        lock_timeout: float | None = None,
     ):
         if not isinstance(max_pending, int) or max_pending < 1:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -166,7 +168,8 @@ class Store:
         self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
         self._staging = Staging()
         self._background: Background | None = None
-        self._blobs = BlobStore.open(self.path, create=create, readonly=readonly, allow_network_fs=allow_network_fs)
+        self._blobs = BlobStore.open(self.path, create=create, readonly=readonly,
+                                     allow_network_fs=allow_network_fs, lock_timeout=lock_timeout)
         try:
             self.chunk_bytes = self._open_config(chunk_bytes)
         except BaseException:
@@ -496,6 +499,7 @@ class Store:
             return gc_.plan(self._blobs, txn, self._blobs.pinned_ids())
 
     def _execute_gc(self, plan: gc_.GcPlan | None) -> gc_.GcPlan:
+        self._blobs.clear_stale_readers()  # a killed reader's slot would keep freed pages from reuse
         if plan is None or plan.generation != self._blobs.env.info()["last_txnid"]:
             plan = self._plan_gc()
         if not plan.is_empty:

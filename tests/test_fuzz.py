@@ -684,10 +684,6 @@ def _leaf_nodes(image: bytes, page: int):
             yield from _page_nodes(image, page, pgno)
 
 
-@pytest.mark.xfail(strict=True, raises=EscapedCastoreError, reason=(
-    "a data.mdb shorter than its last used page, opened read-only, dies by SIGBUS: LMDB maps the "
-    "file and touches pages past its end (writable opens extend the file with zeros instead); "
-    "BlobStore would have to check the file size against the meta page's last page first"))
 def test_truncated_data_file_opened_readonly(saved_store, tmp_path):
     open_damaged(saved_store, tmp_path, length=2 * saved_store["page"], readonly=True)  # the meta pages only
 
@@ -697,11 +693,6 @@ def test_truncated_data_file_opened_writable_is_refused(saved_store, tmp_path):
     assert outcome.startswith("castore")
 
 
-@pytest.mark.xfail(strict=True, raises=EscapedCastoreError, reason=(
-    "a main-database root (in both meta pages) naming a page on LMDB's free list kills a writable "
-    "open by SIGABRT: opening the named databases finds none, creates them in a write "
-    "transaction, which allocates that very page and fails LMDB's assertion "
-    "'mp->mp_pgno != pgno' in mdb_page_touch()"))
 def test_main_root_on_a_free_page_opened_writable(saved_store, tmp_path):
     image, page = saved_store["image"].read_bytes(), saved_store["page"]
     # a meta page: 16-byte header, magic, version, address, map size, then two 48-byte MDB_db
