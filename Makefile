@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench stress clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/latest.json
 	$(PY) bench/compare.py bench/results/latest.json
 	$(PY) bench/alternatives.py --out bench/results/alternatives.md
+
+# 1,000 SIGKILLs of a writer at random instants, the store checked after each (~5 min).
+stress: $(STAMP)
+	$(PY) stress/kill.py --kills 1000
 
 clean:
 	rm -rf $(VENV) demo-logdir .pytest_cache .hypothesis .benchmarks bench/results

@@ -1,5 +1,6 @@
 """Concurrency: readers beside a writer, the single-writer lock, one store opened twice in a
-process, and readers in other processes while the writer grows the LMDB map.
+process, readers in other processes while the writer grows the LMDB map, and many reader
+processes following the latest step while the writer saves, retains and collects.
 
 Every test runs real processes on a real store (``workload.py`` scripts) and bounds every
 wait in time; leaving a ``Child`` block kills and reaps its process.
@@ -7,8 +8,10 @@ wait in time; leaving a ``Child`` block kills and reaps its process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -17,6 +20,7 @@ import pytest
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # workload.py beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kill_harness import START_EPOCH, Harness, writer  # noqa: E402
 from workload import Child, assert_state_equal, state_for  # noqa: E402
 
 import castore  # noqa: E402
@@ -154,6 +158,14 @@ def test_second_writer_process_gets_store_locked_error_at_once(tmp_path):
                 assert f"PID {holder_pid}" in str(info.value)
                 assert isinstance(info.value, BlockingIOError)
             assert store.steps() == [0]
+        # A Checkpoint asked to wait waits that long, then names the holder too.
+        with castore.Checkpoint(path, lock_timeout=0.5) as cp:
+            cp.x = 1
+            started = time.monotonic()
+            with pytest.raises(castore.StoreLockedError, match=f"PID {holder_pid}.*waiting"):
+                cp.save(5)
+            assert 0.5 <= time.monotonic() - started < 0.5 + LOCK_SECONDS
+        with castore.Store(path) as store:
 
             # So does a writer in yet another process.
             with Child("writer", path, "--count", 1, "--max-seconds", 60) as second:
@@ -317,3 +329,78 @@ def test_reader_processes_keep_working_while_the_writer_grows_the_map(tmp_path):
             assert_state_equal(store.load(step), state_for(step))
     print(f"map sizes {sizes}; reader loads: tiny {results['tiny']['loads']} "
           f"(maps {results['tiny']['map_sizes']}), default {results['default']['loads']}")
+
+
+# --- (e) many readers follow the latest step while the writer saves, retains and collects -----
+
+READERS = 4
+#: the writer's script (``kill_harness.run_child``): saves with retention and GC after each
+#: commit, explicit gc() and retain(), and a compact() that readers make it refuse
+WRITER_OPS = ["save", "async", "save", "gc", "save", "retain", "async", "save", "compact"]
+SAVES = ("save", "async")
+ROUNDS = 4  #: the script runs this many times beside the readers (a few seconds)
+
+
+def save_seconds(child: Child) -> list[float]:
+    """What each save of a ``kill_harness`` writer took (``done <i> <kind> <seconds> ...``)."""
+    return [float(w[3]) for w in child.words("done") if w[2] in SAVES]
+
+
+def test_reader_processes_following_latest_see_only_whole_steps_and_never_block_the_writer(tmp_path):
+    path = tmp_path / "store"
+    harness = Harness(path, seed=7, sizes="small")  # its model checks every layout the writer reports
+    harness.start()
+    common = ["--sizes", "small", "--pause", 0.02, "--max-seconds", 120]
+    # The writer alone first: its save times without readers, and compaction works.
+    with writer(path, "--ops", ",".join(WRITER_OPS * 2), "--seed", 1, *common) as alone:
+        alone.expect("idle", 60)
+        alone.send_eof()
+        assert alone.finish(60) == 0, alone.describe()
+        harness.follow([line for _, line in alone.lines], False, "writer alone")
+        alone_seconds = save_seconds(alone)
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(Child("reader", path, "--epoch", START_EPOCH, "--sizes", "small",
+                                             "--max-seconds", 120, stdin=True)) for _ in range(READERS)]
+        victim = stack.enter_context(Child("reader", path, "--epoch", START_EPOCH, "--sizes", "small", "--announce",
+                                           "--max-seconds", 120, stdin=True))
+        for reader in [*readers, victim]:
+            reader.expect("reading", 30)
+        with writer(path, "--ops", ",".join(WRITER_OPS * ROUNDS), "--seed", 2, "--held", *common) as busy:
+            busy.expect("done", 60, nth=4)
+            victim.expect("loading", 30)  # SIGKILLed inside a load, while the writer saves
+            assert victim.kill() == -9
+            killed_at = time.monotonic()
+            busy.expect("idle", 120)
+            busy.send_eof()
+            assert busy.finish(60) == 0, busy.describe()
+            lines = [line for _, line in busy.lines]
+            harness.follow(lines, True, "writer beside readers")  # compact() refused: StoreBusyError
+            busy_seconds = save_seconds(busy)
+            after_kill = sum(at > killed_at for at, line in busy.lines if line.startswith("done "))
+        last = max(harness.layout["main"])
+        for reader in readers:
+            reader.send(f"until {last}")
+        results = [reader_result(reader) for reader in readers]
+    refused = sum(line.startswith("busy ") for line in lines)
+    assert refused == WRITER_OPS.count("compact") * ROUNDS, lines
+    assert after_kill >= 5, f"the writer did {after_kill} operations after a reader was killed"
+    for reader, result in zip(readers, results):
+        assert_clean_reads(result, reader, 0, last)
+        assert len(result["seen"]) >= 3, result  # it followed the writer, not only its end
+    # Readers never block the writer: no save stalls beyond 10 times the typical one, and
+    # the typical one is not far off the writer's alone.  Both bounds are generous: 6 busy
+    # processes share few cores (and a noisy VM), which slows every save alike.
+    typical = max(statistics.median(busy_seconds), statistics.median(alone_seconds))
+    slowest = max(busy_seconds)
+    assert slowest <= max(10 * typical, 0.5), (slowest, typical, busy_seconds)
+    assert statistics.median(busy_seconds) <= 25 * statistics.median(alone_seconds) + 0.1, (
+        busy_seconds, alone_seconds)
+    # No reader is left, not even the killed one: compaction works, the store is sound.
+    with castore.Store(path) as store:
+        store.compact()
+    harness.check({"unchanged": harness.layout}, "after the readers")
+    loads = sum(r["loads"] for r in results)
+    print(f"{READERS} readers: {loads} loads of {[len(r['seen']) for r in results]} steps; writer saves: "
+          f"median {statistics.median(alone_seconds) * 1000:.0f} ms alone, "
+          f"{statistics.median(busy_seconds) * 1000:.0f} ms beside readers (slowest {slowest * 1000:.0f} ms); "
+          f"{refused} compactions refused")

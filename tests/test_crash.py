@@ -1,8 +1,15 @@
 """Crash safety: SIGKILL a writer process at random instants, and saves that fail midway.
 
-After every kill the store must hold exactly the steps the writer committed (at least
-every step it reported, at most the one it was saving), each loading bit-exact with
-verification, and the next writer must carry on from there.
+The writer (``kill_harness.run_child``) does what a training run does to its store: blocking
+and async saves with a ``keep=`` policy (retention and GC after each commit), explicit
+``gc()``, ``retain()`` and ``compact()``, rollbacks (``load(step=k)`` then a save: the later
+steps move to ``main-abandoned-k``) and deleting abandoned branches.  After every kill the
+store must open, ``verify()`` must report nothing, the steps of every branch must be exactly
+what the operation cut short may have left (nothing lost, no half step), each loading
+bit-exact, and the next save must work.  ``make stress`` runs the same harness for 1,000
+kills.  One kill is aimed at a single instant: between LMDB writing a commit's meta page
+and publishing it to the processes that hold the store open; a restarted writer must
+resume from that commit.
 
 The kill instants come from ``random.Random`` seeded by ``CASTORE_CRASH_SEED`` (printed
 with every failure), so a failing schedule can be replayed::
@@ -13,10 +20,8 @@ with every failure), so a failing schedule can be replayed::
 from __future__ import annotations
 
 import os
-import random
-import statistics
+import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,186 +29,154 @@ import pytest
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # workload.py beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workload  # noqa: E402
-from workload import Child, assert_state_equal, fingerprint, state_for  # noqa: E402
+from kill_harness import KEEP, Harness, Op, committed, outcomes, retained, shape  # noqa: E402
+from workload import SMALL, Child, assert_state_equal, fingerprint, state_for  # noqa: E402
 
 import castore  # noqa: E402
 
 SEED = int(os.environ.get("CASTORE_CRASH_SEED", "20240611"))
-KILLS_PER_CASE = 8
-SMALL_BATCH = 1 << 20  # several chunk transactions per save: kills land between them
-
-#: case -> (writer batch bytes: None = castore's default, "mixed" = chosen per run;
-#:          the test process keeps one Store open across kills, or reopens it per check)
-CASES = {
-    "default-batches-observer-held": (None, True),
-    "small-batches-observer-reopened": (SMALL_BATCH, False),
-    "mixed-batches-observer-held": ("mixed", True),
-    "async-small-batches-observer-held": (SMALL_BATCH, True),  # save_async, state scribbled after
-}
+#: sizes -> kills: many cheap kills with the small state, a few with the 23 MB one
+KILLS = {"small": 40, "full": 8}
 
 
 pytestmark = pytest.mark.usefixtures("drop_big_stores_of_passing_tests")
 
 
-class Expected:
-    """Digests of ``state_for(step)``, computed once per step."""
-
-    def __init__(self):
-        self._digests: dict[int, str] = {}
-
-    def check(self, store: castore.Store, step: int, context: str) -> None:
-        loaded = store.load(step, verify=True)
-        if step not in self._digests:
-            expected = state_for(step)
-            assert_state_equal(loaded, expected, f"<{context}: step {step}>")  # in full the first time
-            self._digests[step] = fingerprint(expected)
-        elif fingerprint(loaded) != self._digests[step]:
-            assert_state_equal(loaded, state_for(step), f"<{context}: step {step}>")
-            raise AssertionError(f"{context}: step {step} fingerprint differs")
+@pytest.mark.parametrize("sizes", list(KILLS))
+def test_sigkill_writer_at_random_instants_keeps_committed_steps(tmp_path, sizes):
+    seed = SEED + list(KILLS).index(sizes)
+    harness = Harness(tmp_path / "store", seed, sizes, rotate=True)
+    harness.start()
+    for _ in range(KILLS[sizes]):
+        harness.cycle()
+    harness.finish()  # a writer that is not killed runs every operation and exits cleanly
+    stats = harness.stats
+    print(f"{sizes} state (seed {seed}): {stats.report()}")
+    assert stats.kills == KILLS[sizes]
+    # Most kills are aimed inside an operation; make sure the schedule really does that.
+    assert stats.inside() >= KILLS[sizes] // 2, f"seed {seed}: {stats.report()}"
 
 
-def check_store(store: castore.Store, expected: Expected, lo: int, hi: int, context: str) -> int:
-    """Committed steps are exactly 0..latest with lo <= latest <= hi, all bit-exact."""
-    latest = store.latest()
-    latest = -1 if latest is None else latest
-    assert lo <= latest <= hi, f"{context}: latest step {latest}, expected in [{lo}, {hi}]"
-    assert store.steps() == list(range(latest + 1)), f"{context}: steps {store.steps()}"
-    for step in range(latest + 1):
-        expected.check(store, step, context)
-    return latest
+def test_kill_harness_model_of_what_a_cut_short_operation_may_leave(tmp_path):
+    layout = {"main": {3: 1, 4: 1, 5: 1}, "main-abandoned-3": {4: 7}}
+    save = Op("save", {"step": 6, "epoch": 1})
+    assert [shape(o) for o in outcomes(layout, save).values()] == [
+        {"main": [3, 4, 5], "main-abandoned-3": [4]},
+        {"main": [3, 4, 5, 6], "main-abandoned-3": [4]},
+        {"main": [4, 5, 6], "main-abandoned-3": [4]},
+    ]
+    assert shape(retained(layout, 1)) == {"main": [5], "main-abandoned-3": [4]}
+    assert outcomes(layout, Op("gc", {})) == {"unchanged": layout}
+    gone = outcomes(layout, Op("delete_branch", {"branch": "main-abandoned-3"}))["branch deleted"]
+    assert shape(gone) == {"main": [3, 4, 5]}
+    # Rollbacks: the model moves and names the later steps as castore does.
+    model = {"main": {3: 1, 4: 1, 5: 1}}
+    with castore.Checkpoint(tmp_path / "store") as cp:
+        for step in (3, 4, 5):
+            cp.step = step
+            cp.save()
+        for epoch in (2, 3):
+            cp.load(step=3)
+            cp.step = 4
+            moved_to = cp.save().abandoned_to
+            model = committed(model, 4, epoch, continue_from=3)
+            assert moved_to in model and moved_to == f"main-abandoned-3{'' if epoch == 2 else '-2'}"
+        found = {}
+        for branch in cp.branches():
+            with castore.Store(tmp_path / "store", branch=branch) as store:
+                found[branch] = store.steps()
+    assert found == shape(model) == {"main": [3, 4], "main-abandoned-3": [4, 5], "main-abandoned-3-2": [4]}
+    assert retained(model, KEEP) == model
 
 
-def unreferenced_chunks(store: castore.Store) -> int | None:
-    """Chunks no step names (left by a killed save), or None if that cannot be told.
+# --- a commit on disk but not yet published ------------------------------------------------------
 
-    Informational only (it reads manifests through castore internals): it shows whether
-    a kill landed between a chunk transaction and the manifest's.
-    """
-    try:
-        from castore.codec import leaf_nodes
-        from castore.manifest import ChunkedBlob, InlineBlob
+#: A writer that kills itself inside the commit of its manifest: after LMDB wrote the new
+#: meta page into the map and before it published the transaction in ``lock.mdb`` (a
+#: thread polls both and sends SIGKILL the moment they differ).  The offsets of the two
+#: transaction ids come from the test (it finds them in the files; they are LMDB's layout).
+KILLED_IN_COMMIT = r"""
+import mmap, os, signal, struct, sys, threading
+import numpy as np, castore, castore.store
+path, step, meta_offset, lock_offset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+with open(os.path.join(path, "data.mdb"), "rb") as data, open(os.path.join(path, "lock.mdb"), "rb") as lock:
+    metas = mmap.mmap(data.fileno(), 8192, access=mmap.ACCESS_READ)
+    published = mmap.mmap(lock.fileno(), lock_offset + 8, access=mmap.ACCESS_READ)
+armed = threading.Event()
 
-        ids = set()
-        for step in store.steps():
-            for name in store.manifest(step).names:
-                for _, node in leaf_nodes(store.manifest(step).component(name)):
-                    blob = getattr(node, "blob", None)
-                    if blob is None or isinstance(blob, InlineBlob):
-                        continue
-                    if not isinstance(blob, ChunkedBlob):
-                        return None
-                    ids.update(blob.ids[i : i + 32] for i in range(0, len(blob.ids), 32))
-        return store.stats().chunks - len(ids)
-    except Exception:
-        return None
+def kill_between_write_and_publish():
+    armed.wait()
+    while True:
+        written = max(struct.unpack_from("<Q", metas, meta_offset + page)[0] for page in (0, 4096))
+        if written > struct.unpack_from("<Q", published, lock_offset)[0]:
+            os.kill(os.getpid(), signal.SIGKILL)
 
+threading.Thread(target=kill_between_write_and_publish, daemon=True).start()
+commit_manifest = castore.store.Store._commit_manifest
 
-def check_run(writer: Child, known: int, maybe: int | None, context: str) -> tuple[int, int, int]:
-    """Check a writer's report against the store state before it ran; returns (opened, lo, hi).
+def armed_commit(self, txn, *args):
+    armed.set()  # the next meta page written is this transaction's
+    return commit_manifest(self, txn, *args)
 
-    ``known`` is the latest step verified before the run and ``maybe`` a step whose save
-    was cut short in a way that may still surface (see LATE_COMMIT); the run reports
-    ``open <pid> <latest>`` and then ``saving``/``committed`` lines of consecutive steps.
-    """
-    opened = writer.words("open")
-    start = int(opened[0][2]) if opened else known
-    assert start in (known, maybe), f"{context}: the writer opened the store at step {start}"
-    saving = [int(w[1]) for w in writer.words("saving")]
-    committed = [int(w[1]) for w in writer.words("committed")]
-    assert saving == list(range(start + 1, start + 1 + len(saving))), f"{context}: saves out of order"
-    assert committed in (saving, saving[:-1]), f"{context}: commits out of order"
-    lo = committed[-1] if committed else start
-    hi = saving[-1] if saving else max(start, -1 if maybe is None else maybe)
-    return start, lo, hi
+castore.store.Store._commit_manifest = armed_commit
+with castore.Store(path) as store:
+    store.save(step, {"w": np.full(1000, step), "step": step})
+print("returned", flush=True)
+"""
 
-
-#: A kill while LMDB writes the meta page of the manifest's transaction (an O_DSYNC
-#: pwrite) leaves the step on disk, but LMDB's shared "latest transaction" record still
-#: names the previous one until the next write transaction recovers the dead writer's
-#: mutex.  Processes sharing the lock file (the held observer) see the step only then;
-#: opening the store for writing recovers it.  Counted as "commit surfaced later".
-LATE_COMMIT = "commit surfaced later"
+#: A training run restarting: resume from the latest step, save the next one.
+RESUMES = r"""
+import sys, numpy as np, castore
+with castore.Checkpoint(sys.argv[1]) as cp:
+    cp.w = cp.step = None
+    step = cp.load()
+    cp.w, cp.step = np.full(1000, step + 1) * 10, step + 1
+    print("resumed", step, cp.save().abandoned_to, flush=True)
+"""
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_sigkill_writer_at_random_instants_keeps_committed_steps(tmp_path, case):
-    batch, hold_observer = CASES[case]
-    seed = SEED + list(CASES).index(case)
-    rng = random.Random(seed)
+def lmdb_txnid_offsets(path) -> tuple[int, int]:
+    """Where LMDB keeps the transaction id in a meta page and in ``lock.mdb``."""
+    with castore.Store(path) as store:
+        last = store._blobs.env.info()["last_txnid"]
+    data = (path / "data.mdb").read_bytes()[:8192]
+    lock = (path / "lock.mdb").read_bytes()[:256]
+    at = lambda raw, offset: int.from_bytes(raw[offset : offset + 8], "little")  # noqa: E731
+    page = 4096 * (last & 1)  # LMDB alternates its two meta pages
+    meta = [o for o in range(16, 512, 8) if at(data, page + o) == last and at(data, 4096 - page + o) == last - 1]
+    published = [o for o in range(0, 128, 8) if at(lock, o) == last]
+    assert meta and published, (last, meta, published)
+    return meta[0], published[0]
+
+
+def test_a_restarted_writer_resumes_from_a_commit_its_killed_predecessor_did_not_publish(tmp_path):
+    """LMDB publishes a commit to readers after writing its meta page; a writer killed in
+    between leaves the commit on disk, but processes holding the store open still read the
+    previous one until a writer takes LMDB's write mutex.  A training run restarting then
+    must resume from the newest step: opening the store for writing recovers it (else the
+    run would redo the step and push the committed one to an ``-abandoned-`` branch)."""
     path = tmp_path / "store"
-    expected = Expected()
-    save_seconds = [0.03]  # what a save took, as the writers report it
-    outcomes: dict[str, int] = {}
-    observer = None
-    known, maybe = -1, None  # latest verified step (-1: none); a step that may still surface
-    try:
-        for kill in range(KILLS_PER_CASE):
-            mode = "first-save" if kill == 0 else rng.choice(["startup", "first-save", "mid-save", "mid-loop"])
-            run_batch = rng.choice([None, SMALL_BATCH]) if batch == "mixed" else batch
-            args = ["--max-seconds", "60"] + (["--batch-bytes", run_batch] if run_batch else [])
-            args += ["--async"] if case.startswith("async") else []
-            save = statistics.median(save_seconds[-20:])
-            context = f"seed {seed}, case {case}, kill {kill} ({mode}, batch {run_batch})"
-            with Child("writer", path, *args) as writer:
-                if mode == "startup":  # anywhere from interpreter start to a few saves in
-                    time.sleep(rng.uniform(0.0, 0.5))
-                elif mode == "first-save":  # inside the run's first save
-                    writer.expect("saving", 30)
-                    time.sleep(rng.uniform(0.0, save))
-                elif mode == "mid-save":  # inside a later save
-                    writer.expect("saving", 30, nth=rng.randint(2, 4))
-                    time.sleep(rng.uniform(0.0, save))
-                else:  # anywhere in the loop after a few commits
-                    writer.expect("committed", 30, nth=rng.randint(1, 3))
-                    time.sleep(rng.uniform(0.0, 0.1))
-                code = writer.kill()
-                context += f", writer lines {[line for _, line in writer.lines]}"
-                assert code == -9, f"{context}: the writer was not killed but exited:\n{writer.describe()}"
-                save_seconds += [float(w[2]) for w in writer.words("committed")]
-                start, lo, hi = check_run(writer, known, maybe, context)
-                saving = [int(w[1]) for w in writer.words("saving")]
-                committed = [int(w[1]) for w in writer.words("committed")]
-            if start != known:
-                outcomes[LATE_COMMIT] = outcomes.get(LATE_COMMIT, 0) + 1
-            if observer is None or not hold_observer:
-                observer = castore.Store(path)
-            previous = known
-            known = check_store(observer, expected, lo, hi, context)
-            maybe = hi if known < hi else None
-            garbage = unreferenced_chunks(observer)
-            if not hold_observer:
-                observer.close()
-            if not saving:
-                outcome = "before any save"
-            elif committed and committed[-1] == saving[-1]:
-                outcome = "between saves"
-            elif known == saving[-1]:
-                outcome = "after a commit, before its report"
-            else:
-                outcome = "mid-save, not visible"
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            print(f"kill {kill}: {mode:10} steps {previous:3} -> {known:3}: {outcome} "
-                  f"(unreferenced chunks in the store: {garbage})")
-
-        # The next writer carries on and exits cleanly; so does a save from this process.
-        with Child("writer", path, "--count", 3, "--max-seconds", 60) as writer:
-            code = writer.finish(60)
-            context = f"seed {seed}, clean run, writer lines {[line for _, line in writer.lines]}"
-            assert code == 0, writer.describe()
-            start, lo, hi = check_run(writer, known, maybe, context)
-            assert lo == hi == start + 3, context
-        if observer is None or not hold_observer:
-            observer = castore.Store(path)
-        known = check_store(observer, expected, hi, hi, context)
-        observer.save(known + 1, state_for(known + 1))
-        check_store(observer, expected, known + 1, known + 1, f"seed {seed}, after an in-process save")
-    finally:
-        if observer is not None:
-            observer.close()
-    print(f"{case} (seed {seed}): {outcomes}")
-    # Most kills are aimed inside a save; make sure the schedule really exercises that.
-    inside = outcomes.get("mid-save, not visible", 0) + outcomes.get("after a commit, before its report", 0)
-    assert inside >= 2, f"seed {seed}: only {inside} of {KILLS_PER_CASE} kills landed inside a save: {outcomes}"
+    with castore.Store(path) as store:
+        store.save(0, {"w": np.full(1000, 0), "step": 0})
+        store.save(1, {"w": np.full(1000, 1), "step": 1})
+    offsets = lmdb_txnid_offsets(path)
+    with castore.Store(path, readonly=True) as observer:  # holds lock.mdb open, as readers do
+        for step in range(2, 12):
+            killed = subprocess.run([sys.executable, "-c", KILLED_IN_COMMIT, str(path), str(step), *map(str, offsets)],
+                                    capture_output=True, text=True, timeout=60)
+            assert killed.returncode == -9, killed.stderr
+            if observer.latest() == step - 1:
+                print(f"killed between writing and publishing the commit of step {step}")
+                break  # killed in the window: committed on disk, not yet published
+        else:
+            pytest.skip("no kill landed between a commit's meta page and its publication")
+        assert observer.steps() == list(range(step))
+        resumed = subprocess.run([sys.executable, "-c", RESUMES, str(path)], capture_output=True, text=True, timeout=60)
+        assert resumed.stdout.split() == ["resumed", str(step), "None"], resumed.stdout + resumed.stderr
+        assert observer.steps() == list(range(step + 2))
+        assert observer.branches() == ["main"]
+        assert_state_equal(observer.load(step, verify=True), {"w": np.full(1000, step), "step": step})
+        assert observer.verify().ok
 
 
 # --- saves that fail midway -------------------------------------------------------------------
@@ -296,3 +269,9 @@ def test_workload_is_deterministic_and_steps_differ():
     with pytest.raises(AssertionError):  # exact types: a tuple is not a list
         assert_state_equal({"x": (1,)}, {"x": [1]})
     assert 4 << 20 <= workload.state_nbytes(a) <= 40 << 20
+    # Lineages: the same step in another epoch holds other values (same shapes).
+    small = state_for(5, epoch=3, sizes=SMALL)
+    assert small["epoch"] == 3 and list(small) == ["replay", "agent", "step", "epoch"]
+    assert fingerprint(small) == fingerprint(state_for(5, epoch=3, sizes=SMALL))
+    assert fingerprint(small) != fingerprint(state_for(5, epoch=4, sizes=SMALL))
+    assert 2 << 20 <= workload.state_nbytes(small) <= 10 << 20

@@ -13,6 +13,7 @@ importable; the script adds it to ``sys.path`` itself)::
                                           [--tiny-map] [--report-map] [--until-map-sizes K]
                                           [--max-seconds T]
     python tests/workload.py reader STORE [--until-step S] [--tiny-map] [--max-seconds T]
+                                          [--epoch E] [--sizes small|full] [--announce]
     python tests/workload.py holder STORE [--max-seconds T]
 
 Every line a script prints is flushed at once, so a parent that SIGKILLs it has read
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 
 if __name__ == "__main__":  # run as a file: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,14 +45,27 @@ import numpy as np
 WORKLOAD_PATH = os.path.abspath(__file__)
 REPO_ROOT = os.path.dirname(os.path.dirname(WORKLOAD_PATH))
 
-# Sizes: about 23 MB of state per step, of which about 6 MB is new each step.
-REPLAY_ROWS = 16384  # rows of 16*16*3 = 768 bytes: 12.6 MB
+@dataclass(frozen=True)
+class Sizes:
+    """The shapes of a workload state (``state_for(step, sizes=...)``)."""
+
+    replay_rows: int  #: rows of 16*16*3 = 768 bytes
+    window_rows: int  #: ring-buffer rows written per step
+    dense_shape: tuple[int, int]  #: float32, new every step
+    embed_shape: tuple[int, int]  #: float32, never changes (deduplicated after the first save)
+    head_shape: tuple[int, int]  #: float32, new every step
+
+
+#: About 23 MB of state per step, of which about 6 MB is new each step.
+FULL = Sizes(replay_rows=16384, window_rows=512, dense_shape=(512, 1024), embed_shape=(4096, 512),
+             head_shape=(1024, 64))
+#: About 6 MB per step, 1.2 MB new: the kill harness saves and checks thousands of steps.
+SMALL = Sizes(replay_rows=4096, window_rows=128, dense_shape=(256, 1024), embed_shape=(1024, 512),
+              head_shape=(256, 64))
+SIZES = {"full": FULL, "small": SMALL}
+
 REPLAY_ROW_SHAPE = (16, 16, 3)
-WINDOW_ROWS = 512  # ring-buffer rows written per step
 SCATTERED_ROWS = 2  # plus a few rows anywhere (prioritised replay updates)
-DENSE_SHAPE = (512, 1024)  # float32, new every step: 2 MB
-EMBED_SHAPE = (4096, 512)  # float32, never changes: 8 MB (deduplicated after step 0)
-HEAD_SHAPE = (1024, 64)  # float32, new every step: 256 KB
 BASE_SEED = 0xC0FFEE
 
 TINY_MAP_BYTES = 1 << 20
@@ -59,42 +74,48 @@ TINY_MAP_BYTES = 1 << 20
 # --- the state ---------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _base():
+@functools.lru_cache(maxsize=len(SIZES))
+def _base(sizes: Sizes = FULL):
     """The step-independent arrays (cached; callers copy before changing them)."""
     rng = np.random.default_rng(BASE_SEED)
-    replay = rng.integers(0, 256, (REPLAY_ROWS, *REPLAY_ROW_SHAPE), dtype=np.uint8)
-    embed = rng.standard_normal(EMBED_SHAPE, dtype=np.float32)
+    replay = rng.integers(0, 256, (sizes.replay_rows, *REPLAY_ROW_SHAPE), dtype=np.uint8)
+    embed = rng.standard_normal(sizes.embed_shape, dtype=np.float32)
     replay.flags.writeable = False
     embed.flags.writeable = False
     return replay, embed
 
 
-def changed_rows(step: int) -> np.ndarray:
+def changed_rows(step: int, sizes: Sizes = FULL) -> np.ndarray:
     """Replay rows that differ from the base at ``step`` (sorted, unique)."""
-    start = (step * WINDOW_ROWS) % REPLAY_ROWS
-    window = (start + np.arange(WINDOW_ROWS)) % REPLAY_ROWS
-    scattered = np.random.default_rng([BASE_SEED, step, 1]).integers(0, REPLAY_ROWS, SCATTERED_ROWS)
+    start = (step * sizes.window_rows) % sizes.replay_rows
+    window = (start + np.arange(sizes.window_rows)) % sizes.replay_rows
+    scattered = np.random.default_rng([BASE_SEED, step, 1]).integers(0, sizes.replay_rows, SCATTERED_ROWS)
     return np.unique(np.concatenate([window, scattered]))
 
 
-def state_for(step: int) -> dict:
-    """The deterministic state tree saved at ``step``."""
+def state_for(step: int, *, epoch: int | None = None, sizes: Sizes = FULL) -> dict:
+    """The deterministic state tree saved at ``step``.
+
+    ``epoch`` names a lineage: after a rollback the same step numbers are trained again
+    and hold other values.  With an epoch, the tree has a fourth component ``epoch`` (so a
+    writer that resumes can tell which lineage it continues) and every value drawn for
+    the step depends on it; without one the tree is the one the older tests know.
+    """
     step = int(step)
-    base_replay, embed = _base()
-    rng = np.random.default_rng([BASE_SEED, step])
+    base_replay, embed = _base(sizes)
+    rng = np.random.default_rng([BASE_SEED, step] if epoch is None else [BASE_SEED, step, 2, int(epoch)])
     replay = base_replay.copy()
-    rows = changed_rows(step)
+    rows = changed_rows(step, sizes)
     replay[rows] = rng.integers(0, 256, (len(rows), *REPLAY_ROW_SHAPE), dtype=np.uint8)
     agent = {
         "w": {
-            "dense0": rng.standard_normal(DENSE_SHAPE, dtype=np.float32),
+            "dense0": rng.standard_normal(sizes.dense_shape, dtype=np.float32),
             "embed": embed.copy(),
-            "head": rng.standard_normal(HEAD_SHAPE, dtype=np.float32),
+            "head": rng.standard_normal(sizes.head_shape, dtype=np.float32),
         },
         "b": {
-            "dense0": rng.standard_normal(DENSE_SHAPE[1], dtype=np.float32),
-            "head": np.full(HEAD_SHAPE[1], step % 7 - 3, dtype=np.float16),
+            "dense0": rng.standard_normal(sizes.dense_shape[1], dtype=np.float32),
+            "head": np.full(sizes.head_shape[1], step % 7 - 3, dtype=np.float16),
         },
         "opt": {
             "count": np.int64(step),
@@ -104,7 +125,10 @@ def state_for(step: int) -> dict:
         },
         "meta": ["run-α", step, None, step % 3 == 0, b"\x00tag\xff" * (step % 4), ("t", 1.5)],
     }
-    return {"replay": replay, "agent": agent, "step": step}
+    state = {"replay": replay, "agent": agent, "step": step}
+    if epoch is not None:
+        state["epoch"] = int(epoch)
+    return state
 
 
 def state_nbytes(state) -> int:
@@ -427,7 +451,9 @@ def run_reader(path: str, options: dict) -> int:
     the step named by a line ``until <step>`` on stdin; or at the time limit.  Prints
     ``reading <pid>`` once the store is open, then one line ``result <json>`` with the
     number of loads, the steps seen in order of loading, the map sizes its environment
-    went through and the tracebacks of any errors.
+    went through and the tracebacks of any errors.  ``--epoch E`` and ``--sizes small``
+    name the state the writer saves (see ``state_for``); ``--announce`` prints
+    ``loading <n>`` before the n-th load, so a test can kill the reader inside one.
     """
     import select
 
@@ -436,9 +462,12 @@ def run_reader(path: str, options: dict) -> int:
     _configure(options)
     until = int(options["until_step"]) if "until_step" in options else None
     deadline = time.monotonic() + float(options.get("max_seconds", 60))
-    loads, seen, errors, sizes = 0, [], [], []
+    epoch = int(options["epoch"]) if "epoch" in options else None
+    sizes = SIZES[options.get("sizes", "full")]
+    digests: dict[int, str] = {}  # step -> fingerprint of state_for(step): one full comparison per step
+    loads, seen, errors, sizes_seen = 0, [], [], []
     with castore.Store(path, create=False) as store:
-        sizes.append(_map_size(store))
+        sizes_seen.append(_map_size(store))
         say("reading", os.getpid())
         while time.monotonic() < deadline and len(errors) < 5:
             if until is None and select.select([sys.stdin], [], [], 0)[0]:
@@ -446,9 +475,17 @@ def run_reader(path: str, options: dict) -> int:
                 if words[:1] == ["until"]:
                     until = int(words[1])
             try:
+                if options.get("announce"):
+                    say("loading", loads + 1)
                 tree = store.load(verify=True)
                 step = tree["step"]
-                assert_state_equal(tree, state_for(step))
+                if step not in digests:
+                    expected = state_for(step, epoch=epoch, sizes=sizes)
+                    assert_state_equal(tree, expected, f"<step {step}>")
+                    digests[step] = fingerprint(expected)
+                elif fingerprint(tree) != digests[step]:
+                    assert_state_equal(tree, state_for(step, epoch=epoch, sizes=sizes), f"<step {step}>")
+                    raise AssertionError(f"step {step}: fingerprint differs")
                 if seen and step < seen[-1]:
                     raise AssertionError(f"latest step went back from {seen[-1]} to {step}")
             except Exception:  # reported to the test, which fails on any
@@ -457,11 +494,11 @@ def run_reader(path: str, options: dict) -> int:
             loads += 1
             if not seen or seen[-1] != step:
                 seen.append(step)
-            if _map_size(store) != sizes[-1]:
-                sizes.append(_map_size(store))
+            if _map_size(store) != sizes_seen[-1]:
+                sizes_seen.append(_map_size(store))
             if until is not None and step >= until:
                 break
-    say("result", json.dumps({"loads": loads, "seen": seen, "map_sizes": sizes, "errors": errors}))
+    say("result", json.dumps({"loads": loads, "seen": seen, "map_sizes": sizes_seen, "errors": errors}))
     return 0
 
 
