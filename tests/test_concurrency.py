@@ -387,12 +387,13 @@ def test_reader_processes_following_latest_see_only_whole_steps_and_never_block_
     for reader, result in zip(readers, results):
         assert_clean_reads(result, reader, 0, last)
         assert len(result["seen"]) >= 3, result  # it followed the writer, not only its end
-    # Readers never block the writer: no save stalls beyond 10 times the typical one, and
-    # the typical one is not far off the writer's alone.  Both bounds are generous: 6 busy
-    # processes share few cores (and a noisy VM), which slows every save alike.
+    # Readers never block the writer: no save waits on them (a lock held by a reader would
+    # stall a save for the reader's whole loop, seconds), and the typical save is not far off
+    # the writer's alone.  Both bounds are generous: 6 busy processes share 2 cores on a
+    # noisy VM, which slows every save alike and makes single saves of ~1 s happen.
     typical = max(statistics.median(busy_seconds), statistics.median(alone_seconds))
     slowest = max(busy_seconds)
-    assert slowest <= max(10 * typical, 0.5), (slowest, typical, busy_seconds)
+    assert slowest <= max(20 * typical, 3.0), (slowest, typical, busy_seconds)
     assert statistics.median(busy_seconds) <= 25 * statistics.median(alone_seconds) + 0.1, (
         busy_seconds, alone_seconds)
     # No reader is left, not even the killed one: compaction works, the store is sound.
