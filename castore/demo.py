@@ -214,6 +214,33 @@ def check_against_reference(args) -> list[int]:
             reference.advance()
 
 
+def continue_new_lineage(cp: castore.Checkpoint, run: Run, every: int) -> None:
+    """Train on from the rolled-back step (say, with another learning rate): the steps after
+    it move to an automatic branch when the first save commits, so nothing is mixed or lost."""
+    for _ in range(2):
+        run.advance()
+        while int(run.step) % every:
+            run.advance()
+        result = cp.save()
+        moved = f"; later steps moved to branch {result.abandoned_to!r}" if result.abandoned_to else ""
+        print(f"new lineage: saved step {result.step}{moved}")
+    for name in cp.branches():
+        with castore.Store(cp.path, branch=name, readonly=True) as branch:
+            steps = branch.steps()
+        print(f"  branch {name}: {len(steps)} steps ({steps[0]} .. {steps[-1]})")
+
+
+def report_verify(store: castore.Store) -> None:
+    """Check every step of every branch down to its chunks (``castore verify`` does the same)."""
+    started = time.perf_counter()
+    report = store.verify()
+    print(f"verify: {report.steps} steps, {report.hashed_chunks} chunks ({report.hashed_bytes / 1e6:.0f} MB) "
+          f"hashed in {time.perf_counter() - started:.2f}s: "
+          + ("no problems" if report.ok else f"{len(report.problems)} PROBLEMS"))
+    if not report.ok:
+        raise SystemExit(1)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logdir", default="demo-logdir/ckpt")
@@ -254,6 +281,8 @@ def main(argv=None) -> None:
         print(f"rolled back to step {rollback}: {'bit-exact' if same else 'MISMATCH'}")
         if not same:
             raise SystemExit(1)
+        continue_new_lineage(cp, run, args.every)
+        report_verify(cp.store)
         stats = cp.store.stats()
     print(f"\nstore: {stats.steps} steps, {stats.logical_bytes / 1e6:.1f} MB logical, "
           f"{stats.stored_bytes / 1e6:.1f} MB stored, file {stats.file_bytes / 1e6:.1f} MB, "
