@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench stress clean
+.PHONY: demo test bench stress fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench: $(STAMP)
 # 1,000 SIGKILLs of a writer at random instants, the store checked after each (~5 min).
 stress: $(STAMP)
 	$(PY) stress/kill.py --kills 1000
+
+# Coverage-guided fuzzing of the decoders with atheris (not a test dependency), 10 minutes.
+fuzz: $(STAMP)
+	$(PY) -m pip install --quiet atheris
+	$(PY) stress/fuzz.py -max_total_time=600
 
 clean:
 	rm -rf $(VENV) demo-logdir .pytest_cache .hypothesis .benchmarks bench/results
