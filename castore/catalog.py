@@ -16,6 +16,7 @@ import re
 import time
 
 import msgpack
+import numpy as np
 
 from .blobstore import BlobStore
 from .errors import CorruptDataError, StepNotFoundError, UsageError
@@ -27,6 +28,24 @@ MAIN = "main"
 MAX_BRANCH_CHARS = 200  # keys stay well within LMDB's 511 bytes
 _BRANCH_MARK = b"\xff"
 _BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=/-]*")
+
+
+MAX_STEP = (1 << 63) - 1
+
+
+def check_step(step) -> int:
+    """A step number: an int (or numpy integer) in [0, 2**63)."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise UsageError(f"step must be an int, got {type(step).__name__}")
+    if not 0 <= int(step) <= MAX_STEP:
+        raise UsageError(f"step must be in [0, 2**63), got {step}")
+    return int(step)
+
+
+def describe_key(key: bytes) -> str:
+    """``step 5``, or ``step 5 of branch 'x'`` for a step of another branch than main."""
+    branch = branch_of(key)
+    return f"step {step_of(key)}" if branch == MAIN else f"step {step_of(key)} of branch {branch!r}"
 
 
 def check_branch(name) -> str:
