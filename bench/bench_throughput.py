@@ -130,3 +130,17 @@ def test_blake3_thread_pool(benchmark, arrays):
                            rounds=FAST_ROUNDS, warmup_rounds=1)
     label(benchmark, "blake3_thread_pool", total_bytes(arrays))
     benchmark.extra_info["threads"] = os.cpu_count()
+
+
+# --- verifying -------------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="verify")
+@pytest.mark.parametrize("sample", [1.0, 0.05], ids=["all", "sample5pct"])
+def test_castore_verify(benchmark, saved_store, sample):
+    """Store.verify: every manifest and page, every chunk present, all (or 5%) hashed."""
+    reports = []
+    benchmark.pedantic(lambda: reports.append(saved_store.verify(sample, seed=len(reports))),
+                       rounds=FAST_ROUNDS, warmup_rounds=1)
+    assert all(report.ok for report in reports)
+    label(benchmark, "castore_verify" if sample == 1.0 else "castore_verify_5pct", reports[-1].hashed_bytes)

@@ -31,6 +31,8 @@ RATIOS = [
     ("castore_load_step_unverified", "npz_load_all", "load step (verify=False) vs np.load of one .npz"),
     ("castore_load_step", "blake3_thread_pool", "load step (verified) vs bare BLAKE3 of everything"),
     ("castore_load_component", "npz_load_component", "load one component vs np.load of its arrays"),
+    ("castore_verify", "blake3_thread_pool", "verify() of the whole store vs bare BLAKE3 of everything"),
+    ("castore_verify_5pct", "castore_verify", "verify(sample=0.05) vs verify() of everything"),
 ]
 BASELINES = ["write_and_fsync", "savez_and_fsync", "npz_load_all", "npz_load_component",
              "blake3_one_thread", "blake3_thread_pool", "blake3_auto"]
