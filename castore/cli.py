@@ -48,6 +48,8 @@ def _fraction(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="castore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--allow-network-fs", action="store_true",
+                        help="open a store on NFS/SMB anyway (LMDB is unsafe there; see docs/guarantees.md)")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
         "steps": "committed steps of a branch", "stats": "store totals", "show": "components and leaves of a step",
@@ -80,7 +82,8 @@ def main(argv=None) -> int:
     if args.command == "verify" and not args.in_process:
         return _verify_isolated(argv if argv is not None else sys.argv[1:])
     try:
-        with Store(args.path, create=False, readonly=True, branch=getattr(args, "branch", "main")) as store:
+        with Store(args.path, create=False, readonly=True, branch=getattr(args, "branch", "main"),
+                   allow_network_fs=args.allow_network_fs) as store:
             return _COMMANDS[args.command](store, args)
     except CastoreError as exc:
         print(f"castore: {exc}", file=sys.stderr)

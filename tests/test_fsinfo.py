@@ -141,3 +141,18 @@ def test_store_and_checkpoint_refuse_a_network_directory_before_touching_it(tmp_
         store.save(1, {"x": 1})
     with castore.Checkpoint(tmp_path / "store", allow_network_fs=True) as cp:
         assert cp.latest() == 1
+
+
+def test_the_cli_refuses_a_network_store_unless_told(tmp_path, monkeypatch, capsys):
+    from castore import cli
+
+    with castore.Store(tmp_path / "store") as store:
+        store.save(3, {"x": 1})
+    real = os.path.realpath(tmp_path)
+    table = tmp_path / "mountinfo"
+    table.write_text(f"22 1 0:21 / / rw - ext4 /dev/sda1 rw\n26 22 0:50 / {real} rw - nfs4 srv:/x rw\n")
+    monkeypatch.setattr(fsinfo, "MOUNTINFO", str(table))
+    assert cli.main(["steps", str(tmp_path / "store")]) == 1
+    assert "allow_network_fs" in capsys.readouterr().err
+    assert cli.main(["--allow-network-fs", "steps", str(tmp_path / "store")]) == 0
+    assert capsys.readouterr().out.split() == ["3"]
