@@ -8,6 +8,7 @@ file) or needs another process (locks, reader slots, users) runs in a child proc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -316,63 +317,54 @@ def store_path(tmp_path):
     return saved_store(tmp_path / "store", steps=(1,))
 
 
-def test_waiting_writer_gets_the_lock_once_the_holder_lets_go(store_path):
-    holder = spawn(HOLD_THE_LOCK, store_path, 0.5)
+@contextlib.contextmanager
+def locked_by_another_process(store_path, hold_seconds: float, **open_options):
+    """``(holder process, BlobStore)``: the holder has taken the writer lock for ``hold_seconds``."""
+    holder = spawn(HOLD_THE_LOCK, store_path, hold_seconds)
     try:
         expect_line(holder, "locked")
-        blobs = BlobStore.open(str(store_path), lock_timeout=30)
+        blobs = BlobStore.open(str(store_path), **open_options)
         try:
-            start = time.monotonic()
-            blobs.acquire_writer()
-            waited = time.monotonic() - start
-            assert 0.2 < waited < 10, waited
-            assert (store_path / "writer.lock").read_text() == str(os.getpid())
+            yield holder, blobs
         finally:
             blobs.close()
-        assert holder.wait(10) == 0
     finally:
         stop(holder)
+
+
+def test_waiting_writer_gets_the_lock_once_the_holder_lets_go(store_path):
+    with locked_by_another_process(store_path, 0.5, lock_timeout=30) as (holder, blobs):
+        start = time.monotonic()
+        blobs.acquire_writer()
+        waited = time.monotonic() - start
+        assert 0.2 < waited < 10, waited
+        assert (store_path / "writer.lock").read_text() == str(os.getpid())
+        assert holder.wait(10) == 0
 
 
 def test_waiting_writer_gives_up_after_its_timeout_naming_the_holder(store_path):
-    holder = spawn(HOLD_THE_LOCK, store_path, 60)
-    try:
-        expect_line(holder, "locked")
-        blobs = BlobStore.open(str(store_path), lock_timeout=0.5)
-        try:
-            start = time.monotonic()
-            with pytest.raises(StoreLockedError) as info:
-                blobs.acquire_writer()
-            waited = time.monotonic() - start
-            assert 0.45 <= waited < 5, waited
-            assert info.value.pid == holder.pid
-            assert f"PID {holder.pid}" in str(info.value) and "waiting 0.5 s" in str(info.value)
-            start = time.monotonic()
-            with pytest.raises(StoreLockedError) as info:
-                blobs.acquire_writer(timeout=0)  # an explicit 0 overrides lock_timeout
-            assert time.monotonic() - start < 0.3
-            assert "gave up" not in str(info.value)
-        finally:
-            blobs.close()
-    finally:
-        stop(holder)
+    with locked_by_another_process(store_path, 60, lock_timeout=0.5) as (holder, blobs):
+        start = time.monotonic()
+        with pytest.raises(StoreLockedError) as info:
+            blobs.acquire_writer()
+        waited = time.monotonic() - start
+        assert 0.45 <= waited < 5, waited
+        assert info.value.pid == holder.pid
+        assert f"PID {holder.pid}" in str(info.value) and "waiting 0.5 s" in str(info.value)
+        start = time.monotonic()
+        with pytest.raises(StoreLockedError) as info:
+            blobs.acquire_writer(timeout=0)  # an explicit 0 overrides lock_timeout
+        assert time.monotonic() - start < 0.3
+        assert "gave up" not in str(info.value)
 
 
 def test_without_a_timeout_a_locked_store_raises_at_once(store_path):
-    holder = spawn(HOLD_THE_LOCK, store_path, 60)
-    try:
-        expect_line(holder, "locked")
-        blobs = BlobStore.open(str(store_path))
-        try:
-            start = time.monotonic()
-            with pytest.raises(StoreLockedError) as info:
-                blobs.acquire_writer()
-            assert time.monotonic() - start < 0.3
-            assert info.value.pid == holder.pid
-        finally:
-            blobs.close()
-    finally:
-        stop(holder)
+    with locked_by_another_process(store_path, 60) as (holder, blobs):
+        start = time.monotonic()
+        with pytest.raises(StoreLockedError) as info:
+            blobs.acquire_writer()
+        assert time.monotonic() - start < 0.3
+        assert info.value.pid == holder.pid
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "1", True])
