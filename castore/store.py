@@ -318,26 +318,13 @@ class Store(Maintenance):
 
     def _write(self, captured: "_Captured") -> SaveResult:
         job = captured.job
-        committed = False
         try:
-            try:
-                job.finish()
-            except BaseException:
-                job.abort()
-                raise
-            components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
-            manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
-            data = encode_manifest(manifest)
-            abandoned_to = None
-            if not (captured.overwrite or captured.is_continuation()) and self._is_same_as_committed(manifest):
-                data = b""  # the same state saved again under its step: nothing to commit
-            else:
-                self._blobs.reserve(len(data))
-                abandoned_to = self._blobs.write(self._commit_manifest, captured, data)
-                committed = True
-        finally:
-            if not committed and captured.continue_from is not None and self._continue_from is None:
-                self._continue_from = captured.continue_from  # nothing moved: the next save does it
+            data, abandoned_to = self._finish_and_commit(captured)
+        except BaseException:
+            self._keep_rollback_pending(captured)
+            raise
+        if not data:
+            self._keep_rollback_pending(captured)
         if abandoned_to is not None:
             log.info("steps of branch %r after %d moved to branch %r", self.branch, captured.continue_from, abandoned_to)
         self._remember_baselines(job.capture)
@@ -349,6 +336,27 @@ class Store(Maintenance):
             len(data), time.perf_counter() - captured.started, job.capture.changed_bytes,
             captured.capture_seconds, abandoned_to,
         )
+
+    def _finish_and_commit(self, captured: "_Captured") -> tuple[bytes, str | None]:
+        """Write the chunks, then the manifest; returns it (b"" if the same state was
+        committed already) and the branch later steps moved to."""
+        try:
+            captured.job.finish()
+        except BaseException:
+            captured.job.abort()
+            raise
+        components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
+        manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
+        if not (captured.overwrite or captured.is_continuation()) and self._is_same_as_committed(manifest):
+            return b"", None  # the same state saved again under its step: nothing to commit
+        data = encode_manifest(manifest)
+        self._blobs.reserve(len(data))
+        return data, self._blobs.write(self._commit_manifest, captured, data)
+
+    def _keep_rollback_pending(self, captured: "_Captured") -> None:
+        """Nothing committed, so nothing moved: the next save continues from the same step."""
+        if captured.continue_from is not None and self._continue_from is None:
+            self._continue_from = captured.continue_from
 
     def _remember_baselines(self, capture: Capture) -> None:
         """After a commit: the ids of every leaf are known present for the next save."""
