@@ -15,7 +15,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m castore.demo
+	$(PY) -m castore.tools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

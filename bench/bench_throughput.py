@@ -14,7 +14,7 @@ import blake3
 import numpy as np
 import pytest
 
-from castore.chunker import DEFAULT_CHUNK_BYTES
+from castore.format.chunker import DEFAULT_CHUNK_BYTES
 from workloads import bench_full_save, bench_incremental_save, bench_load, total_bytes
 
 SAVE_ROUNDS = 15

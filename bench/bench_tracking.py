@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import castore
-from castore.chunker import DEFAULT_CHUNK_BYTES
-from castore.pipeline import hash_chunks
+from castore.format.chunker import DEFAULT_CHUNK_BYTES
+from castore.save.pipeline import hash_chunks
 from workloads import REPLAY_ROWS, SEED, record_saves, replay_row_bytes, total_bytes
 
 ROUNDS = 11

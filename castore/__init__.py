@@ -1,12 +1,40 @@
 """castore: a content-addressed, deduplicating checkpoint store for long training runs."""
 
-from .errors import *  # noqa: F401,F403
-from .background import SaveHandle
 from .checkpoint import Checkpoint, Counter, Every
-from .gc import GcPlan
+from .errors import (
+    CastoreError,
+    ChunkCorruptError,
+    ChunkMissingError,
+    CorruptDataError,
+    FormatError,
+    IntegrityError,
+    SaveError,
+    SelectionError,
+    StepExistsError,
+    StepNotFoundError,
+    StoreBusyError,
+    StoreLockedError,
+    StoreNotFoundError,
+    TrackingError,
+    UnsafeFilesystemError,
+    UnsupportedValueError,
+    UsageError,
+)
+from .maintenance.gc import GcPlan, StepAccount
+from .maintenance.retention import Keep
+from .maintenance.verify import Problem, VerifyReport
 from .replay import RingBuffer
-from .retention import Keep
-from .store import SaveResult, Store, StoreStats
+from .save.background import SaveHandle
+from .save.saver import SaveResult
+from .store import Store, StoreStats
 from .tracking import TrackedArray
 
 __version__ = "0.4.0"
+
+__all__ = [
+    "CastoreError", "Checkpoint", "ChunkCorruptError", "ChunkMissingError", "CorruptDataError", "Counter",
+    "Every", "FormatError", "GcPlan", "IntegrityError", "Keep", "Problem", "RingBuffer", "SaveError",
+    "SaveHandle", "SaveResult", "SelectionError", "StepAccount", "StepExistsError", "StepNotFoundError",
+    "Store", "StoreBusyError", "StoreLockedError", "StoreNotFoundError", "StoreStats", "TrackedArray",
+    "TrackingError", "UnsafeFilesystemError", "UnsupportedValueError", "UsageError", "VerifyReport",
+]

@@ -1,188 +1,171 @@
-"""Step bookkeeping besides manifests: step keys and branches, the trash, metrics, tags.
+"""The catalog: the config record, steps, branches, tags, the trash and metrics, as
+functions of a storage transaction.
 
-Functions of an open LMDB transaction; the store calls them inside its own transactions
-so that, e.g., a manifest leaves ``steps`` and enters ``trash`` atomically.
-
-Step keys (format 3): a step of the ``main`` branch is keyed by its 8-byte big-endian
-number (first byte < 0x80, as in formats 1 and 2); a step of branch ``name`` by
-``0xff + name + 0x00 + number``.  So each branch is one contiguous key range of the
-``steps`` database, main first, and ``stepinfo`` and ``tags`` use the same keys.
+The store calls them inside its own transactions so that, e.g., a manifest leaves
+``steps`` and enters ``trash`` atomically.  Key layouts are in :mod:`castore.format.keys`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
 
 import msgpack
-import numpy as np
 
-from .blobstore import BlobStore
-from .errors import CorruptDataError, StepNotFoundError, UsageError
-from .manifest import decode_manifest, seal, unpack_untrusted, unseal
-from .retention import StepInfo
-
-MAX_TAG_BYTES = 256
-MAIN = "main"
-MAX_BRANCH_CHARS = 200  # keys stay well within LMDB's 511 bytes
-_BRANCH_MARK = b"\xff"
-_BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@=/-]*")
-
-
-MAX_STEP = (1 << 63) - 1
-
-
-def check_step(step) -> int:
-    """A step number: an int (or numpy integer) in [0, 2**63)."""
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
-        raise UsageError(f"step must be an int, got {type(step).__name__}")
-    if not 0 <= int(step) <= MAX_STEP:
-        raise UsageError(f"step must be in [0, 2**63), got {step}")
-    return int(step)
+from .errors import CorruptDataError, FormatError, StepNotFoundError, UsageError
+from .format.keys import (
+    BRANCH_MARK,
+    MAIN,
+    MAX_BRANCH_CHARS,
+    branch_end,
+    branch_of,
+    branch_prefix,
+    check_step,
+    describe_key,
+    in_branch,
+    step_key,
+    step_of,
+    tag_key,
+    trash_key,
+)
+from .format.config import CONFIG_KEY, StoreConfig, migrate, new_config, parse_config
+from .format.manifest import Manifest, decode_manifest
+from .format.schema import Table
+from .format.sealing import seal, unpack_untrusted, unseal
+from .storage.base import Backend, ReadTxn, WriteTxn
 
 
-def describe_key(key: bytes) -> str:
-    """``step 5``, or ``step 5 of branch 'x'`` for a step of another branch than main."""
-    branch = branch_of(key)
-    return f"step {step_of(key)}" if branch == MAIN else f"step {step_of(key)} of branch {branch!r}"
+def branch_steps(txn: ReadTxn, branch: str) -> list[int]:
+    """The steps of one branch, ascending."""
+    return [step_of(key) for key, _ in _branch_items(txn, branch)]
 
 
-def check_branch(name) -> str:
-    """A branch name: letters, digits and ``._+@=/-``, starting with a letter or digit."""
-    if not isinstance(name, str) or not _BRANCH_NAME.fullmatch(name) or len(name) > MAX_BRANCH_CHARS:
-        raise UsageError(
-            f"a branch name is 1-{MAX_BRANCH_CHARS} letters, digits or ._+@=/- starting with a "
-            f"letter or digit; got {name!r}"
-        )
-    return name
+def branch_manifests(txn: ReadTxn, branch: str):
+    """``(step, manifest bytes)`` of one branch, ascending."""
+    for key, value in _branch_items(txn, branch):
+        yield step_of(key), value
 
 
-def branch_prefix(branch: str) -> bytes:
-    return b"" if branch == MAIN else _BRANCH_MARK + branch.encode() + b"\x00"
+def _branch_items(txn: ReadTxn, branch: str):
+    for key, value in txn.scan(Table.STEPS, branch_prefix(branch), branch_end(branch)):
+        if in_branch(key, branch):
+            yield key, value
 
 
-def step_key(step: int, branch: str = MAIN) -> bytes:
-    return branch_prefix(branch) + step.to_bytes(8, "big")
-
-
-def step_of(key) -> int:
-    return int.from_bytes(key[-8:], "big")
-
-
-def branch_of(key) -> str:
-    key = bytes(key)
-    if len(key) == 8 and key[0] < 0x80:
-        return MAIN
-    if len(key) < 11 or key[:1] != _BRANCH_MARK or key[-9] != 0:
-        raise CorruptDataError(f"malformed step key {key[:40]!r}")
-    try:
-        return check_branch(key[1:-9].decode())
-    except (UnicodeDecodeError, UsageError):
-        raise CorruptDataError(f"malformed branch name in step key {key[:40]!r}") from None
-
-
-def _in_branch(key, branch: str, prefix: bytes) -> bool:
-    if branch == MAIN:
-        return len(key) == 8 and key[0] < 0x80
-    return bytes(key[: len(prefix)]) == prefix and len(key) == len(prefix) + 8
-
-
-def branch_items(txn, blobs: BlobStore, branch: str, *, values: bool = True):
-    """``(step, manifest bytes)`` (or steps alone) of one branch, ascending."""
-    prefix = branch_prefix(branch)
-    cursor = txn.cursor(db=blobs.dbs["steps"])
-    if not cursor.set_range(prefix):
-        return
-    for key, value in cursor.iternext():
-        if not _in_branch(key, branch, prefix):
-            return
-        yield (step_of(key), value) if values else step_of(key)
-
-
-def latest_step(txn, blobs: BlobStore, branch: str) -> int | None:
+def latest_step(txn: ReadTxn, branch: str) -> int | None:
     """The highest step of ``branch``, or None if it has none."""
-    cursor = txn.cursor(db=blobs.dbs["steps"])
-    end = _BRANCH_MARK if branch == MAIN else _BRANCH_MARK + branch.encode() + b"\x01"
-    found = cursor.prev() if cursor.set_range(end) else cursor.last()
-    if found and _in_branch(cursor.key(), branch, branch_prefix(branch)):
-        return step_of(cursor.key())
+    for key, _ in txn.scan(Table.STEPS, branch_prefix(branch), branch_end(branch), reverse=True):
+        if in_branch(key, branch):
+            return step_of(key)
     return None
 
 
-def branch_names(txn, blobs: BlobStore) -> list[str]:
+def branch_names(txn: ReadTxn) -> list[str]:
     """Every branch with at least one step, and ``main`` always; one seek per branch."""
     names = [MAIN]
-    cursor = txn.cursor(db=blobs.dbs["steps"])
-    found = cursor.set_range(_BRANCH_MARK)
-    while found:
-        name = branch_of(cursor.key())
+    start = BRANCH_MARK
+    while True:
+        found = next(txn.scan(Table.STEPS, start), None)
+        if found is None:
+            return names
+        name = branch_of(found[0])
         names.append(name)
-        found = cursor.set_range(_BRANCH_MARK + name.encode() + b"\x01")
-    return names
+        start = branch_end(name)
 
 
-def move_steps_after(txn, blobs: BlobStore, branch: str, step: int) -> str | None:
+def manifest_bytes(txn: ReadTxn, key: bytes, where: str):
+    """The stored manifest of step key ``key``; raises :class:`StepNotFoundError`."""
+    raw = txn.get(Table.STEPS, key)
+    if raw is None:
+        raise StepNotFoundError(f"{describe_key(key)} does not exist in {where}")
+    return raw
+
+
+def manifest(txn: ReadTxn, key: bytes, where: str) -> Manifest:
+    """The decoded manifest of step key ``key``; checks it names its own step."""
+    try:
+        decoded = decode_manifest(manifest_bytes(txn, key, where))
+    except CorruptDataError as exc:
+        raise CorruptDataError(f"{describe_key(key)}: {exc}") from None
+    if decoded.step != step_of(key):
+        raise CorruptDataError(f"{describe_key(key)}: its manifest says step {decoded.step}")
+    return decoded
+
+
+def move_steps_after(txn: WriteTxn, branch: str, step: int) -> str | None:
     """Move the steps of ``branch`` after ``step`` (with metrics and tags) to a new branch.
 
     Returns the new branch's name, ``<branch>-abandoned-<step>`` (``-2``, ``-3``... if
     taken), or None if ``step`` is the branch's latest.  Used when a save continues a
     lineage from an earlier step: the abandoned future stays reachable.
     """
-    later = [s for s in branch_items(txn, blobs, branch, values=False) if s > step]
+    later = [s for s in branch_steps(txn, branch) if s > step]
     if not later:
         return None
-    taken = set(branch_names(txn, blobs))
+    taken = set(branch_names(txn))
     base = f"{branch}-abandoned-{step}"[: MAX_BRANCH_CHARS - 10]
     target = base
     for n in range(2, len(taken) + 3):
         if target not in taken:
             break
         target = f"{base}-{n}"
-    retag = _tags_by_key(txn, blobs)
+    retag = _tags_by_key(txn)
     for s in later:
-        _move_step(txn, blobs, step_key(s, branch), step_key(s, target), retag)
+        _move_step(txn, step_key(s, branch), step_key(s, target), retag)
     return target
 
 
-def copy_step(txn, blobs: BlobStore, source: bytes, target: bytes) -> None:
+def copy_step(txn: WriteTxn, source: bytes, target: bytes) -> None:
     """Put the manifest (and metrics) of key ``source`` under ``target`` too: no chunk is written."""
-    raw = txn.get(source, db=blobs.dbs["steps"])
-    txn.put(target, bytes(raw), db=blobs.dbs["steps"])
-    info = txn.get(source, db=blobs.dbs["stepinfo"])
+    txn.put(Table.STEPS, target, bytes(txn.get(Table.STEPS, source)))
+    info = txn.get(Table.STEPINFO, source)
     if info is not None:
-        txn.put(target, bytes(info), db=blobs.dbs["stepinfo"])
+        txn.put(Table.STEPINFO, target, bytes(info))
 
 
-def _move_step(txn, blobs: BlobStore, source: bytes, target: bytes, retag: dict) -> None:
-    copy_step(txn, blobs, source, target)
-    txn.delete(source, db=blobs.dbs["steps"])
-    txn.delete(source, db=blobs.dbs["stepinfo"])
+def _move_step(txn: WriteTxn, source: bytes, target: bytes, retag: dict) -> None:
+    copy_step(txn, source, target)
+    txn.delete(Table.STEPS, source)
+    txn.delete(Table.STEPINFO, source)
     for name in retag.get(source, ()):
-        txn.put(name, target, db=blobs.dbs["tags"])
+        txn.put(Table.TAGS, name, target)
 
 
-def _tags_by_key(txn, blobs: BlobStore) -> dict[bytes, list[bytes]]:
+def _tags_by_key(txn: ReadTxn) -> dict[bytes, list[bytes]]:
     out: dict[bytes, list[bytes]] = {}
-    for name, key in txn.cursor(db=blobs.dbs["tags"]).iternext():
+    for name, key in txn.scan(Table.TAGS):
         out.setdefault(bytes(key), []).append(bytes(name))
     return out
 
 
-def trash_manifest(txn, blobs: BlobStore, key: bytes, raw) -> None:
+def delete_steps(txn: WriteTxn, keys: list[bytes], where: str) -> None:
+    """Move the manifests of ``keys`` to the trash (GC finds their chunks there).
+
+    Raises :class:`StepNotFoundError`, and :class:`UsageError` for a tagged step.
+    """
+    tagged = {key: name for name, key in tags(txn).items()}
+    for key in keys:
+        raw = manifest_bytes(txn, key, where)
+        if key in tagged:
+            raise UsageError(f"{describe_key(key)} is tagged {tagged[key]!r}: untag it before deleting")
+        trash_manifest(txn, key, raw)
+        txn.delete(Table.STEPS, key)
+
+
+def trash_manifest(txn: WriteTxn, key: bytes, raw) -> None:
     """Move the manifest of step key ``key`` to the trash, where GC finds its chunks.
 
     The caller deletes ``key`` from ``steps`` in the same transaction.
     """
-    txn.put(time.time_ns().to_bytes(8, "big") + key, bytes(raw), db=blobs.dbs["trash"])
-    txn.delete(key, db=blobs.dbs["stepinfo"])
+    txn.put(Table.TRASH, trash_key(time.time_ns(), key), bytes(raw))
+    txn.delete(Table.STEPINFO, key)
 
 
-def put_metrics(txn, blobs: BlobStore, key: bytes, metrics: dict | None) -> None:
+def put_metrics(txn: WriteTxn, key: bytes, metrics: dict | None) -> None:
     if metrics:
-        txn.put(key, seal(msgpack.packb({"metrics": metrics}, use_bin_type=True)), db=blobs.dbs["stepinfo"])
+        txn.put(Table.STEPINFO, key, seal(msgpack.packb({"metrics": metrics}, use_bin_type=True)))
     else:
-        txn.delete(key, db=blobs.dbs["stepinfo"])
+        txn.delete(Table.STEPINFO, key)
 
 
 def check_metrics(metrics) -> dict | None:
@@ -200,9 +183,8 @@ def check_metrics(metrics) -> dict | None:
     return out
 
 
-def read_metrics(txn, blobs: BlobStore, key: bytes) -> dict:
-    db = blobs.dbs["stepinfo"]
-    raw = None if db is None else txn.get(key, db=db)
+def read_metrics(txn: ReadTxn, key: bytes) -> dict:
+    raw = txn.get(Table.STEPINFO, key)
     if raw is None:
         return {}
     try:
@@ -215,43 +197,62 @@ def read_metrics(txn, blobs: BlobStore, key: bytes) -> dict:
         raise CorruptDataError(f"step {step_of(key)}: metrics record is malformed: {exc}") from None
 
 
-def tags(txn, blobs: BlobStore) -> dict[str, bytes]:
+def tags(txn: ReadTxn) -> dict[str, bytes]:
     """``{tag: step key}`` over every branch."""
-    db = blobs.dbs["tags"]
-    if db is None:
-        return {}
     out = {}
-    for key, value in txn.cursor(db=db).iternext():
+    for key, value in txn.scan(Table.TAGS):
         branch_of(value)  # raises CorruptDataError for a value that is no step key
         out[bytes(key).decode("utf-8", "replace")] = bytes(value)
     return out
 
 
-def tag_key(name: str) -> bytes:
-    if not isinstance(name, str) or not name or name.isdigit():
-        raise UsageError(f"a tag is a non-empty str that is not a step number, got {name!r}")
-    key = name.encode("utf-8")
-    if len(key) > MAX_TAG_BYTES:
-        raise UsageError(f"tag {name[:40]!r}... is longer than {MAX_TAG_BYTES} bytes")
-    return key
-
-
-def find_tag(txn, blobs: BlobStore, name: str) -> bytes:
+def find_tag(txn: ReadTxn, name: str, where: str) -> bytes:
     """The step key tag ``name`` names; raises StepNotFoundError."""
-    db = blobs.dbs["tags"]
-    value = None if db is None else txn.get(tag_key(name), db=db)
+    value = txn.get(Table.TAGS, tag_key(name))
     if value is None:
-        raise StepNotFoundError(f"no tag {name!r} in {blobs.path}; tags: {sorted(tags(txn, blobs)) or 'none'}")
+        raise StepNotFoundError(f"no tag {name!r} in {where}; tags: {sorted(tags(txn)) or 'none'}")
     branch_of(value)
     return bytes(value)
 
 
-def step_infos(txn, blobs: BlobStore, branch: str) -> list[StepInfo]:
-    """What retention needs to know of every step of ``branch``."""
-    tagged = set(tags(txn, blobs).values())
-    infos = []
-    for step, raw in branch_items(txn, blobs, branch):
-        key = step_key(step, branch)
-        created = decode_manifest(raw).created
-        infos.append(StepInfo(step, created, read_metrics(txn, blobs, key), key in tagged))
-    return infos
+def locate(txn: ReadTxn, step: int | str | None, branch: str, where: str) -> bytes:
+    """The step key of a tag, a step number or None (the latest) of ``branch``."""
+    if isinstance(step, str):
+        return find_tag(txn, step, where)
+    if step is not None:
+        return step_key(check_step(step), branch)
+    latest = latest_step(txn, branch)
+    if latest is None:
+        place = where if branch == MAIN else f"branch {branch!r} of {where}"
+        raise StepNotFoundError(f"{place} has no steps yet")
+    return step_key(latest, branch)
+
+
+def open_config(backend: Backend, chunk_bytes: int, where: str) -> StoreConfig:
+    """The store's config, written first (with ``chunk_bytes``) if the store is new."""
+    with backend.read() as txn:
+        raw = txn.get(Table.META, CONFIG_KEY)
+        config = None if raw is None else bytes(raw)
+    if config is None:
+        if backend.readonly:
+            raise FormatError(f"{where} is not a castore store (no config record)")
+        config = backend.write(_create_config, chunk_bytes, where)
+    return parse_config(config, where)
+
+
+def _create_config(txn: WriteTxn, chunk_bytes: int, where: str) -> bytes:
+    existing = txn.get(Table.META, CONFIG_KEY)
+    if existing is not None:  # another opener created it first
+        return bytes(existing)
+    if txn.count(Table.STEPS):
+        raise FormatError(f"{where} holds steps but no config record")
+    config = new_config(chunk_bytes)
+    txn.put(Table.META, CONFIG_KEY, config)
+    return config
+
+
+def migrate_config(txn: WriteTxn) -> None:
+    """Bring the config record to the current format (see :func:`castore.format.config.migrate`)."""
+    current = migrate(txn.get(Table.META, CONFIG_KEY))
+    if current is not None:
+        txn.put(Table.META, CONFIG_KEY, current)

@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 
-from . import codec
 from .errors import SelectionError, UsageError
-from .background import SaveHandle
-from .store import SaveResult, Store
+from .format import codec
+from .save.background import SaveHandle
+from .save.saver import SaveResult
+from .store import Store
 from .tracking import TrackedArray
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,7 @@ class Checkpoint:
         automatic branch when that save commits (nothing moves if no save follows).
         """
         if path is None or os.path.realpath(path) == os.path.realpath(self.path):
-            if self._store._background is not None:  # load what was saved, errors stay pending
-                self._store._background.wait(raise_errors=False)
+            self._store.wait(raise_errors=False)  # load what was saved; errors stay pending
             return self._load_from(self._store, step, keys, regex, verify)
         with Store(path, create=False, allow_pickle=self._options.get("allow_pickle", False)) as other:
             return self._load_from(other, step, keys, regex, verify)

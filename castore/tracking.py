@@ -27,16 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UsageError
-from .ids import split_ids
 
 
 @dataclass(frozen=True, slots=True)
 class Baseline:
     """Chunk ids (and fingerprints) of one leaf as committed by an earlier save."""
 
-    owner: object  #: the store generation the ids belong to (see ``pipeline``)
+    session: object  #: the writer session the ids were committed in (see ``castore.save.session``)
     nbytes: int  #: byte size of the leaf
-    stride: int  #: chunk stride in bytes
+    chunk_nbytes: int  #: bytes per chunk (the last one of a leaf may be shorter)
     ids: bytes  #: concatenated 32-byte chunk ids
     fingerprints: bytes | None  #: concatenated 16-byte xxh3-128 of each chunk, if known
     epoch: int  #: for tracked arrays: the capture epoch the ids reflect
@@ -154,12 +153,12 @@ class TrackedArray:
             if self._baseline is None or baseline.epoch >= self._baseline.epoch:
                 self._baseline = baseline
 
-    def pinned_ids(self, session) -> list[bytes]:
-        """The ids of the baseline if it belongs to ``session`` (GC keeps them)."""
+    def pinned_ids(self, session) -> bytes:
+        """The concatenated ids of the baseline if it belongs to ``session`` (GC keeps them)."""
         baseline = self._baseline
-        if baseline is None or baseline.owner is not session:
-            return []
-        return split_ids(baseline.ids)
+        if baseline is None or baseline.session is not session:
+            return b""
+        return baseline.ids
 
     def forget(self) -> None:
         """Drop the baseline: the next save hashes every chunk."""

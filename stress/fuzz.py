@@ -20,14 +20,14 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 with atheris.instrument_imports():
-    import castore.codec  # noqa: F401
+    import castore.format.codec  # noqa: F401
     import castore.config  # noqa: F401
-    import castore.manifest  # noqa: F401
+    import castore.format.manifest  # noqa: F401
 
 from test_fuzz import MANIFESTS, load_manifest, parse, read_metrics  # noqa: E402
 
 from castore.errors import CastoreError  # noqa: E402
-from castore.manifest import page_ids_in  # noqa: E402
+from castore.format.manifest import page_ids_in  # noqa: E402
 
 def one_input(data: bytes) -> None:
     target, body = data[:1], data[1:]

@@ -44,8 +44,8 @@ if __name__ == "__main__":  # run as a file: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import castore  # noqa: E402
-import castore.gc  # noqa: E402
-import castore.pipeline  # noqa: E402
+import castore.maintenance.gc  # noqa: E402
+import castore.save.pipeline  # noqa: E402
 from workload import (  # noqa: E402
     SIZES,
     Child,
@@ -161,9 +161,9 @@ def run_child(path: str, options: dict) -> int:
     """The writer: see the module docstring.  Options: ``--ops a,b,..`` ``--seed N``
     ``--sizes small|full`` ``[--batch-bytes B]`` ``[--delete-batch N]`` ``[--held]`` ``[--pause S]`` ``[--max-seconds T]``."""
     if "batch_bytes" in options:
-        castore.pipeline.BATCH_BYTES = int(options["batch_bytes"])
+        castore.save.pipeline.BATCH_BYTES = int(options["batch_bytes"])
     if "delete_batch" in options:
-        castore.gc.DELETE_BATCH = int(options["delete_batch"])
+        castore.maintenance.gc.DELETE_BATCH = int(options["delete_batch"])
     sizes = SIZES[options.get("sizes", "small")]
     rng = random.Random(int(options.get("seed", 0)))
     deadline = time.monotonic() + float(options.get("max_seconds", 120))

@@ -30,7 +30,7 @@ def writes_held(store, seconds=30.0):
     held, release = threading.Event(), threading.Event()
 
     def hold():
-        with store._blobs._write_mutex:
+        with store.inspect().holding_writes():
             held.set()
             release.wait(seconds)
 
@@ -330,7 +330,7 @@ SCRIPT = textwrap.dedent(
             handles[-1].wait()
             held = threading.Event()
             def hold():
-                with cp.store._blobs._write_mutex:
+                with cp.store.inspect().holding_writes():
                     held.set()
                     threading.Event().wait(0.5)
             threading.Thread(target=hold).start()

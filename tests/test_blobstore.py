@@ -28,7 +28,10 @@ import pytest
 from workload import assert_state_equal
 
 import castore
-from castore.blobstore import LATER_DATABASES, BlobStore
+from castore.format.schema import Table, missing_tables
+from castore.storage.lmdb_engine import LmdbBackend as BlobStore
+
+LATER_TABLES = missing_tables(1)
 from castore.errors import FormatError, StoreLockedError, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +92,7 @@ def stop(child: subprocess.Popen) -> None:
 
 def reader_pids(blobs: BlobStore) -> set[int]:
     """PIDs in LMDB's reader table (``env.readers()``: a header line, then pid thread txnid)."""
-    return {int(line.split()[0]) for line in blobs.env.readers().splitlines()[1:] if line.split()}
+    return blobs.reader_pids()
 
 
 # --- a truncated data file is refused before LMDB touches a page -----------------------------------
@@ -135,8 +138,8 @@ def test_data_file_holding_exactly_its_used_pages_opens(tmp_path):
 def test_a_new_store_gets_every_database_in_one_transaction(tmp_path):
     blobs = BlobStore.open(str(tmp_path / "store"))
     try:
-        assert all(db is not None for db in blobs.dbs.values())
-        assert blobs.env.info()["last_txnid"] == 1
+        assert all(blobs.has_table(t) for t in Table)
+        assert blobs.generation() == 1
     finally:
         blobs.close()
 
@@ -156,8 +159,8 @@ def test_format1_store_gets_its_later_databases_only_from_the_writer(tmp_path):
     before = lmdb_facts(path)
     blobs = BlobStore.open(str(path))
     try:
-        assert all(blobs.dbs[name.decode()] is None for name in LATER_DATABASES)
-        assert blobs.env.info()["last_txnid"] == before["txnid"]  # a writable open wrote nothing
+        assert not any(blobs.has_table(t) for t in LATER_TABLES)
+        assert blobs.generation() == before["txnid"]  # a writable open wrote nothing
         with blobs.read():  # a reader of this process is open meanwhile: creation waits for it
             done = threading.Event()
             worker = threading.Thread(target=lambda: (blobs.acquire_writer(), done.set()))
@@ -165,12 +168,12 @@ def test_format1_store_gets_its_later_databases_only_from_the_writer(tmp_path):
             assert not done.wait(0.3), "databases were created while a transaction was open"
         worker.join(30)
         assert done.is_set()
-        assert all(blobs.dbs[name.decode()] is not None for name in LATER_DATABASES)
+        assert all(blobs.has_table(t) for t in LATER_TABLES)
         with blobs.read() as txn:
-            assert txn.stat(blobs.dbs["tags"])["entries"] == 0
+            assert txn.count(Table.TAGS) == 0
     finally:
         blobs.close()
-    assert set(LATER_DATABASES) <= set(lmdb_facts(path)["names"])
+    assert {t.value.encode() for t in LATER_TABLES} <= set(lmdb_facts(path)["names"])
 
 
 @pytest.mark.parametrize("readonly", [False, True])
@@ -252,7 +255,7 @@ def test_read_only_open_without_write_permission_reads_without_a_lock_file(as_ot
 HOLD_A_READ = """
     import sys, time, castore
     store = castore.Store(sys.argv[1], readonly=True)
-    with store._blobs.read() as txn:
+    with store.backend.read() as txn:
         print("reading", flush=True)
         time.sleep(60)
 """
@@ -302,8 +305,8 @@ def test_taking_the_writer_lock_frees_stale_reader_slots(tmp_path):
 
 HOLD_THE_LOCK = """
     import sys, time
-    from castore.blobstore import BlobStore
-    blobs = BlobStore.open(sys.argv[1])
+    from castore.storage.lmdb_engine import LmdbBackend
+    blobs = LmdbBackend.open(sys.argv[1])
     blobs.acquire_writer()
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -444,8 +447,8 @@ def test_fork_while_a_thread_reads_refuses_to_reopen_in_the_child(tmp_path):
     reading, done = threading.Event(), threading.Event()
 
     def read() -> None:
-        with store._blobs.read() as txn:
-            txn.get(b"config", db=store._blobs.dbs["meta"])
+        with store.backend.read() as txn:
+            txn.get(Table.META, b"config")
             reading.set()
             done.wait(30)
 
@@ -463,7 +466,7 @@ def test_fork_while_a_thread_reads_refuses_to_reopen_in_the_child(tmp_path):
 
         assert run_in_fork(child) == 0
         # The child left the parent's reader slot alone: it still pins its snapshot.
-        assert os.getpid() in reader_pids(store._blobs)
+        assert os.getpid() in reader_pids(store.backend)
     finally:
         done.set()
         reader.join(30)

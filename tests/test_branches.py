@@ -7,7 +7,7 @@ import pytest
 
 import castore
 from castore import Checkpoint, Store
-from castore.catalog import branch_of, step_key, step_of
+from castore.format.keys import branch_of, step_key, step_of
 
 
 def weights(step: int) -> np.ndarray:

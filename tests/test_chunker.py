@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from castore.chunker import chunk_count, chunk_nbytes_for, chunk_slices, chunks_covering
+from castore.format.chunker import chunk_count, chunk_nbytes_for, chunk_slices, chunks_covering
 
 
 @given(rows=st.integers(0, 10_000), row=st.integers(1, 5000), target=st.integers(4096, 1 << 20))

@@ -1,7 +1,7 @@
 import numpy as np
 
 import castore
-from castore.cli import main
+from castore.tools.cli import main
 
 
 def test_cli_lists_steps_stats_and_leaves(tmp_path, capsys):

@@ -85,9 +85,9 @@ def test_reader_process_loads_only_whole_steps_while_this_process_saves(tmp_path
 
 
 def test_save_that_grows_the_map_finishes_while_a_thread_of_this_process_keeps_loading(tmp_path, monkeypatch):
-    import castore.blobstore
+    import castore.storage.lmdb_engine
 
-    monkeypatch.setattr(castore.blobstore, "INITIAL_MAP_BYTES", 1 << 20)  # read at open: every save grows the map
+    monkeypatch.setattr(castore.storage.lmdb_engine, "INITIAL_MAP_BYTES", 1 << 20)  # read at open: every save grows the map
     path = tmp_path / "store"
     with castore.Store(path) as store:
         store.save(0, state_for(0))

@@ -97,7 +97,7 @@ def test_kill_harness_model_of_what_a_cut_short_operation_may_leave(tmp_path):
 #: transaction ids come from the test (it finds them in the files; they are LMDB's layout).
 KILLED_IN_COMMIT = r"""
 import mmap, os, signal, struct, sys, threading
-import numpy as np, castore, castore.store
+import numpy as np, castore, castore.save.saver
 path, step, meta_offset, lock_offset = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 with open(os.path.join(path, "data.mdb"), "rb") as data, open(os.path.join(path, "lock.mdb"), "rb") as lock:
     metas = mmap.mmap(data.fileno(), 8192, access=mmap.ACCESS_READ)
@@ -112,13 +112,13 @@ def kill_between_write_and_publish():
             os.kill(os.getpid(), signal.SIGKILL)
 
 threading.Thread(target=kill_between_write_and_publish, daemon=True).start()
-commit_manifest = castore.store.Store._commit_manifest
+commit_manifest = castore.save.saver.Saver._commit_manifest
 
 def armed_commit(self, txn, *args):
     armed.set()  # the next meta page written is this transaction's
     return commit_manifest(self, txn, *args)
 
-castore.store.Store._commit_manifest = armed_commit
+castore.save.saver.Saver._commit_manifest = armed_commit
 with castore.Store(path) as store:
     store.save(step, {"w": np.full(1000, step), "step": step})
 print("returned", flush=True)
@@ -138,7 +138,7 @@ with castore.Checkpoint(sys.argv[1]) as cp:
 def lmdb_txnid_offsets(path) -> tuple[int, int]:
     """Where LMDB keeps the transaction id in a meta page and in ``lock.mdb``."""
     with castore.Store(path) as store:
-        last = store._blobs.env.info()["last_txnid"]
+        last = store.inspect().generation()
     data = (path / "data.mdb").read_bytes()[:8192]
     lock = (path / "lock.mdb").read_bytes()[:256]
     at = lambda raw, offset: int.from_bytes(raw[offset : offset + 8], "little")  # noqa: E731

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import castore
-from castore.codec import join
-from castore.cli import main
-from castore.export import DEEP, INDEX, LEAVES, MAX_NAME, encode_name, export_step
+from castore.format.codec import join
+from castore.tools.cli import main
+from castore.tools.export import DEEP, INDEX, LEAVES, MAX_NAME, encode_name, export_step
 
 HOSTILE = ["../../evil", "/etc/passwd", "a/../../b", "..", ".", "a\x00b", "", " ", "a b", "W", "w",
            "%2E%2E", "%", "~deep", INDEX, LEAVES, "leaves", "a.npy", "a", "x" * 5000, "ü" * 300, "\n", "\\..\\x",
@@ -98,7 +98,7 @@ def read_export(out: Path) -> dict:
                 array = np.load(out / entry["file"], allow_pickle=False)
                 if entry["dtype"] in ("bfloat16", "float8_e4m3fn"):
                     array = array.view(getattr(ml_dtypes, entry["dtype"]))
-                assert array.dtype == castore.codec.dtype_from_name(entry["dtype"])
+                assert array.dtype == castore.format.codec.dtype_from_name(entry["dtype"])
                 assert list(array.shape) == entry["shape"]
                 value = array[()] if kind == "scalar" else array
             elif kind == "bytes":

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import castore
-from castore import fsinfo
+from castore.storage import fsinfo
 
 # A container's table: overlay root, tmpfs /tmp, an ext4 data disk, an NFS home with a
 # local scratch disk mounted inside it, SMB and sshfs shares, a mount point with a space.
@@ -144,7 +144,7 @@ def test_store_and_checkpoint_refuse_a_network_directory_before_touching_it(tmp_
 
 
 def test_the_cli_refuses_a_network_store_unless_told(tmp_path, monkeypatch, capsys):
-    from castore import cli
+    from castore.tools import cli
 
     with castore.Store(tmp_path / "store") as store:
         store.save(3, {"x": 1})

@@ -38,14 +38,17 @@ from hypothesis import strategies as st
 from workload import fingerprint
 
 import castore
-from castore import catalog, codec, config
+from castore import catalog
+from castore.format import codec, config
+from castore.format.keys import branch_of, step_key
+from castore.format.schema import STORE_FORMAT
 from castore.errors import CastoreError, ChunkMissingError
-from castore.ids import ID_BYTES, split_ids
-from castore.manifest import (
+from castore.format.ids import ID_BYTES, split_ids
+from castore.format.manifest import (
     MAX_DEPTH, ArrayLeaf, BytesLeaf, ChunkedBlob, DictNode, InlineBlob, Manifest, PagedBlob, ScalarLeaf,
     SeqNode, ShardsNode, ValueLeaf, decode_manifest, encode_manifest, page_ids_in, unseal,
 )
-from castore.retention import Keep, StepInfo
+from castore.maintenance.retention import Keep, StepInfo
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ID = bytes(range(32))
@@ -366,12 +369,13 @@ CONFIG = config.new_config(1 << 20)
 
 
 def parse(raw):
-    """``parse_config``; what it accepts, ``upgraded`` (run when a writer takes the store) takes too."""
-    chunk_bytes, version = config.parse_config(raw, "fuzz")
+    """``parse_config``; what it accepts, ``migrate`` (run when a writer takes the store) takes too."""
+    parsed = config.parse_config(raw, "fuzz")
+    chunk_bytes, version = parsed.chunk_bytes, parsed.format
     assert type(chunk_bytes) is int and type(version) is int
-    current = config.upgraded(raw)
+    current = config.migrate(raw)
     if current is not None:
-        assert config.parse_config(current, "fuzz") == (chunk_bytes, config.STORE_FORMAT)
+        assert config.parse_config(current, "fuzz") == config.StoreConfig(chunk_bytes, STORE_FORMAT)
     return chunk_bytes, version
 
 
@@ -389,7 +393,7 @@ def config_records(draw):
     """The valid config with a few fields replaced by values of the wrong type or range, or dropped."""
     record = dict(GOOD_CONFIG)
     wrong = {
-        "format": st.one_of(st.integers(-3, config.STORE_FORMAT + 2), st.booleans(), st.floats(0, 4), anything),
+        "format": st.one_of(st.integers(-3, STORE_FORMAT + 2), st.booleans(), st.floats(0, 4), anything),
         "hash": st.one_of(st.sampled_from(["blake3-256", "sha256", ""]), anything),
         "chunk_bytes": st.one_of(st.sampled_from([4096, 4095, 256 << 20, (256 << 20) + 1, True, 65536.0]), sizes),
         "page_ids": st.one_of(st.sampled_from([256, 255, 256.0, True]), anything),
@@ -415,28 +419,20 @@ def test_config_wrong_types(record):
 
 
 class FakeTxn:
-    """What catalog reads of a transaction: ``get`` and a cursor over one database."""
+    """What catalog reads of a transaction: ``get`` (one value) and ``scan`` (given items)."""
 
     def __init__(self, value=None, items=()):
         self.value, self.items = value, items
 
-    def get(self, key, db=None):
+    def get(self, table, key):
         return self.value
 
-    def cursor(self, db=None):
-        return self
-
-    def iternext(self):
+    def scan(self, table, start=b"", stop=None, *, reverse=False):
         return iter(self.items)
 
 
-class FakeBlobs:
-    path = "fuzz"
-    dbs = collections.defaultdict(object)
-
-
 def read_metrics(raw):
-    metrics = catalog.read_metrics(FakeTxn(raw), FakeBlobs(), catalog.step_key(3))
+    metrics = catalog.read_metrics(FakeTxn(raw), step_key(3))
     assert all(type(k) is str and type(v) is float for k, v in metrics.items())
     return metrics
 
@@ -458,7 +454,7 @@ def test_metrics_records(raw):
 
 step_keys = st.one_of(
     st.binary(max_size=40),
-    st.builds(lambda name, n: catalog.step_key(n, name), st.from_regex(r"[a-z][a-z0-9./-]{0,8}", fullmatch=True),
+    st.builds(lambda name, n: step_key(n, name), st.from_regex(r"[a-z][a-z0-9./-]{0,8}", fullmatch=True),
               st.integers(0, 2**63 - 1)),
     st.builds(lambda name, n: b"\xff" + name + b"\x00" + n.to_bytes(8, "big"), st.binary(max_size=12),
               st.integers(0, 2**64 - 1)),
@@ -468,13 +464,13 @@ step_keys = st.one_of(
 @fuzz(600)
 @given(items=st.lists(st.tuples(st.binary(min_size=1, max_size=20), step_keys), max_size=4), name=st.text(max_size=6))
 def test_tag_values(items, name):
-    found = survives("catalog: tags", catalog.tags, FakeTxn(items=items), FakeBlobs())
+    found = survives("catalog: tags", catalog.tags, FakeTxn(items=items))
     if found is not None:
-        assert all(catalog.branch_of(v) for v in found.values())
+        assert all(branch_of(v) for v in found.values())
     if items:
-        survives("catalog: tags", catalog.find_tag, FakeTxn(items[0][1], items), FakeBlobs(), name or "t")
+        survives("catalog: tags", catalog.find_tag, FakeTxn(items[0][1], items), name or "t", "fuzz")
     for _, value in items:
-        survives("catalog: tags", catalog.branch_of, value)
+        survives("catalog: tags", branch_of, value)
 
 
 # --- opening a store whose data file is damaged (in child processes) -----------------------------------

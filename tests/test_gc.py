@@ -35,11 +35,12 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # workload.py be
 from workload import Child, assert_state_equal, fingerprint  # noqa: E402
 
 import castore  # noqa: E402
-import castore.gc  # noqa: E402
-import castore.pipeline  # noqa: E402
+import castore.maintenance.gc  # noqa: E402
+import castore.save.pipeline  # noqa: E402
 from castore import Keep  # noqa: E402
-from castore.config import STORE_FORMAT  # noqa: E402
-from castore.manifest import ChunkedBlob, PagedBlob, decode_manifest, iter_blobs  # noqa: E402
+from castore.format.schema import STORE_FORMAT  # noqa: E402
+from castore.format.manifest import ChunkedBlob, PagedBlob, decode_manifest, iter_blobs  # noqa: E402
+from castore.format.schema import Table  # noqa: E402
 
 SEED = int(os.environ.get("CASTORE_GC_SEED", "20240917"))
 CHUNK = 4096  # chunk_bytes of every store here: many chunks from small arrays
@@ -96,29 +97,23 @@ def state_ids(state) -> tuple[set, set, dict]:
 
 def db_items(store: castore.Store, name: str) -> dict[bytes, int]:
     """``{key: value size}`` of one of the store's LMDB databases (empty if it does not exist)."""
-    db = store._blobs.dbs[name]
-    if db is None:
-        return {}
-    with store._blobs.read() as txn:
-        return {bytes(k): len(v) for k, v in txn.cursor(db=db)}
+    return {k: len(v) for k, v in store.inspect().items(Table(name)).items()}
 
 
 def journal_ids(store: castore.Store) -> dict[bytes, set]:
     """``{journal key: ids it lists}`` (entries are ``tag + id`` records)."""
     out = {}
-    with store._blobs.read() as txn:
-        for key, raw in txn.cursor(db=store._blobs.dbs["journal"]):
-            raw = bytes(raw)
-            assert len(raw) % 33 == 0, f"journal entry {bytes(key)!r} is malformed"
-            out[bytes(key)] = {raw[i + 1 : i + 33] for i in range(0, len(raw), 33)}
+    for key, raw in store.inspect().items(Table.JOURNAL).items():
+        assert len(raw) % 33 == 0, f"journal entry {key!r} is malformed"
+        out[key] = {raw[i + 1 : i + 33] for i in range(0, len(raw), 33)}
     return out
 
 
 def live_ids(store: castore.Store) -> tuple[set, set]:
     """Chunk and page ids named by the committed steps, read from manifests and pages."""
     chunks, pages = set(), set()
-    with store._blobs.read() as txn:
-        for raw in txn.cursor(db=store._blobs.dbs["steps"]).iternext(keys=False):
+    with store.backend.read() as txn:
+        for _, raw in txn.scan(Table.STEPS):
             manifest = decode_manifest(bytes(raw))
             for _, node in manifest.components:
                 for blob in iter_blobs(node):
@@ -127,7 +122,7 @@ def live_ids(store: castore.Store) -> tuple[set, set]:
                     elif isinstance(blob, PagedBlob):
                         for pid in split(blob.page_ids):
                             pages.add(pid)
-                            page = txn.get(pid, db=store._blobs.dbs["pages"])
+                            page = txn.get(Table.PAGES, pid)
                             assert page is not None, "a live chunk-list page is missing"
                             chunks.update(split(bytes(page)))
     return chunks, pages
@@ -162,8 +157,7 @@ def rows(seed, count: int) -> np.ndarray:
 
 
 def read_config(store: castore.Store) -> dict:
-    with store._blobs.read() as txn:
-        return msgpack.unpackb(bytes(txn.get(b"config", db=store._blobs.dbs["meta"])), raw=False)
+    return msgpack.unpackb(store.inspect().get(Table.META, b"config"), raw=False)
 
 
 # --- 1. a stateful model -------------------------------------------------------------------------
@@ -421,7 +415,7 @@ class GcMachine(RuleBasedStateMachine):
         chunks, pages = set(db_items(self.store, "chunks")), set(db_items(self.store, "pages"))
         live_c, live_p = self.live()
         pinned = self.pinned()
-        assert self.store._blobs.pinned_ids() == pinned, "pins are not the ids of each leaf's last save"
+        assert self.store.inspect().pinned_ids() == pinned, "pins are not the ids of each leaf's last save"
         assert live_c | pinned <= chunks, "a chunk a step names or a baseline may reuse is gone"
         assert live_p <= pages
         if self.collected:  # no garbage left: only pinned chunks no step names
@@ -584,7 +578,7 @@ def test_a_save_failing_on_an_unsupported_value_leaves_no_unlisted_garbage(tmp_p
 
 
 def test_committed_saves_leave_no_journal_entries_and_gc_never_frees_their_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(castore.pipeline, "BATCH_BYTES", 16 << 10)  # a journal entry every 4 chunks
+    monkeypatch.setattr(castore.save.pipeline, "BATCH_BYTES", 16 << 10)  # a journal entry every 4 chunks
     states_ = {step: {"w": np.concatenate([rows(60, 32), rows([61, step], 32)]), "n": step} for step in range(4)}
 
     def shards():
@@ -611,7 +605,7 @@ def test_committed_saves_leave_no_journal_entries_and_gc_never_frees_their_chunk
 CHILD = r"""
 import sys, time
 import numpy as np
-import castore, castore.gc, castore.pipeline
+import castore, castore.maintenance.gc, castore.save.pipeline
 
 def say(*words):
     sys.stdout.write(" ".join(map(str, words)) + "\n")
@@ -619,18 +613,18 @@ def say(*words):
 
 mode, path = sys.argv[1], sys.argv[2]
 if mode == "gc":  # collect; print before starting, so the parent can kill it shortly after
-    castore.gc.DELETE_BATCH = int(sys.argv[3])
+    castore.maintenance.gc.DELETE_BATCH = int(sys.argv[3])
     if len(sys.argv) > 4:  # announce a later phase, and pause in its first transaction
         phase = sys.argv[4]
         target = "_delete_entries" if phase == "entries" else "_delete_ids"
-        original = getattr(castore.gc, target)
+        original = getattr(castore.maintenance.gc, target)
         def paused(txn, blobs, *args, _announced=[]):
             if not _announced and (phase == "entries" or args[0] == phase):
                 _announced.append(True)
                 say("phase", phase)
                 time.sleep(0.2)
             return original(txn, blobs, *args)
-        setattr(castore.gc, target, paused)
+        setattr(castore.maintenance.gc, target, paused)
     with castore.Store(path) as store:
         store.plan_gc()  # takes the writer lock first
         say("gc-start")
@@ -647,7 +641,7 @@ elif mode == "stall":  # a sharded save that stalls once its first shard is comm
     with castore.Store(path) as store:
         store.save(step, {"s": shards()})
 elif mode == "save":  # one save in small chunk transactions
-    castore.pipeline.BATCH_BYTES = 64 << 10
+    castore.save.pipeline.BATCH_BYTES = 64 << 10
     step, seed = int(sys.argv[3]), int(sys.argv[4])
     state = {"w": np.random.default_rng([seed, 1]).integers(0, 256, (2048, 1024), dtype=np.uint8)}
     with castore.Store(path) as store:
@@ -841,7 +835,7 @@ def test_store_size_plateaus_with_a_ring_buffer_and_keep(tmp_path):
             saved[step] = {"obs": rb["obs"].copy(), "rew": rb["rew"].copy(), "w": weights.copy()}
             saved.pop(step - 3, None)
             file_bytes.append(cp.store.stats().file_bytes)
-            used_pages.append(cp.store._blobs.env.info()["last_pgno"])
+            used_pages.append(cp.store.inspect().last_page())
         assert cp.steps() == [107, 108, 109]
         for step in cp.steps():
             loaded = cp.store.load(step, verify=True)
@@ -851,7 +845,7 @@ def test_store_size_plateaus_with_a_ring_buffer_and_keep(tmp_path):
         for series, name in ((file_bytes, "file bytes"), (used_pages, "LMDB pages in use")):
             early, late = max(series[30:60]), max(series[60:110])
             assert late <= early * 1.05, f"{name} still grow: max {early} over saves 30..60, {late} after"
-        assert_no_garbage(cp.store, pinned=cp.store._blobs.pinned_ids())
+        assert_no_garbage(cp.store, pinned=cp.store.inspect().pinned_ids())
         live = sum(db_items(cp.store, "chunks").values())
         assert live < 3 * (capacity * 260 + weights.nbytes), f"{live} bytes held for 3 steps"
     finally:
@@ -908,7 +902,7 @@ def test_a_format1_store_loads_and_a_writer_upgrades_it(tmp_path, later_dbs):
     with castore.Store(path, readonly=True) as store:
         assert read_config(store)["format"] == 1
         if not later_dbs:
-            assert store._blobs.dbs["trash"] is None and store._blobs.dbs["tags"] is None
+            assert not store.inspect().has_table(Table.TRASH) and not store.inspect().has_table(Table.TAGS)
         assert store.steps() == [1, 2] and store.latest() == 2
         for step, state in states_.items():
             assert_state_equal(store.load(step, verify=True), state)
@@ -1068,7 +1062,7 @@ def test_async_retention_does_not_free_ids_a_save_being_captured_reuses(tmp_path
         held, release = threading.Event(), threading.Event()
 
         def hold_writes():
-            with store._blobs._write_mutex:
+            with store.inspect().holding_writes():
                 held.set()
                 release.wait(30)
 

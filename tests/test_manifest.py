@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import castore
-from castore.manifest import (
+from castore.format.manifest import (
     ArrayLeaf, ChunkedBlob, DictNode, InlineBlob, Manifest, PagedBlob, ScalarLeaf, SeqNode,
     ShardsNode, ValueLeaf, decode_manifest, encode_manifest,
 )

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import castore
-from castore.retention import Keep, StepInfo, policy_of
+from castore.maintenance.retention import Keep, StepInfo, policy_of
 
 
 def infos(steps, created=None, metrics=None, tagged=()):

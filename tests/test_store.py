@@ -9,8 +9,8 @@ import pytest
 from conftest import assert_tree_equal
 
 import castore
-from castore import blobstore
-from castore.store import step_key
+from castore.storage import lmdb_engine as blobstore
+from castore.format.keys import step_key
 
 CHUNK = 64 << 10
 

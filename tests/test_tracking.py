@@ -44,7 +44,7 @@ def dirty_rows(tracked):
     The fake baseline's owner is no store's writer session, so it never lets a store reuse ids.
     """
     epoch, _, changed = tracked.capture()
-    tracked.committed(Baseline(owner=None, nbytes=0, stride=1, ids=b"", fingerprints=None, epoch=epoch))
+    tracked.committed(Baseline(session=None, nbytes=0, chunk_nbytes=1, ids=b"", fingerprints=None, epoch=epoch))
     return changed.tolist()
 
 

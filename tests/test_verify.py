@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 import castore
-from castore import Store, cli
-from castore.ids import chunk_id
-from castore.manifest import PAGE_IDS
+from castore import Store
+from castore.tools import cli
+from castore.format.ids import chunk_id
+from castore.format.manifest import PAGE_IDS
+from castore.format.schema import Table
 
 CHUNK = 4096
 STEPS = (1, 2, 3, 4)
@@ -137,9 +139,7 @@ def test_a_flipped_chunk_list_page_is_reported(store_path):
 
 def test_a_flipped_manifest_is_caught_by_its_checksum(store_path):
     with Store(store_path) as store:
-        raw = store._blobs.read
-        with raw() as txn:
-            manifest = bytes(txn.get((4).to_bytes(8, "big"), db=store._blobs.dbs["steps"]))
+        manifest = store.inspect().get(Table.STEPS, (4).to_bytes(8, "big"))
     flip_all(store_path, manifest[-60:], offset=30)  # a byte inside the msgpack body
     with Store(store_path) as store:
         report = store.verify()

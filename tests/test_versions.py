@@ -19,7 +19,7 @@ import pytest
 from conftest import assert_tree_equal
 
 import castore
-from castore.config import STORE_FORMAT
+from castore.format.schema import STORE_FORMAT
 
 DATA = Path(__file__).parent / "data"
 _spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")

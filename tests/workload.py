@@ -352,19 +352,19 @@ def _options(args: list[str]) -> dict:
 def _map_size(store) -> int:
     """The LMDB map size of the store's environment (castore internals; 0 if unavailable)."""
     try:
-        return store._blobs.env.info()["map_size"]
+        return store.inspect().map_size()
     except Exception:  # noqa: BLE001 - only the map-growth test needs it
         return 0
 
 
 def _configure(options: dict) -> None:
-    import castore.blobstore
-    import castore.pipeline
+    import castore.storage.lmdb_engine
+    import castore.save.pipeline
 
     if options.get("tiny_map"):
-        castore.blobstore.INITIAL_MAP_BYTES = TINY_MAP_BYTES  # read when the store is opened
+        castore.storage.lmdb_engine.INITIAL_MAP_BYTES = TINY_MAP_BYTES  # read when the store is opened
     if "batch_bytes" in options:
-        castore.pipeline.BATCH_BYTES = int(options["batch_bytes"])
+        castore.save.pipeline.BATCH_BYTES = int(options["batch_bytes"])
 
 
 def _wait_for_line(word: str, deadline: float) -> None:

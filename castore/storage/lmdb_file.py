@@ -1,10 +1,11 @@
-"""The LMDB data file of a store: opening it safely, its databases, compaction.
+"""The LMDB data file of one store directory: opening it safely, its tables, compaction.
 
-A mixin of :class:`~castore.blobstore.BlobStore` (split out to keep each module readable;
-it uses the blob store's locks and adds no state).  Guarantees: a truncated data file is
-refused before LMDB touches a missing page; an open writes only to a new store (its named
-databases are created in one transaction) and the writer adds those an older format
-lacks; compaction replaces the file atomically and only when no other process has it open.
+Guarantees: a truncated data file is refused before LMDB touches a missing page (LMDB
+would die by SIGBUS, or pad it with zeros through a writable map); an open writes only to
+a new store (its tables are created in one transaction) and the writer adds the tables an
+older format lacks; compaction replaces the file atomically, only when no other process
+has it open.  Used by :class:`~castore.storage.lmdb_engine.LmdbBackend`, which holds the
+locks; nothing here is thread-safe by itself.
 """
 
 from __future__ import annotations
@@ -17,35 +18,47 @@ import shutil
 
 import lmdb
 
-from .errors import CorruptDataError, FormatError, StoreBusyError, UsageError
+from ..errors import CorruptDataError, FormatError, StoreBusyError, UsageError
+from ..format.schema import ALL_TABLES, TABLES, Table
 
-log = logging.getLogger("castore.blobstore")
-
-DATABASES = (b"meta", b"chunks", b"pages", b"steps", b"trash", b"journal", b"stepinfo", b"tags")
-#: databases a format-1 store does not have (a read-only open sees them as empty)
-LATER_DATABASES = (b"trash", b"journal", b"stepinfo", b"tags")
+log = logging.getLogger("castore.storage")
+MAX_READERS = 256
 
 
-class DataFile:
-    """Opening, checking and compacting the data file (mixed into BlobStore)."""
+class LmdbFile:
+    """The environment of ``path`` and the handles of its tables (None: a table it lacks)."""
+
+    def __init__(self, path: str, *, readonly: bool):
+        self.path = path
+        self.readonly = readonly
+        #: False for a read-only open without permission to write LMDB's lock file
+        self.has_reader_lock = True
+        self.env = None
+        self.data_fd: int | None = None  # for posix_fallocate (writable opens)
+        self.dbs: dict[Table, object | None] = {}
 
     # -- opening --------------------------------------------------------------------------
 
-    def _open_env(self, map_size: int) -> None:
-        """Open LMDB and the named databases; no transaction of this process may be open."""
+    def open(self, map_size: int, *, writer: bool, reserve) -> None:
+        """Open LMDB and the tables; no transaction of this process may be open.
+
+        ``reserve(0, grow=False)`` puts disk blocks under a new store's first pages;
+        ``writer`` (this process holds the writer lock) lets the tables an older store
+        lacks be created.
+        """
         self.env = self._open_lmdb(map_size)
         try:
             if not self.readonly:
-                self._data_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR)
-            self.dbs = self._open_dbs()
+                self.data_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR)
+            self.dbs = self.open_tables(writer=writer, reserve=reserve)
         except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
-            self._close_env()
+            self.close()
             raise CorruptDataError(f"LMDB found {self.path} damaged: {exc}; restore it from a backup") from None
         except lmdb.Error as exc:
-            self._close_env()
+            self.close()
             raise FormatError(f"cannot open LMDB store at {self.path}: {exc}") from None
         except BaseException:
-            self._close_env()
+            self.close()
             raise
 
     def _open_lmdb(self, map_size: int):
@@ -71,8 +84,8 @@ class DataFile:
     def _lmdb_open(self, map_size: int, *, readonly: bool):
         try:
             return lmdb.open(
-                self.path, map_size=map_size, max_dbs=len(DATABASES), subdir=True, readonly=readonly,
-                create=not readonly, max_readers=256, writemap=not readonly, lock=self.has_reader_lock,
+                self.path, map_size=map_size, max_dbs=len(ALL_TABLES), subdir=True, readonly=readonly,
+                create=not readonly, max_readers=MAX_READERS, writemap=not readonly, lock=self.has_reader_lock,
             )
         except lmdb.Error as exc:
             if not _is_permission_error(exc):
@@ -90,34 +103,32 @@ class DataFile:
             "writes the store", self.path)
         return env
 
-    def _open_dbs(self) -> dict:
-        """The named databases, None for a later one an older store lacks.
+    def open_tables(self, *, writer: bool, reserve) -> dict:
+        """The table handles, None for a table an older store lacks.
 
         A writable open creates them all in a new store (one transaction: all or none); the
-        writer also creates the later ones (see ensure_databases); nobody else creates any,
-        so an open never writes to an existing store.  No transaction of this process may
-        be open (LMDB's rule for opening databases).
+        writer also creates the ones an older format lacks; nobody else creates any, so an
+        open never writes to an existing store.  No transaction of this process may be open
+        (LMDB's rule for opening databases).
         """
         if self.readonly:  # without txn=: py-lmdb keeps no handle opened in a read txn of ours
-            found = {name: _existing_db(self.env, name) for name in DATABASES}
-            return self._checked(found)
+            return self._checked({t: _existing_db(self.env, t) for t in ALL_TABLES})
         if self.env.stat()["entries"] == 0:  # a new store: put disk blocks under its first pages
-            self.reserve(0, grow=False)
-        txn = self._begin_alone(write=True)
+            reserve(0, grow=False)
+        txn = self.begin_alone(write=True)
         try:
-            found = {name: _existing_db(self.env, name, txn=txn) for name in DATABASES}
-            if found[b"meta"] is None:
+            found = {t: _existing_db(self.env, t, txn=txn) for t in ALL_TABLES}
+            if found[Table.META] is None:
                 entries = self.env.stat()["entries"]
                 if entries:
                     raise FormatError(f"{self.path} is not a castore store, or a damaged one: LMDB's "
                                       f"main database holds {entries} records but no meta database")
                 fresh = True
             else:  # created by an older castore killed before the config was written
-                fresh = txn.stat(found[b"meta"])["entries"] == 0
-            writer = self._writer_fd is not None
-            for name, db in found.items():
-                if db is None and (fresh or (writer and name in LATER_DATABASES)):
-                    found[name] = self.env.open_db(name, txn=txn, create=True)
+                fresh = txn.stat(found[Table.META])["entries"] == 0
+            for table, db in found.items():
+                if db is None and (fresh or (writer and table not in TABLES[1])):
+                    found[table] = self.env.open_db(table.value.encode(), txn=txn, create=True)
             txn.commit()  # writes nothing when nothing was created
         except BaseException:
             txn.abort()
@@ -125,27 +136,14 @@ class DataFile:
         return self._checked(found)
 
     def _checked(self, found: dict) -> dict:
-        for name, db in found.items():
-            if db is None and name not in LATER_DATABASES:
-                if name == b"meta":
+        for table, db in found.items():
+            if db is None and table in TABLES[1]:
+                if table is Table.META:
                     raise FormatError(f"{self.path} is not a castore store (no meta database)")
-                raise FormatError(f"store {self.path} lacks its {name.decode()!r} database")
-        return {name.decode(): db for name, db in found.items()}
+                raise FormatError(f"store {self.path} lacks its {table.value!r} database")
+        return found
 
-    def ensure_databases(self) -> None:
-        """Create the databases a format-1 store lacks (until then they read as empty).
-
-        Only the writer may: :meth:`acquire_writer` calls it.  Waits until no transaction of
-        this process is open, since one begun before a database exists cannot use it.
-        """
-        self._check_process()
-        if self.readonly or all(db is not None for db in self.dbs.values()):
-            return
-        self.reserve(0)
-        with self._write_mutex, self._lock.exclusive():
-            self.dbs = self._open_dbs()
-
-    def _begin_alone(self, *, write: bool):
+    def begin_alone(self, *, write: bool):
         """A transaction while no other of this process is open (so the map may be adopted)."""
         while True:
             try:
@@ -153,35 +151,44 @@ class DataFile:
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
 
+    def close(self) -> None:
+        if self.data_fd is not None:
+            os.close(self.data_fd)
+            self.data_fd = None
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    # -- sizes ----------------------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        return (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def file_bytes(self) -> int:
+        """Disk space the data file occupies (its size is the map size: the file is sparse)."""
+        return os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
+
     # -- compaction -----------------------------------------------------------------------
 
-    def compact(self) -> None:
-        """Replace the data file by a copy without free pages, giving space back.
-
-        The caller holds the writer lock.  Raises :class:`StoreBusyError` if another process
-        has the store open (its map would point at the replaced file): LMDB's own lock on
-        ``lock.mdb`` tells.  Crash-safe: the copy is complete and synced before an atomic
-        rename replaces the old file; a kill before leaves the old file and a stale
-        ``compact.tmp`` that the next compaction removes.
-        """
-        scratch = os.path.join(self.path, "compact.tmp")
+    def copy_compacted(self, scratch: str) -> None:
+        """Write a compacted, synced copy of the data file into directory ``scratch``."""
         shutil.rmtree(scratch, ignore_errors=True)
         os.makedirs(scratch)
         self.env.copy(scratch, compact=True)
         _fsync_path(os.path.join(scratch, "data.mdb"))
-        with self._write_mutex, self._lock.exclusive():  # no transaction of this process is open
-            map_size = self.env.info()["map_size"]
-            self._close_env()
-            try:
-                self._replace_data_file(scratch)
-            finally:
-                self._open_env(map_size)
-        shutil.rmtree(scratch, ignore_errors=True)
 
-    def _replace_data_file(self, scratch: str) -> None:
+    def replace_data_file(self, scratch: str) -> None:
+        """Move the copy in ``scratch`` over the data file; the environment must be closed.
+
+        Raises :class:`StoreBusyError` if another process has the store open: every process
+        with the environment open holds LMDB's read lock on byte 0 of ``lock.mdb``.
+        """
         fd = os.open(os.path.join(self.path, "lock.mdb"), os.O_RDWR)
         try:
-            try:  # every process with the environment open holds a read lock on byte 0
+            try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
             except OSError:
                 raise StoreBusyError(
@@ -191,17 +198,6 @@ class DataFile:
             _fsync_path(self.path)
         finally:
             os.close(fd)  # drops our fcntl lock: only after, LMDB reopens (and resets lock.mdb)
-
-    def _close_env(self) -> None:
-        if self._data_fd is not None:
-            os.close(self._data_fd)
-            self._data_fd = None
-        if self.env is not None:
-            self.env.close()
-
-    def file_bytes(self) -> int:
-        """Disk space the data file occupies (its size is the map size: the file is sparse)."""
-        return os.stat(os.path.join(self.path, "data.mdb")).st_blocks * 512
 
 
 def _fsync_path(path: str) -> None:
@@ -226,10 +222,10 @@ def _check_data_size(env, data: str) -> None:
                                "restore it from a backup")
 
 
-def _existing_db(env, name: bytes, txn=None):
-    """The handle of database ``name``, or None if it does not exist."""
+def _existing_db(env, table: Table, txn=None):
+    """The handle of ``table``'s database, or None if it does not exist."""
     try:
-        return env.open_db(name, txn=txn, create=False)
+        return env.open_db(table.value.encode(), txn=txn, create=False)
     except lmdb.NotFoundError:
         return None
 

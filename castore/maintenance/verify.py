@@ -20,12 +20,16 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from . import catalog, codec
-from .blobstore import BlobStore
-from .chunker import chunk_count
-from .errors import CastoreError, CorruptDataError, UsageError
-from .ids import ID_BYTES, chunk_id, short, split_ids
-from .manifest import ChunkedBlob, PagedBlob, decode_manifest, iter_blobs, page_ids_in
+from .. import catalog
+from ..errors import CastoreError, CorruptDataError, UsageError
+from ..format import codec
+from ..format.chunker import chunk_count
+from ..format.ids import ID_BYTES, chunk_id, short, split_ids
+from ..format.keys import MAIN, branch_of, step_of
+from ..format.manifest import decode_manifest, iter_blobs
+from ..format.schema import Table
+from ..storage.base import Backend, ReadTxn
+from ..storage.chunks import PAGE_MISSING, PageWalker
 
 HASH_GROUP = 64  # chunks handed to the pool at once (bounds the memoryviews in flight)
 
@@ -45,7 +49,7 @@ class Problem:
     def __str__(self) -> str:
         where = []
         if self.step is not None:
-            where.append(f"step {self.step}" + ("" if self.branch == catalog.MAIN else f" of branch {self.branch}"))
+            where.append(f"step {self.step}" + ("" if self.branch == MAIN else f" of branch {self.branch}"))
         if self.component is not None:
             where.append(f"component {self.component!r}" + (f" leaf {self.path!r}" if self.path else ""))
         if self.chunk is not None:
@@ -80,55 +84,56 @@ def check_sample(sample) -> float:
     return float(sample)
 
 
-def verify(blobs: BlobStore, pool, *, sample: float = 1.0, seed: int | None = None) -> VerifyReport:
+def verify(backend: Backend, pool, *, sample: float = 1.0, seed: int | None = None) -> VerifyReport:
     """Check the whole store (see the module docstring); never raises for damage it finds."""
     sample = check_sample(sample)
     salt = random.Random(seed).getrandbits(64)
-    checker = _Checker(blobs, pool, sample, salt)
+    checker = _Checker(pool, sample, salt)
     try:
-        with blobs.read() as txn:
+        with backend.read() as txn:
             checker.run(txn)
-    except CastoreError as exc:  # LMDB itself could not read on: report what was found so far
+    except CastoreError as exc:  # the engine itself could not read on: report what was found so far
         checker.problems.append(Problem("store", str(exc)))
     return VerifyReport(tuple(checker.problems), checker.steps, len(checker.lengths),
                         checker.hashed_chunks, checker.hashed_bytes, sample)
 
 
 class _Checker:
-    def __init__(self, blobs: BlobStore, pool, sample: float, salt: int):
-        self.blobs, self.pool, self.salt = blobs, pool, salt
+    def __init__(self, pool, sample: float, salt: int):
+        self.pool, self.salt = pool, salt
         self.threshold = int(sample * (1 << 64))
         self.problems: list[Problem] = []
         self.steps = self.hashed_chunks = self.hashed_bytes = 0
         self.lengths: dict[bytes, int] = {}  # chunk id -> length its blobs imply
-        self.pages: dict[bytes, str | None] = {}  # page id -> problem kind, or None if sound
         self.bad_chunks: dict[bytes, str] = {}  # chunk id -> problem kind
-        self.miscounted = False  # some paged blob's pages list a wrong number of chunks
+        self.damaged = False  # some paged blob has an unusable page or a wrong chunk count
+        self.walker: PageWalker | None = None
 
-    def run(self, txn) -> None:
+    def run(self, txn: ReadTxn) -> None:
+        self.walker = PageWalker(txn, check_pages=True)
         manifests = list(self._manifests(txn))
         for _, _, manifest in manifests:
             for _, node in manifest.components:
                 for blob in iter_blobs(node):
-                    self._note_blob(txn, blob)
+                    self._note_blob(blob)
         self._check_chunks(txn)
-        if self.bad_chunks or self.miscounted or any(self.pages.values()):
+        if self.bad_chunks or self.damaged:
             for branch, step, manifest in manifests:
-                self._locate_damage(txn, branch, step, manifest)
+                self._locate_damage(branch, step, manifest)
         self._check_tags(txn)
         self._check_trash(txn)
 
-    def _manifests(self, txn):
+    def _manifests(self, txn: ReadTxn):
         """``(branch, step, manifest)`` of every decodable step; problems for the rest."""
-        for key, raw in txn.cursor(db=self.blobs.dbs["steps"]).iternext():
+        for key, raw in txn.scan(Table.STEPS):
             try:
-                branch, step = catalog.branch_of(key), catalog.step_of(key)
+                branch, step = branch_of(key), step_of(key)
             except CorruptDataError as exc:
                 self.problems.append(Problem("manifest", str(exc)))
                 continue
             self.steps += 1
             try:
-                catalog.read_metrics(txn, self.blobs, bytes(key))
+                catalog.read_metrics(txn, bytes(key))
             except CorruptDataError as exc:
                 self.problems.append(Problem("metrics", str(exc), branch, step))
             try:
@@ -141,52 +146,19 @@ class _Checker:
                 continue
             yield branch, step, manifest
 
-    def _note_blob(self, txn, blob) -> None:
-        for cid, length in self._chunks_of(txn, blob):
-            self.lengths.setdefault(cid, length)
-
-    def _chunks_of(self, txn, blob):
-        """``(chunk id, expected length)`` of a blob; nothing for pages that are damaged."""
-        if isinstance(blob, ChunkedBlob):
-            ids = blob.ids
-        elif isinstance(blob, PagedBlob):
-            ids = b""
-            for pid in split_ids(blob.page_ids):
-                page = self._page(txn, pid)
-                if page is None:
-                    return
-                ids += page
-            if len(ids) != chunk_count(blob.nbytes, blob.chunk_nbytes) * ID_BYTES:
-                self.miscounted = True  # reported per leaf by _damage_in
-                return
-        else:
+    def _note_blob(self, blob) -> None:
+        walk = self.walker.walk(blob)
+        if not walk.complete:
+            self.damaged = True  # reported per leaf by _damage_in
             return
-        stride = blob.chunk_nbytes
-        for index, cid in enumerate(split_ids(ids)):
-            yield cid, min(stride, blob.nbytes - index * stride)
+        stride = getattr(blob, "chunk_nbytes", 0)
+        for index, cid in enumerate(split_ids(walk.chunk_ids)):
+            self.lengths.setdefault(cid, min(stride, blob.nbytes - index * stride))
 
-    def _page(self, txn, pid: bytes) -> bytes | None:
-        """The ids a chunk-list page lists, or None if it is missing or damaged."""
-        raw = txn.get(pid, db=self.blobs.dbs["pages"])
-        if pid not in self.pages:
-            kind = None
-            if raw is None:
-                kind = "page-missing"
-            elif chunk_id(raw) != pid:
-                kind = "page-corrupt"
-            else:
-                try:
-                    page_ids_in(bytes(raw))
-                except CorruptDataError:
-                    kind = "page-corrupt"
-            self.pages[pid] = kind
-        return None if self.pages[pid] else bytes(raw)
-
-    def _check_chunks(self, txn) -> None:
-        chunks_db = self.blobs.dbs["chunks"]
+    def _check_chunks(self, txn: ReadTxn) -> None:
         group = []
         for cid, length in self.lengths.items():
-            view = txn.get(cid, db=chunks_db)
+            view = txn.get(Table.CHUNKS, cid)
             if view is None:
                 self.bad_chunks[cid] = "chunk-missing"
             elif len(view) != length:
@@ -205,53 +177,46 @@ class _Checker:
             if not intact:
                 self.bad_chunks[cid] = "chunk-corrupt"
 
-    def _locate_damage(self, txn, branch: str, step: int, manifest) -> None:
+    def _locate_damage(self, branch: str, step: int, manifest) -> None:
         """One problem per damaged chunk or page, per leaf of this step that references it."""
         for name, node in manifest.components:
             for path, leaf in codec.leaf_nodes(node):
                 for blob in iter_blobs(leaf):
-                    for kind, cid, detail in self._damage_in(txn, blob):
+                    for kind, cid, detail in self._damage_in(blob):
                         self.problems.append(Problem(kind, detail, branch, step, name, path, short(cid)))
 
-    def _damage_in(self, txn, blob):
-        if isinstance(blob, PagedBlob):
-            damaged = [(self.pages[pid], pid) for pid in split_ids(blob.page_ids) if self.pages.get(pid)]
-            for kind, pid in damaged:
-                yield kind, pid, "chunk-list page " + ("is missing" if kind == "page-missing" else "does not match its id")
-            if damaged:
-                return
-            listed = sum(len(self._page(txn, pid)) for pid in split_ids(blob.page_ids)) // ID_BYTES
+    def _damage_in(self, blob):
+        walk = self.walker.walk(blob)
+        if walk.damaged:
+            for kind, pid in walk.damaged:
+                kind = PAGE_MISSING if kind == PAGE_MISSING else "page-corrupt"
+                yield kind, pid, "chunk-list page " + ("is missing" if kind == PAGE_MISSING else "does not match its id")
+            return
+        if walk.listed is not None:
             needed = chunk_count(blob.nbytes, blob.chunk_nbytes)
-            if listed != needed:
-                yield "manifest", blob.page_ids[:ID_BYTES], f"chunk-list pages list {listed} chunks, the leaf needs {needed}"
-                return
+            yield "manifest", blob.page_ids[:ID_BYTES], f"chunk-list pages list {walk.listed} chunks, the leaf needs {needed}"
+            return
         seen = set()
-        for cid, _ in self._chunks_of(txn, blob):
+        for cid in split_ids(walk.chunk_ids):
             kind = self.bad_chunks.get(cid)
             if kind and cid not in seen:
                 seen.add(cid)
                 yield kind, cid, "chunk is missing" if kind == "chunk-missing" else "chunk bytes do not match its id"
 
-    def _check_tags(self, txn) -> None:
-        db = self.blobs.dbs["tags"]
-        if db is None:
-            return
-        for name, key in txn.cursor(db=db).iternext():
+    def _check_tags(self, txn: ReadTxn) -> None:
+        for name, key in txn.scan(Table.TAGS):
             label = bytes(name).decode("utf-8", "replace")
             try:
-                branch = catalog.branch_of(key)
+                branch = branch_of(key)
             except CorruptDataError:
                 self.problems.append(Problem("tag", f"tag {label!r} does not name a step"))
                 continue
-            if txn.get(bytes(key), db=self.blobs.dbs["steps"]) is None:
+            if txn.get(Table.STEPS, bytes(key)) is None:
                 self.problems.append(Problem("tag", f"tag {label!r} names a step that does not exist",
-                                             branch, catalog.step_of(key)))
+                                             branch, step_of(key)))
 
-    def _check_trash(self, txn) -> None:
-        db = self.blobs.dbs["trash"]
-        if db is None:
-            return
-        for key, raw in txn.cursor(db=db).iternext():
+    def _check_trash(self, txn: ReadTxn) -> None:
+        for key, raw in txn.scan(Table.TRASH):
             try:
                 decode_manifest(raw)
             except CorruptDataError as exc:

@@ -43,7 +43,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import UnsafeFilesystemError
+from ..errors import UnsafeFilesystemError
 
 log = logging.getLogger(__name__)
 

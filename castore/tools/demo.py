@@ -1,6 +1,6 @@
 """The main job, small enough to watch: a DreamerV3-like run checkpointed with castore.
 
-``python -m castore.demo`` (what ``make demo`` runs):
+``python -m castore.tools.demo`` (what ``make demo`` runs):
 
 1. starts a training process (a ``castore.RingBuffer`` replay of 64x64x3 images, actions
    and rewards; an agent with parameters and Adam moments; a step counter) that saves
@@ -136,7 +136,7 @@ def report(r: castore.SaveResult) -> None:
 
 
 def launch(args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "castore.demo", "--train", "--logdir", args.logdir, "--capacity",
+    cmd = [sys.executable, "-m", "castore.tools.demo", "--train", "--logdir", args.logdir, "--capacity",
            str(args.capacity), "--every", str(args.every), "--total", str(args.total), "--pace", str(args.pace)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
 

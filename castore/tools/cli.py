@@ -17,11 +17,11 @@ import signal
 import subprocess
 import sys
 
-from . import codec
-from .errors import CastoreError
+from ..errors import CastoreError
+from ..format import codec
+from ..format.manifest import ArrayLeaf, InlineBlob
+from ..store import Store
 from .export import export_step
-from .manifest import ArrayLeaf, InlineBlob
-from .store import Store
 
 
 def _describe(node) -> str:

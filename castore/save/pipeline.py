@@ -13,27 +13,28 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from .blobstore import BlobStore
+from ..errors import SaveError
+from ..format import journal
+from ..format.chunker import chunk_slices
+from ..format.ids import ID_BYTES, chunk_id
+from ..format.keys import prefix_stop
+from ..format.manifest import INLINE_IDS, PAGE_IDS, ChunkedBlob, PagedBlob
+from ..format.schema import Table
+from ..storage.base import WriteTxn
+from ..storage.chunks import ChunkStore
 from .capture import Capture, PendingBlob, Staging
-from .chunker import chunk_slices
-from .errors import SaveError
-from .ids import ID_BYTES, chunk_id
-from .manifest import INLINE_IDS, PAGE_IDS, ChunkedBlob, PagedBlob
 
 BATCH_BYTES = 128 << 20
-JOURNAL_TOKEN_BYTES = 8
-#: journal entries list ``tag + id``: which database each new id went to
-JOURNAL_TAGS = {"chunks": b"c", "pages": b"p"}
 HASH_GROUP = 8  # chunks hashed per thread-pool task
 _FLUSH, _END = object(), object()
 
 
 class ChunkSink:
-    """Writer thread: puts ``(db, id, view)`` items, commits per batch; counts what was new."""
+    """Writer thread: puts ``(table, id, view)`` items, commits per batch; counts what was new."""
 
-    def __init__(self, blobs: BlobStore):
-        self.blobs = blobs
-        self.token = os.urandom(JOURNAL_TOKEN_BYTES)  # names this save's journal entries
+    def __init__(self, chunks: ChunkStore):
+        self.chunks = chunks
+        self.token = os.urandom(journal.TOKEN_BYTES)  # names this save's journal entries
         self._batches = 0
         self.new_chunks = self.reused_chunks = self.new_bytes = 0
         self._queue: queue.Queue = queue.Queue(maxsize=4096)
@@ -42,9 +43,9 @@ class ChunkSink:
         self._thread = threading.Thread(target=self._run, name="castore-writer", daemon=True)
         self._thread.start()
 
-    def put(self, db: str, cid: bytes, view) -> None:
+    def put(self, table: Table, cid: bytes, view) -> None:
         self._raise_if_failed()
-        self._queue.put((db, cid, view))
+        self._queue.put((table, cid, view))
 
     def flush(self) -> None:
         """Return once every queued item is in a committed transaction (buffers reusable)."""
@@ -92,60 +93,33 @@ class ChunkSink:
         if not batch or self._aborted or self._error is not None:
             return
         try:
-            self.blobs.reserve(sum(len(view) for _, _, view in batch))
-            new_chunks, reused, new_bytes = self.blobs.write(self._put_batch, batch, [])
+            backend = self.chunks.backend
+            backend.reserve(sum(len(view) for _, _, view in batch))
+            count = backend.write(self._put_batch, batch, [])
         except BaseException as exc:  # reported to the saving thread by put/flush/finish
             self._error = exc
             return
         self._batches += 1
-        self.new_chunks += new_chunks
-        self.reused_chunks += reused
-        self.new_bytes += new_bytes
+        self.new_chunks += len(count.new)
+        self.reused_chunks += count.reused
+        self.new_bytes += count.new_bytes
 
-    def _put_batch(self, txn, batch: list, attempts: list) -> tuple[int, int, int]:
+    def _put_batch(self, txn: WriteTxn, batch: list, attempts: list):
         attempts.append(1)
         if len(attempts) > 1:  # a retry after map growth: the buffers must still match
             for _, cid, view in batch:
                 if chunk_id(view) != cid:
                     raise SaveError("a buffer changed while it was being saved; save again")
-        new_chunks = reused = new_bytes = 0
-        journal = bytearray()
-        for db_name, cid, view in batch:
-            if txn.put(cid, view, db=self.blobs.dbs[db_name], overwrite=False):
-                new_chunks += 1
-                new_bytes += len(view)
-                journal += JOURNAL_TAGS[db_name] + cid
-            else:
-                reused += 1
-        add_counters(txn, self.blobs, new_chunks, new_bytes)
-        if journal:  # until the manifest commits, GC may free these if the save never does
-            key = self.token + self._batches.to_bytes(4, "big")
-            txn.put(key, bytes(journal), db=self.blobs.dbs["journal"])
-        return new_chunks, reused, new_bytes
+        count = self.chunks.put_many(txn, batch)
+        if count.new:  # until the manifest commits, GC may free these if the save never does
+            txn.put(Table.JOURNAL, journal.entry_key(self.token, self._batches), journal.encode_entry(count.new))
+        return count
 
 
-def drop_journal(txn, blobs: BlobStore, token: bytes) -> None:
+def drop_journal(txn: WriteTxn, token: bytes) -> None:
     """Delete a save's journal entries (in the transaction that commits its manifest)."""
-    cursor = txn.cursor(db=blobs.dbs["journal"])
-    if cursor.set_range(token):
-        while cursor.key()[: len(token)] == token:
-            if not cursor.delete():
-                break
-
-
-def read_counters(txn, blobs: BlobStore) -> tuple[int, int]:
-    """The store's ``(chunks and pages held, their bytes)`` from ``meta/counters``."""
-    raw = txn.get(b"counters", db=blobs.dbs["meta"])
-    if raw is None:
-        return 0, 0
-    return int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big")
-
-
-def add_counters(txn, blobs: BlobStore, chunks: int, nbytes: int) -> None:
-    """Keep the store's chunk count and stored bytes in the same transaction as the chunks."""
-    have_chunks, have_bytes = read_counters(txn, blobs)
-    value = (have_chunks + chunks).to_bytes(8, "big") + (have_bytes + nbytes).to_bytes(8, "big")
-    txn.put(b"counters", value, db=blobs.dbs["meta"])
+    for key in [bytes(k) for k, _ in txn.scan(Table.JOURNAL, token, prefix_stop(token))]:
+        txn.delete(Table.JOURNAL, key)
 
 
 def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor, workers: int) -> None:
@@ -158,19 +132,19 @@ def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor, wor
     buffers = [blob.buffers[i] for i in todo]
     ids = _hash_in_order(buffers, pool, workers)
     for index, cid, buffer in zip(todo, ids, buffers):  # ids arrive in order as hashing proceeds
-        sink.put("chunks", cid, buffer)
+        sink.put(Table.CHUNKS, cid, buffer)
         blob.ids[index] = cid
     packed = b"".join(blob.ids)
     blob.new_ids = packed
     if len(blob.ids) <= INLINE_IDS:
-        blob.resolved = ChunkedBlob(blob.nbytes, blob.stride, packed)
+        blob.resolved = ChunkedBlob(blob.nbytes, blob.chunk_nbytes, packed)
     else:
-        blob.resolved = PagedBlob(blob.nbytes, blob.stride, _write_pages(packed, sink))
+        blob.resolved = PagedBlob(blob.nbytes, blob.chunk_nbytes, _write_pages(packed, sink))
 
 
-def hash_chunks(buffer, stride: int, pool: ThreadPoolExecutor, workers: int) -> list[bytes]:
+def hash_chunks(buffer, chunk_nbytes: int, pool: ThreadPoolExecutor, workers: int) -> list[bytes]:
     """Chunk ids of a flat buffer as a save computes them (for benchmarks and tools)."""
-    views = [buffer[a:b] for a, b in chunk_slices(len(buffer), stride)]
+    views = [buffer[a:b] for a, b in chunk_slices(len(buffer), chunk_nbytes)]
     return list(_hash_in_order(views, pool, workers))
 
 
@@ -196,7 +170,7 @@ def _write_pages(packed: bytes, sink: ChunkSink) -> bytes:
     for start in range(0, len(packed), step):
         page = packed[start : start + step]
         pid = chunk_id(page)
-        sink.put("pages", pid, page)
+        sink.put(Table.PAGES, pid, page)
         page_ids += pid
     return bytes(page_ids)
 
@@ -204,8 +178,8 @@ def _write_pages(packed: bytes, sink: ChunkSink) -> bytes:
 class SaveJob:
     """The write phase of one save: hash what capture found changed, queue it, commit."""
 
-    def __init__(self, blobs: BlobStore, pool: ThreadPoolExecutor, capture: Capture, staging: Staging):
-        self.blobs = blobs
+    def __init__(self, chunks: ChunkStore, pool: ThreadPoolExecutor, capture: Capture, staging: Staging):
+        self.chunks = chunks
         self.pool = pool
         self.capture = capture
         self.staging = staging
@@ -215,7 +189,7 @@ class SaveJob:
     @property
     def sink(self) -> ChunkSink:
         if self._sink is None:
-            self._sink = ChunkSink(self.blobs)
+            self._sink = ChunkSink(self.chunks)
         return self._sink
 
     def flush(self) -> None:

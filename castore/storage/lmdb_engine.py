@@ -1,50 +1,40 @@
-"""Key -> bytes on LMDB: environments, named databases, map growth, the writer lock.
+"""The LMDB engine (the default): one environment per store directory per process.
 
-Knows nothing of manifests or arrays.  Guarantees:
+Guarantees, beyond those of :class:`~castore.storage.base.Backend`:
 
 * one LMDB environment per store path per process, shared by every opener (LMDB refuses
   a second one); a forked child never uses its parent's (:class:`UsageError`), it opens
   the store again;
-* opening checks that the data file holds every page LMDB's meta page claims before any
-  other page is touched (a truncated file raises :class:`CorruptDataError`, where LMDB
-  would die by SIGBUS or pad it with zeros), and writes only to a new store: its named
-  databases are created in one transaction; those a format-1 store lacks are created by
-  the writer alone (:meth:`BlobStore.ensure_databases`) (see ``datafile.py``);
-* the LMDB map grows by itself: writes are run through :meth:`BlobStore.write`, which
-  retries its function after growing the map when LMDB reports it full;
-* a single writer process per store: :meth:`BlobStore.acquire_writer` takes an exclusive
-  ``flock`` at once or within ``lock_timeout`` seconds, or raises :class:`StoreLockedError`
-  naming the holder's PID; taking it frees the reader slots of killed readers.
+* the map grows by itself: :meth:`LmdbBackend.write` retries ``fn`` after growing the map
+  when LMDB reports it full, and another process's growth is adopted;
+* the environment uses LMDB's writable map (one copy less per byte written), where
+  writing to a file page the disk has no room for kills the process with SIGBUS; so
+  :meth:`LmdbBackend.reserve` allocates the pages past the last used one on disk first
+  (``posix_fallocate``), and a full disk raises :class:`SaveError` before anything is written;
+* taking the writer lock frees the reader slots of killed readers and recovers a commit a
+  killed writer wrote but did not publish.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
+import shutil
 import threading
-import time
-import weakref
 
 import lmdb
 
+from ..errors import CorruptDataError, SaveError, StoreNotFoundError, UsageError
+from ..format.schema import Table
 from . import fsinfo
-from .datafile import DATABASES, LATER_DATABASES, DataFile  # noqa: F401 (re-exported)
-from .errors import (
-    CorruptDataError,
-    SaveError,
-    StoreLockedError,
-    StoreNotFoundError,
-    UsageError,
-)
+from .lmdb_file import LmdbFile
+from .lock import WriterLock, check_timeout
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("castore.storage")
 
 INITIAL_MAP_BYTES = 1 << 30
-LOCK_FILE = "writer.lock"
 RESERVE_SLACK = 8 << 20  # disk blocks kept allocated past the data for B-tree pages and small writes
-LOCK_POLL_SECONDS = 0.05  # how often a writer waiting for the lock tries again
 
 
 class _SharedLock:
@@ -92,15 +82,71 @@ class _SharedLock:
         return self._shared == 0 and not self._exclusive
 
 
-class BlobStore(DataFile):
-    """An LMDB environment with the named databases of a castore store."""
+class LmdbTxn:
+    """A py-lmdb transaction seen through :class:`~castore.storage.base.WriteTxn`."""
 
-    _open: dict[str, "BlobStore"] = {}
+    __slots__ = ("_txn", "_dbs", "generation")
+
+    def __init__(self, txn, dbs: dict, generation: int):
+        self._txn = txn
+        self._dbs = dbs
+        self.generation = generation
+
+    def get(self, table: Table, key: bytes):
+        db = self._dbs[table]
+        return None if db is None else self._txn.get(key, db=db)
+
+    def scan(self, table: Table, start: bytes = b"", stop: bytes | None = None, *, reverse: bool = False):
+        db = self._dbs[table]
+        if db is None:
+            return
+        cursor = self._txn.cursor(db=db)
+        if not reverse:
+            if not cursor.set_range(start):
+                return
+            for key, value in cursor.iternext():
+                if stop is not None and bytes(key) >= stop:
+                    return
+                yield key, value
+            return
+        found = cursor.prev() if stop is not None and cursor.set_range(stop) else cursor.last()
+        while found:
+            key = cursor.key()
+            if bytes(key) < start:
+                return
+            yield key, cursor.value()
+            found = cursor.prev()
+
+    def count(self, table: Table) -> int:
+        db = self._dbs[table]
+        return 0 if db is None else self._txn.stat(db)["entries"]
+
+    def put(self, table: Table, key: bytes, value) -> None:
+        self._txn.put(key, value, db=self._writable(table))
+
+    def put_new(self, table: Table, key: bytes, value) -> bool:
+        return self._txn.put(key, value, db=self._writable(table), overwrite=False)
+
+    def delete(self, table: Table, key: bytes) -> bool:
+        db = self._dbs[table]
+        return False if db is None else self._txn.delete(key, db=db)
+
+    def _writable(self, table: Table):
+        db = self._dbs[table]
+        if db is None:
+            raise UsageError(f"the store has no {table.value!r} table yet; only its writer creates it")
+        return db
+
+
+class LmdbBackend:
+    """An LMDB environment holding the tables of one store (see the module docstring)."""
+
+    _open: dict[str, "LmdbBackend"] = {}
     _registry_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str, *, create: bool = True, readonly: bool = False,
-             allow_network_fs: bool = False, lock_timeout: float | None = None) -> "BlobStore":
+             allow_network_fs: bool = False, lock_timeout: float | None = None) -> "LmdbBackend":
         """The process's shared environment for ``path``; each call must be paired with close().
 
         ``lock_timeout`` is how long :meth:`acquire_writer` waits for another writer process
@@ -116,7 +162,7 @@ class BlobStore(DataFile):
         for one that is no castore store; :class:`UsageError` for missing permissions and in
         a forked child whose parent was using the store in another thread.
         """
-        lock_timeout = _check_timeout(lock_timeout)
+        lock_timeout = check_timeout(lock_timeout)
         real = os.path.realpath(path)
         with cls._registry_lock:
             existing = cls._open.get(real)
@@ -132,9 +178,9 @@ class BlobStore(DataFile):
                     existing.lock_timeout = lock_timeout
                 return existing
             fsinfo.check_local_filesystem(real, force=allow_network_fs)
-            store = cls(real, create=create, readonly=readonly, lock_timeout=lock_timeout)
-            cls._open[real] = store
-            return store
+            backend = cls(real, create=create, readonly=readonly, lock_timeout=lock_timeout)
+            cls._open[real] = backend
+            return backend
 
     def __init__(self, path: str, *, create: bool, readonly: bool, lock_timeout: float | None = None):
         if not os.path.isdir(path):
@@ -143,21 +189,15 @@ class BlobStore(DataFile):
             os.makedirs(path, exist_ok=True)
         self.path = path
         self.readonly = readonly
-        self.lock_timeout = _check_timeout(lock_timeout)
-        #: False for a read-only open without permission to write LMDB's lock file (see open())
-        self.has_reader_lock = True
+        self.lock_timeout = check_timeout(lock_timeout)
         self.pid = os.getpid()
         self.refs = 1
         self._lock = _SharedLock()
         self._write_mutex = threading.RLock()
         self._writer_mutex = threading.Lock()  # one thread of this process takes the writer lock
-        self._writer_fd: int | None = None
-        self._data_fd: int | None = None
-        self.env = None
-        self.writer_session: object | None = None
-        #: objects holding remembered chunk ids (``pinned_ids(session)``): GC must not free them
-        self.pin_holders: "weakref.WeakSet" = weakref.WeakSet()
-        self._open_env(INITIAL_MAP_BYTES)
+        self._writer = WriterLock(path)
+        self._file = LmdbFile(path, readonly=readonly)
+        self._file.open(INITIAL_MAP_BYTES, writer=False, reserve=self._reserve)
 
     def close(self) -> None:
         if self.pid != os.getpid():  # a forked child closing what its parent opened
@@ -173,8 +213,13 @@ class BlobStore(DataFile):
                 return
             if self._open.get(self.path) is self:
                 del self._open[self.path]
-        self._release_writer()
-        self._close_env()
+        self._writer.release()
+        self._file.close()
+
+    @property
+    def has_reader_lock(self) -> bool:
+        """False for a read-only open without permission to write LMDB's lock file."""
+        return self._file.has_reader_lock
 
     # -- fork() ---------------------------------------------------------------------------
 
@@ -183,16 +228,15 @@ class BlobStore(DataFile):
             raise UsageError(f"store {self.path} was opened in another process (before fork()); "
                              "open it again in the child")
 
-    def _drop_inherited_fds(self) -> None:
+    def drop_inherited_fds(self) -> None:
         """In a forked child: close our copies of the parent's descriptors.  The parent keeps
         its writer lock (a flock belongs to the open file, which the parent still has), but a
         child living on after the parent must not hold it."""
-        for fd in (self._writer_fd, self._data_fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._writer_fd = self._data_fd = None
-        self.writer_session = None
+        self._writer.drop_inherited()
+        if self._file.data_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._file.data_fd)
+            self._file.data_fd = None
 
     def _let_go_inherited(self) -> None:
         """In a forked child: close the parent's environment as far as this process goes.
@@ -201,29 +245,29 @@ class BlobStore(DataFile):
         its reader slot, shared with the parent, as free, and writers would then reuse
         pages under the parent's reader.  Raises :class:`UsageError` otherwise.
         """
-        self._drop_inherited_fds()
-        if self.env is None:
+        self.drop_inherited_fds()
+        if self._file.env is None:
             return
         if not self._lock.is_idle():
             raise UsageError(
                 f"store {self.path} was in use by another thread when this process forked, so the "
                 "child cannot let go of the parent's LMDB environment safely; fork while no thread "
                 "uses the store, or start the child with the 'spawn' method")
-        self.env.close()  # aborts nothing (no transaction); LMDB frees only this process's slots
-        self.env = None
+        self._file.env.close()  # aborts nothing (no transaction); LMDB frees only this process's slots
+        self._file.env = None
 
     # -- transactions ---------------------------------------------------------------------
 
     @contextlib.contextmanager
     def read(self):
-        """A read transaction whose ``get`` returns memoryviews valid until it ends."""
+        """A snapshot whose ``get`` returns memoryviews valid until it ends."""
         self._check_process()
         while True:
             with self._lock.shared():
                 txn = self._begin(write=False)
                 if txn is not None:
                     try:
-                        yield txn
+                        yield LmdbTxn(txn, self._file.dbs, txn.id())
                     except lmdb.Error as exc:  # a damaged file: never a raw lmdb error
                         raise CorruptDataError(f"LMDB could not read {self.path}: {exc}") from exc
                     finally:
@@ -235,13 +279,13 @@ class BlobStore(DataFile):
         """Run ``fn(txn, *args)`` in a write transaction and commit; returns its result.
 
         ``fn`` may be run more than once: when the map is full the transaction is aborted,
-        the map grown and ``fn`` run again, so ``fn`` must only put and delete.
+        the map grown and ``fn`` run again.
         """
         self._check_process()
         if self.readonly:
             raise UsageError(f"store {self.path} is open read-only")
         with self._write_mutex:
-            self.reserve(0)
+            self._reserve(0)
             resized = False
             while True:
                 if resized:
@@ -253,7 +297,7 @@ class BlobStore(DataFile):
                         resized = True
                         continue
                     try:
-                        result = fn(txn, *args)
+                        result = fn(LmdbTxn(txn, self._file.dbs, txn.id()), *args)
                         txn.commit()
                         return result
                     except lmdb.MapFullError:
@@ -266,28 +310,38 @@ class BlobStore(DataFile):
                         raise
                 self._grow_map()
 
-    def reserve(self, nbytes: int, *, grow: bool = True) -> None:
-        """Make room for a write transaction of about ``nbytes``: map space and disk blocks.
+    def generation(self) -> int:
+        self._check_process()
+        return self._file.env.info()["last_txnid"]
+
+    @contextlib.contextmanager
+    def exclusive_writes(self):
+        with self._write_mutex:
+            yield
+
+    def has_table(self, table: Table) -> bool:
+        return self._file.dbs.get(table) is not None
+
+    def reserve(self, nbytes: int) -> None:
+        self._reserve(nbytes)
+
+    def _reserve(self, nbytes: int, *, grow: bool = True) -> None:
+        """Map space and disk blocks for a write of about ``nbytes`` (see the module docstring).
 
         The map grows ahead so a write rarely hits its limit (not with ``grow=False``: then
-        only the part of ``nbytes`` the map holds is allocated).  The environment uses LMDB's
-        writable map (one copy less per byte written), where writing to a file page the
-        disk has no room for kills the process with SIGBUS; so the pages past the last
-        used one are allocated on disk first (``posix_fallocate``), and a full disk
-        raises :class:`SaveError` here, before anything is written.
+        only the part of ``nbytes`` the map holds is allocated).
         """
         self._check_process()
         need = 2 * nbytes + RESERVE_SLACK
-        info = self.env.info()
-        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
-        if info["map_size"] - used < need:
+        used, map_size = self._file.used_bytes(), self._file.map_size()
+        if map_size - used < need:
             if grow:
                 self._grow_map(used + need)
             else:
-                need = info["map_size"] - used
-        if self._data_fd is not None:
+                need = map_size - used
+        if self._file.data_fd is not None:
             try:
-                os.posix_fallocate(self._data_fd, used, need)
+                os.posix_fallocate(self._file.data_fd, used, need)
             except OSError as exc:
                 raise SaveError(
                     f"no room on disk for a write of about {nbytes} bytes to {self.path}, nothing "
@@ -297,77 +351,57 @@ class BlobStore(DataFile):
     def _begin(self, *, write: bool):
         """A transaction, or None when another process grew the map (adopt, then retry)."""
         try:
-            return self.env.begin(write=write, buffers=True)
+            return self._file.env.begin(write=write, buffers=True)
         except lmdb.MapResizedError:
             return None
 
     def _adopt_map_size(self) -> None:
         with self._lock.exclusive():
-            self.env.set_mapsize(0)
+            self._file.env.set_mapsize(0)
 
     def _grow_map(self, at_least: int = 0) -> None:
         with self._lock.exclusive():
-            current = self.env.info()["map_size"]
+            current = self._file.map_size()
             new = max(current * 2, at_least)
             log.info("growing LMDB map of %s from %d to %d bytes", self.path, current, new)
             try:
-                self.env.set_mapsize(new)
+                self._file.env.set_mapsize(new)
             except lmdb.Error as exc:  # e.g. the file cannot grow (file-size limit)
                 raise SaveError(f"cannot grow the map of {self.path} to {new} bytes: {exc}") from exc
 
     # -- the single-writer lock -----------------------------------------------------------
 
-    def acquire_writer(self, timeout: float | None = None) -> None:
-        """Take the store's writer lock for this process (a no-op if it has it).
-
-        Waits up to ``timeout`` seconds for another writer process to let go (None: the
-        ``lock_timeout`` given to :meth:`open`, by default not at all; 0: not at all), then
-        raises :class:`StoreLockedError` naming the holder's PID.  Taking the lock also
-        frees the reader slots of killed readers and creates the databases an older store
-        lacks (:meth:`ensure_databases`).
-        """
+    def acquire_writer(self, timeout: float | None = None) -> bool:
         self._check_process()
         if self.readonly:
             raise UsageError(f"store {self.path} is open read-only")
-        timeout = self.lock_timeout if timeout is None else _check_timeout(timeout)
+        timeout = self.lock_timeout if timeout is None else check_timeout(timeout)
         with self._writer_mutex:  # held until the writer is ready: another thread must not write first
-            if self._writer_fd is not None:
-                return
-            fd = self._lock_writer_file(timeout or 0.0)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
-            self._writer_fd = fd
-            self.new_writer_session()
+            if self._writer.held:
+                return False
+            self._writer.acquire(timeout or 0.0)
             self.clear_stale_readers()
             # A writer killed inside its commit may have written the new meta page without
             # publishing it to readers; taking LMDB's write mutex recovers it, so this writer
             # starts from the true latest step.
             self.write(lambda txn: None)
-            self.ensure_databases()
+            self._create_missing_tables()
+            return True
 
-    def _lock_writer_file(self, timeout: float) -> int:
-        """An open ``writer.lock`` holding our exclusive flock, polled for up to ``timeout``."""
-        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return fd
-                except BlockingIOError:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    time.sleep(min(LOCK_POLL_SECONDS, left))
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-        error = StoreLockedError(self.path, int(holder) if holder.isdigit() else None)
-        if timeout:
-            error.args = (f"{error.args[0]}; gave up after waiting {timeout:g} s",)
-        raise error
+    def is_writer(self) -> bool:
+        return self._writer.held
+
+    def _create_missing_tables(self) -> None:
+        """Create the tables an older store lacks (until then they read as empty).
+
+        Waits until no transaction of this process is open, since one begun before a
+        table exists cannot use it.
+        """
+        if all(db is not None for db in self._file.dbs.values()):
+            return
+        self._reserve(0)
+        with self._write_mutex, self._lock.exclusive():
+            self._file.dbs = self._file.open_tables(writer=True, reserve=self._reserve)
 
     def clear_stale_readers(self) -> int:
         """Free the reader slots of processes that died inside a read transaction; how many.
@@ -377,50 +411,57 @@ class BlobStore(DataFile):
         (GC, compaction) catches readers killed since.
         """
         self._check_process()
-        if not self.has_reader_lock:
+        if not self._file.has_reader_lock:
             return 0
-        cleared = self.env.reader_check()
+        cleared = self._file.env.reader_check()
         if cleared:
             log.info("store %s: freed %d reader slots of killed processes", self.path, cleared)
         return cleared
 
-    def pinned_ids(self) -> set[bytes]:
-        """Chunk ids remembered by baselines of this writer session (see capture)."""
-        pinned: set[bytes] = set()
-        for holder in list(self.pin_holders):
-            pinned.update(holder.pinned_ids(self.writer_session))
-        return pinned
+    # -- compaction and sizes ------------------------------------------------------------
 
-    def new_writer_session(self) -> None:
-        """Start a new session token: chunk ids remembered under the old one may be gone.
+    def compact(self) -> None:
+        """Replace the data file by a copy without free pages, giving space back.
 
-        Ids remembered from committed saves (baselines) are trusted to name chunks still in
-        the store only while the session they were recorded in lasts: from taking the
-        writer lock until it is released or something frees chunks.
+        Crash-safe: the copy is complete and synced before an atomic rename replaces the
+        old file; a kill before leaves the old file and a stale ``compact.tmp`` that the
+        next compaction removes.
         """
-        self.writer_session = object()
+        self._check_process()
+        scratch = os.path.join(self.path, "compact.tmp")
+        self._file.copy_compacted(scratch)
+        with self._write_mutex, self._lock.exclusive():  # no transaction of this process is open
+            map_size = self._file.map_size()
+            self._file.close()
+            try:
+                self._file.replace_data_file(scratch)
+            finally:
+                self._file.open(map_size, writer=self._writer.held, reserve=self._reserve)
+        shutil.rmtree(scratch, ignore_errors=True)
 
-    def _release_writer(self) -> None:
-        if self._writer_fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._writer_fd, 0)
-            os.close(self._writer_fd)  # closing the descriptor drops the flock
-            self._writer_fd = None
-            self.writer_session = None
+    def file_bytes(self) -> int:
+        return self._file.file_bytes()
 
-def _check_timeout(timeout):
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
-        raise UsageError(f"lock_timeout must be None or seconds >= 0, got {timeout!r}")
-    return float(timeout)
+    def map_size(self) -> int:
+        """The LMDB map size (for inspection: it grows by itself)."""
+        return self._file.map_size()
+
+    def reader_pids(self) -> set[int]:
+        """PIDs holding LMDB reader slots (for inspection; ``mdb_reader_list``)."""
+        self._check_process()
+        lines = self._file.env.readers().splitlines()[1:]  # a header, then "pid thread txnid"
+        return {int(line.split()[0]) for line in lines if line.split()}
+
+    def last_page(self) -> int:
+        """The last page LMDB uses (for inspection: the file's high-water mark)."""
+        return self._file.env.info()["last_pgno"]
 
 
 def _after_fork_in_child() -> None:
     # A thread of the parent may have held the registry lock; it does not exist here.
-    BlobStore._registry_lock = threading.Lock()
-    for store in BlobStore._open.values():
-        store._drop_inherited_fds()
+    LmdbBackend._registry_lock = threading.Lock()
+    for backend in LmdbBackend._open.values():
+        backend.drop_inherited_fds()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

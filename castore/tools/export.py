@@ -51,9 +51,9 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from .codec import dtype_name
-from .errors import StepNotFoundError, UnsupportedValueError, UsageError
-from .store import Store
+from ..errors import StepNotFoundError, UnsupportedValueError, UsageError
+from ..format.codec import dtype_name
+from ..store import Store
 
 EXPORT_FORMAT = "castore-export/1"
 INDEX = "export.json"

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from .chunker import chunk_nbytes_for, chunk_slices
-from .errors import TrackingError
-from .ids import ID_BYTES, chunk_id
-from .tracking import Baseline, TrackedArray
+from ..errors import TrackingError
+from ..format.chunker import chunk_nbytes_for, chunk_slices
+from ..format.ids import ID_BYTES, chunk_id
+from ..tracking import Baseline, TrackedArray
 
 FP_BYTES = 16
 PARALLEL_FINGERPRINT_CHUNKS = 64  # below this, one thread fingerprints a leaf faster
@@ -47,7 +47,7 @@ class PendingBlob:
 
     path: str
     nbytes: int
-    stride: int
+    chunk_nbytes: int
     ids: list
     buffers: dict
     fingerprints: bytes | None
@@ -56,8 +56,8 @@ class PendingBlob:
     resolved: object = None  #: the ChunkedBlob/PagedBlob once written
     new_ids: bytes = field(default=b"")  #: all ids, concatenated, once written
 
-    def baseline(self, owner) -> Baseline:
-        return Baseline(owner, self.nbytes, self.stride, self.new_ids, self.fingerprints, self.epoch)
+    def baseline(self, session) -> Baseline:
+        return Baseline(session, self.nbytes, self.chunk_nbytes, self.new_ids, self.fingerprints, self.epoch)
 
 
 class Staging:
@@ -95,9 +95,9 @@ class Staging:
 class Capture:
     """``make_blob`` for :class:`codec.Encoder`: returns :class:`PendingBlob` records."""
 
-    def __init__(self, *, owner, baselines: dict, chunk_bytes: int, copy: bool, check: bool,
+    def __init__(self, *, session, baselines: dict, chunk_bytes: int, copy: bool, check: bool,
                  staging: Staging, pool, workers: int = 1):
-        self.owner = owner  # baselines are valid only for the same store writer session
+        self.session = session  # baselines are valid only for the same store writer session
         self.baselines = baselines
         self.chunk_bytes = chunk_bytes
         self.copy = copy
@@ -111,12 +111,12 @@ class Capture:
 
     def __call__(self, buffer: memoryview, row_nbytes: int, itemsize: int, path: str, tracked=None) -> PendingBlob:
         nbytes = buffer.nbytes
-        stride = chunk_nbytes_for(nbytes, row_nbytes, itemsize, self.chunk_bytes)
-        views = [buffer[a:b] for a, b in chunk_slices(nbytes, stride)]
+        chunk_nbytes = chunk_nbytes_for(nbytes, row_nbytes, itemsize, self.chunk_bytes)
+        views = [buffer[a:b] for a, b in chunk_slices(nbytes, chunk_nbytes)]
         if tracked is not None:
-            blob = self._tracked(views, nbytes, stride, row_nbytes, path, tracked)
+            blob = self._tracked(views, nbytes, chunk_nbytes, row_nbytes, path, tracked)
         else:
-            blob = self._fingerprinted(views, nbytes, stride, path)
+            blob = self._fingerprinted(views, nbytes, chunk_nbytes, path)
         if self.check:
             self._check_reused(blob, views, row_nbytes, "tracking" if tracked is not None else "fingerprinting")
         changed = [i for i, cid in enumerate(blob.ids) if cid is None]
@@ -128,33 +128,33 @@ class Capture:
         self.pending.append(blob)
         return blob
 
-    def _usable(self, baseline: Baseline | None, nbytes: int, stride: int) -> bool:
-        return (baseline is not None and baseline.owner is self.owner
-                and baseline.nbytes == nbytes and baseline.stride == stride)
+    def _usable(self, baseline: Baseline | None, nbytes: int, chunk_nbytes: int) -> bool:
+        return (baseline is not None and baseline.session is self.session
+                and baseline.nbytes == nbytes and baseline.chunk_nbytes == chunk_nbytes)
 
-    def _tracked(self, views, nbytes, stride, row_nbytes, path, tracked: TrackedArray) -> PendingBlob:
+    def _tracked(self, views, nbytes, chunk_nbytes, row_nbytes, path, tracked: TrackedArray) -> PendingBlob:
         epoch, baseline, changed_rows = tracked.capture()
         count = len(views)
-        if self._usable(baseline, nbytes, stride):
+        if self._usable(baseline, nbytes, chunk_nbytes):
             dirty = np.zeros(count, bool)
-            dirty[_chunks_of_rows(changed_rows, row_nbytes or nbytes, stride)] = True
+            dirty[_chunks_of_rows(changed_rows, row_nbytes or nbytes, chunk_nbytes)] = True
             ids = [None if dirty[i] else baseline.ids[i * ID_BYTES : (i + 1) * ID_BYTES] for i in range(count)]
         else:
             ids = [None] * count
-        return PendingBlob(path, nbytes, stride, ids, {}, None, tracked, epoch)
+        return PendingBlob(path, nbytes, chunk_nbytes, ids, {}, None, tracked, epoch)
 
-    def _fingerprinted(self, views, nbytes, stride, path) -> PendingBlob:
+    def _fingerprinted(self, views, nbytes, chunk_nbytes, path) -> PendingBlob:
         prints = self._fingerprints(views)
         baseline = self.baselines.get(path)
         count = len(views)
-        if self._usable(baseline, nbytes, stride) and baseline.fingerprints is not None:
+        if self._usable(baseline, nbytes, chunk_nbytes) and baseline.fingerprints is not None:
             now = np.frombuffer(prints, np.uint8).reshape(count, FP_BYTES)
             before = np.frombuffer(baseline.fingerprints, np.uint8).reshape(count, FP_BYTES)
             same = (now == before).all(axis=1)
             ids = [baseline.ids[i * ID_BYTES : (i + 1) * ID_BYTES] if same[i] else None for i in range(count)]
         else:
             ids = [None] * count
-        return PendingBlob(path, nbytes, stride, ids, {}, prints)
+        return PendingBlob(path, nbytes, chunk_nbytes, ids, {}, prints)
 
     def _fingerprints(self, views) -> bytes:
         """Concatenated fingerprints; large leaves split in one contiguous run per thread.
@@ -175,18 +175,18 @@ class Capture:
         for index, cid in zip(reused, actual):
             if cid != blob.ids[index]:
                 rows = row_nbytes or blob.nbytes
-                start = index * blob.stride
-                stop = min(start + blob.stride, blob.nbytes)
+                start = index * blob.chunk_nbytes
+                stop = min(start + blob.chunk_nbytes, blob.nbytes)
                 raise TrackingError(blob.path, index, (start // rows, -(-stop // rows)), how)
 
 
-def _chunks_of_rows(rows: np.ndarray, row_nbytes: int, stride: int) -> np.ndarray:
+def _chunks_of_rows(rows: np.ndarray, row_nbytes: int, chunk_nbytes: int) -> np.ndarray:
     """Indices of the chunks holding any byte of the given rows."""
     if rows.size == 0:
         return np.empty(0, np.int64)
-    first = (rows * row_nbytes) // stride
-    last = ((rows + 1) * row_nbytes - 1) // stride
-    if row_nbytes <= stride:  # a row lies in one or two chunks
+    first = (rows * row_nbytes) // chunk_nbytes
+    last = ((rows + 1) * row_nbytes - 1) // chunk_nbytes
+    if row_nbytes <= chunk_nbytes:  # a row lies in one or two chunks
         return np.unique(np.concatenate([first, last]))
     spans = [np.arange(a, b + 1) for a, b in zip(first, last)]
     return np.unique(np.concatenate(spans))

@@ -1,20 +1,33 @@
-"""The store's config record (``meta/config``): format version, hash, chunk size."""
+"""The store's config record (``meta/config``): format version, hash, chunk size; and the
+one migration path from older formats (pure: bytes in, bytes out)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import msgpack
 
+from ..errors import FormatError
 from .chunker import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
-from .errors import FormatError
 from .ids import HASH_NAME
-from .manifest import PAGE_IDS, unpack_untrusted
+from .manifest import PAGE_IDS
+from .schema import STORE_FORMAT
+from .sealing import unpack_untrusted
 
-STORE_FORMAT = 3  #: config ``format``: 2 adds trash, journal, stepinfo, tags; 3 adds branches (manifests stay 1)
+CONFIG_KEY = b"config"  #: key of the config record in the ``meta`` table
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """What a store's config record says."""
+
+    chunk_bytes: int  #: target chunk size of new leaves
+    format: int  #: the store format version the record was written at
 
 
 def new_config(chunk_bytes: int) -> bytes:
+    """The config record of a new store at the current format."""
     return msgpack.packb(
         {"format": STORE_FORMAT, "hash": HASH_NAME, "chunk_bytes": chunk_bytes,
          "page_ids": PAGE_IDS, "created": time.time()},
@@ -22,8 +35,14 @@ def new_config(chunk_bytes: int) -> bytes:
     )
 
 
-def upgraded(raw: bytes) -> bytes | None:
-    """The config record at the current format, or None if it is current already."""
+def migrate(raw: bytes) -> bytes | None:
+    """The config record brought to the current format, or None if it is current already.
+
+    Formats 1 and 2 differ from 3 only in what the writer may put in the store from now on:
+    format 2 added the trash, journal, stepinfo and tags tables (an engine creates the
+    missing ones, :func:`castore.format.schema.missing_tables`), format 3 branch step keys.
+    No existing record is rewritten, so migration is the config record alone.
+    """
     config = msgpack.unpackb(bytes(raw), raw=False)
     if config.get("format", 0) >= STORE_FORMAT:
         return None
@@ -31,8 +50,8 @@ def upgraded(raw: bytes) -> bytes | None:
     return msgpack.packb(config, use_bin_type=True)
 
 
-def parse_config(raw: bytes, path: str) -> tuple[int, int]:
-    """Check a store's config record; returns ``(chunk size, format)``."""
+def parse_config(raw: bytes, path: str) -> StoreConfig:
+    """Check a store's config record; raises :class:`FormatError` for anything unknown."""
     try:
         config = unpack_untrusted(raw)
     except (msgpack.UnpackException, ValueError, TypeError) as exc:
@@ -54,4 +73,4 @@ def parse_config(raw: bytes, path: str) -> tuple[int, int]:
         raise FormatError(f"{path}: config chunk_bytes {chunk_bytes!r} is out of range")
     if config.get("page_ids") != PAGE_IDS:
         raise FormatError(f"{path}: config page_ids {config.get('page_ids')!r} is not {PAGE_IDS}")
-    return chunk_bytes, version
+    return StoreConfig(chunk_bytes, version)

@@ -18,9 +18,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..errors import CorruptDataError, UnsupportedValueError
+from ..tracking import TrackedArray
 from .chunker import row_nbytes_of
-from .errors import CorruptDataError, UnsupportedValueError
-from .tracking import TrackedArray
 from .manifest import (
     MAX_DEPTH,
     ArrayLeaf,

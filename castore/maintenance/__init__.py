@@ -1,0 +1,1 @@
+"""Maintenance: retention policies, garbage collection, verify, and the maintainer that runs them."""

@@ -1,0 +1,179 @@
+"""Garbage collection: free the chunks and pages no kept step references.  Plan, then execute.
+
+Where garbage comes from, and how GC finds it without scanning every chunk:
+
+* a deleted (or overwritten) step's manifest moves to the ``trash`` table in the
+  transaction that removes it from ``steps``;
+* every batch of chunks a save commits is listed in the ``journal`` table, and the
+  transaction that commits the save's manifest deletes those entries; entries left behind
+  name the chunks of saves that failed or were killed.
+
+The *candidates* are the ids named by trashed manifests and journal entries; the *live*
+ids are those named by every kept step of every branch (their manifests and chunk-list
+pages, each unique page read once).  Garbage = candidates - live - pinned, where the
+*pinned* ids are those a save in this process may reuse without looking (its baselines,
+see :mod:`castore.save.session`): pinned garbage is *deferred*, listed in a journal entry
+for a later GC.  So a plan costs what it frees plus the live manifest pages, never a
+pass over the chunks.
+
+Crash safety: execution deletes chunks first, then pages, then the trash and journal
+entries, in batches of committed transactions.  A kill between batches leaves the trash
+and journal entries in place, so the next GC finds what is left; no batch ever deletes a
+live id.  Callers hold the writer lock with no save being captured or in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import CorruptDataError
+from ..format import journal
+from ..format.ids import split_ids
+from ..format.keys import MAIN, branch_of
+from ..format.manifest import Manifest, decode_manifest, iter_blobs
+from ..format.schema import Table
+from ..storage.base import ReadTxn, WriteTxn
+from ..storage.chunks import PAGE_MALFORMED, ChunkStore, PageWalker
+
+DELETE_BATCH = 4096  # ids deleted per transaction
+
+
+@dataclass(frozen=True, slots=True)
+class GcPlan:
+    """What a garbage collection would free (a dry run), and what it needs to do so."""
+
+    steps: tuple[int, ...]  #: deleted or overwritten steps whose chunks are collected
+    chunks: tuple[bytes, ...]  #: chunk ids to free
+    pages: tuple[bytes, ...]  #: chunk-list page ids to free
+    deferred: tuple[bytes, ...]  #: garbage chunk ids a save may still reuse: re-listed for a later GC
+    freed_bytes: int  #: bytes of those chunks and pages
+    trash_keys: tuple[bytes, ...]  #: trash entries done with once the ids are freed
+    journal_keys: tuple[bytes, ...]  #: journal entries of saves that never committed
+    live_pages: int  #: unique live chunk-list pages read to build the plan
+    generation: int  #: the store's generation when planned (a later commit makes it stale)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.chunks or self.pages or self.trash_keys or self.journal_keys or self.deferred)
+
+
+def plan(chunks: ChunkStore, txn: ReadTxn, pinned: set = frozenset()) -> GcPlan:
+    """Plan a collection from the snapshot ``txn``; ``pinned`` ids are deferred, not freed."""
+    walker = PageWalker(txn, check_pages=False)
+    live_chunks: set = set()
+    live_pages: set = set()
+    for _, raw in txn.scan(Table.STEPS):
+        _collect(walker, decode_manifest(raw), live_chunks, live_pages)
+    cand_chunks: set = set()
+    cand_pages: set = set()
+    steps, trash_keys = [], []
+    for key, raw in txn.scan(Table.TRASH):
+        manifest = decode_manifest(raw)
+        steps.append(manifest.step)
+        trash_keys.append(bytes(key))
+        _collect(walker, manifest, cand_chunks, cand_pages, live_pages=live_pages)
+    journal_keys = []
+    for key, raw in txn.scan(Table.JOURNAL):
+        journal_keys.append(bytes(key))
+        for table, cid in journal.decode_entry(raw):
+            (cand_chunks if table is Table.CHUNKS else cand_pages).add(cid)
+    garbage = chunks.sizes(txn, Table.CHUNKS, cand_chunks - live_chunks)
+    freed = sorted(garbage.keys() - pinned)
+    deferred = tuple(sorted(garbage.keys() & pinned))
+    page_sizes = chunks.sizes(txn, Table.PAGES, cand_pages - live_pages)
+    freed_bytes = sum(garbage[c] for c in freed) + sum(page_sizes.values())
+    return GcPlan(tuple(sorted(set(steps))), tuple(freed), tuple(sorted(page_sizes)), deferred, freed_bytes,
+                  tuple(trash_keys), tuple(journal_keys), len(live_pages), txn.generation)
+
+
+def execute(chunks: ChunkStore, gc_plan: GcPlan) -> None:
+    """Free what ``gc_plan`` lists, in batches; crash-safe (see the module docstring)."""
+    for table, ids in ((Table.CHUNKS, gc_plan.chunks), (Table.PAGES, gc_plan.pages)):
+        for start in range(0, len(ids), DELETE_BATCH):
+            chunks.backend.write(_delete_ids, chunks, table, ids[start : start + DELETE_BATCH])
+    chunks.backend.write(_delete_entries, gc_plan)
+
+
+def _delete_ids(txn: WriteTxn, chunks: ChunkStore, table: Table, ids) -> None:
+    chunks.delete_many(txn, table, ids)
+
+
+def _delete_entries(txn: WriteTxn, gc_plan: GcPlan) -> None:
+    for key in gc_plan.trash_keys:
+        txn.delete(Table.TRASH, key)
+    for key in gc_plan.journal_keys:
+        txn.delete(Table.JOURNAL, key)
+    if gc_plan.deferred:  # same transaction: the ids stay findable
+        entry = journal.encode_entry((Table.CHUNKS, cid) for cid in gc_plan.deferred)
+        txn.put(Table.JOURNAL, journal.deferred_key(gc_plan.generation), entry)
+
+
+def _collect(walker: PageWalker, manifest: Manifest, chunk_ids: set, pages: set,
+             live_pages: set = frozenset()) -> None:
+    """Add the chunk and page ids of a manifest to ``chunk_ids`` and ``pages``.
+
+    A page already in ``pages`` is not read again, nor is one in ``live_pages`` (the
+    chunks of a live page are live, so never candidates).  A missing page is skipped: a
+    killed GC frees a page's chunks before the page.
+    """
+    seen = pages if not live_pages else _Union(pages, live_pages)
+    for _, node in manifest.components:
+        for blob in iter_blobs(node):
+            walk = walker.walk(blob, skip=seen)
+            for kind, pid in walk.damaged:
+                if kind == PAGE_MALFORMED:
+                    raise CorruptDataError(f"chunk-list page {pid.hex()} of step {manifest.step} is malformed")
+            pages.update(walk.pages)
+            chunk_ids.update(split_ids(walk.chunk_ids))
+
+
+class _Union:
+    """``x in _Union(a, b)``: in either set, without building their union."""
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, a: set, b: set):
+        self.a, self.b = a, b
+
+    def __contains__(self, item) -> bool:
+        return item in self.a or item in self.b
+
+
+@dataclass(frozen=True, slots=True)
+class StepAccount:
+    """What one step costs in the store."""
+
+    step: int
+    logical_bytes: int  #: bytes of its state before deduplication
+    referenced_bytes: int  #: stored bytes of the chunks and pages it references
+    unique_bytes: int  #: of those, referenced by no other kept step: what deleting it frees
+    shared_bytes: int  #: referenced_bytes - unique_bytes
+    branch: str = MAIN
+
+
+def account(chunks: ChunkStore, txn: ReadTxn) -> list[StepAccount]:
+    """Per-step accounting over every kept step of every branch (reads manifests and pages,
+    not chunks).  A step forked to another branch shares all its bytes with its source."""
+    walker = PageWalker(txn, check_pages=False)
+    per_step, counts = [], {}
+    for key, raw in txn.scan(Table.STEPS):
+        manifest = decode_manifest(raw)
+        chunk_ids: set = set()
+        pages: set = set()
+        _collect(walker, manifest, chunk_ids, pages)
+        ids = {(Table.CHUNKS, c) for c in chunk_ids} | {(Table.PAGES, p) for p in pages}
+        per_step.append((manifest, branch_of(key), ids))
+        for item in ids:
+            counts[item] = counts.get(item, 0) + 1
+    sizes = {}
+    for table in (Table.CHUNKS, Table.PAGES):
+        wanted = [cid for t, cid in counts if t is table]
+        found = chunks.sizes(txn, table, wanted)
+        sizes.update({(table, cid): found.get(cid, 0) for cid in wanted})
+    accounts = []
+    for manifest, branch, ids in per_step:
+        referenced = sum(sizes[k] for k in ids)
+        unique = sum(sizes[k] for k in ids if counts[k] == 1)
+        accounts.append(StepAccount(manifest.step, manifest.logical_bytes, referenced, unique,
+                                    referenced - unique, branch))
+    return accounts

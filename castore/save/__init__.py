@@ -1,0 +1,1 @@
+"""Saving: capture -> pipeline -> commit (``saver``), background saves, writer sessions."""

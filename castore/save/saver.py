@@ -1,0 +1,307 @@
+"""The saver: capture, then commit; async saves; baselines; the rollback rule.
+
+Guarantees:
+
+* a step is visible only once its manifest is committed, which happens after every chunk
+  it names is committed; a reader never sees half a step;
+* chunks are content-addressed (BLAKE3-256 of their bytes) and written once;
+* *the rollback rule*: after :meth:`Saver.continue_from` (a load of step k), the save
+  that commits first moves the branch's steps after k to ``<branch>-abandoned-<k>`` in the
+  transaction that commits its manifest; a save that commits nothing keeps it pending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .. import catalog
+from ..errors import StepExistsError, UsageError
+from ..format import codec
+from ..format.keys import check_step, step_key
+from ..format.manifest import Manifest, encode_manifest
+from ..format.schema import Table
+from ..format.sealing import unseal
+from ..storage.base import Backend, WriteTxn
+from ..storage.chunks import ChunkStore
+from .background import Background, SaveHandle
+from .capture import Capture, PendingBlob, Staging
+from .pipeline import SaveJob, drop_journal
+
+log = logging.getLogger("castore.save")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveResult:
+    """What one save did."""
+
+    step: int
+    logical_bytes: int  #: bytes of every leaf of the state, before deduplication
+    new_bytes: int  #: bytes of chunks (and chunk-list pages) this save added to the store
+    new_chunks: int  #: chunks and pages added
+    reused_chunks: int  #: chunks and pages that were already stored
+    manifest_bytes: int  #: bytes of the committed manifest (0: the same state was committed already)
+    seconds: float  #: from the call to the commit
+    changed_bytes: int = 0  #: bytes of chunks found changed since the last save (hashed)
+    capture_seconds: float = 0.0  #: time the caller was blocked capturing (async saves)
+    abandoned_to: str | None = None  #: branch the later steps moved to (see ``continue_from``)
+
+
+@dataclass(frozen=True, slots=True)
+class _Captured:
+    """A save between its capture (in the caller) and its write (maybe in the background)."""
+
+    step: int
+    components: tuple
+    logical_bytes: int
+    overwrite: bool
+    metrics: dict | None
+    job: SaveJob
+    started: float
+    capture_seconds: float
+    continue_from: int | None  #: the loaded step this save continues from (see continue_from)
+
+    def is_continuation(self) -> bool:
+        """True if this save moves the branch's steps after ``continue_from`` away first."""
+        return self.continue_from is not None and self.step > self.continue_from
+
+
+def _resolved(blob):
+    return blob.resolved if isinstance(blob, PendingBlob) else blob
+
+
+class Saver:
+    """Saves of one ``Store`` (one branch).  Collaborators are given, not reached for:
+
+    ``take_writer()`` takes the writer lock and returns the writer session token;
+    ``after_commit()`` runs after each commit (retention); ``writer`` is the backend's
+    :class:`~castore.save.session.WriterState`, where the saver registers its baselines.
+    """
+
+    def __init__(self, backend: Backend, chunks: ChunkStore, *, take_writer: Callable[[], object], writer,
+                 pool, workers: int, chunk_bytes: int, branch: str, where: str, allow_pickle: bool,
+                 check_tracking: bool, max_pending: int, after_commit: Callable[[], None]):
+        self._backend = backend
+        self._chunks = chunks
+        self._take_writer = take_writer
+        self._writer = writer
+        self._pool = pool
+        self._workers = workers
+        self._chunk_bytes = chunk_bytes
+        self._branch = branch
+        self._where = where
+        self._allow_pickle = allow_pickle
+        self._check_tracking = check_tracking
+        self._max_pending = max_pending
+        self._after_commit = after_commit
+        self._continue_from: int | None = None
+        self._lock = threading.RLock()  # saves (capture, submit) vs. maintenance
+        self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
+        self._staging = Staging()
+        self._background: Background | None = None
+        writer.add_holder(self)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None) -> SaveResult:
+        with self._lock:
+            self.wait()
+            return self._write(self._capture(step, tree, overwrite, metrics, copy=False))
+
+    def save_async(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None) -> SaveHandle:
+        background = self._saver()
+        while True:
+            while background.in_flight() >= background.max_pending:
+                background.wait(raise_errors=False)  # bound memory; not holding the save lock
+            with self._lock:
+                if background.in_flight() >= background.max_pending:
+                    continue  # another thread took the slot
+                background.raise_failed()  # checked after the wait: a save in flight may have failed
+                captured = self._capture(step, tree, overwrite, metrics, copy=True)
+                return background.submit(SaveHandle(captured.step), self._write, captured)
+
+    def in_flight(self) -> int:
+        """Async saves submitted and not yet finished."""
+        return 0 if self._background is None else self._background.in_flight()
+
+    def wait(self, *, raise_errors: bool = True) -> None:
+        """Wait for async saves in flight; raise the first error nobody has seen (unless not
+        ``raise_errors``: then errors stay for the next wait)."""
+        if self._background is not None:
+            self._background.wait(raise_errors=raise_errors)
+
+    def raise_failed(self) -> None:
+        if self._background is not None:
+            self._background.raise_failed()
+
+    def _saver(self) -> Background:
+        if self._background is None:
+            self._background = Background(self._where, self._max_pending)
+        return self._background
+
+    # -- what maintenance needs ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def quiesced(self):
+        """Writer lock held, no save being captured, none in flight: chunks may be freed."""
+        with self._lock:
+            self._take_writer()
+            self.wait()
+            yield
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Writer lock held and no save being captured (saves in flight may still commit)."""
+        with self._lock:
+            self._take_writer()
+            yield
+
+    @contextlib.contextmanager
+    def quiet_after_commit(self):
+        """Yields True if nothing else is being saved (a commit may retain), else False.
+
+        Saves being captured or queued may reuse ids (from baselines older than this
+        commit) that GC would free; the commit of the last of them retains instead.
+        """
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            yield self.in_flight() <= 1
+        finally:
+            self._lock.release()
+
+    def pinned_ids(self, session) -> bytes:
+        """Chunk ids remembered by this saver's baselines in ``session`` (GC keeps them)."""
+        return b"".join(b.ids for b in list(self._baselines.values()) if b.session is session)
+
+    # -- the rollback rule ---------------------------------------------------------------------
+
+    def continue_from(self, step: int) -> None:
+        self._continue_from = check_step(step)
+
+    @property
+    def continuing_from(self) -> int | None:
+        return self._continue_from
+
+    # -- capture, then write -------------------------------------------------------------------
+
+    def _capture(self, step, tree, overwrite: bool, metrics, *, copy: bool) -> _Captured:
+        step = check_step(step)
+        metrics = catalog.check_metrics(metrics)
+        if type(tree) is not dict or not all(type(k) is str and k for k in tree):
+            raise UsageError("a step's tree must be a dict of non-empty str component names")
+        session = self._take_writer()
+        started = time.perf_counter()
+        capture = Capture(
+            session=session, baselines=self._baselines, chunk_bytes=self._chunk_bytes, copy=copy,
+            check=self._check_tracking, staging=self._staging, pool=self._pool, workers=self._workers,
+        )
+        job = SaveJob(self._chunks, self._pool, capture, self._staging)
+        encoder = codec.Encoder(capture, allow_pickle=self._allow_pickle, on_shard=None if copy else job.flush)
+        try:
+            components = tuple((name, encoder.component(value, name)) for name, value in tree.items())
+        except BaseException:
+            job.abort()
+            raise
+        continue_from, self._continue_from = self._continue_from, None  # this save carries it now
+        return _Captured(step, components, encoder.logical_bytes, overwrite, metrics, job, started,
+                         time.perf_counter() - started, continue_from)
+
+    def _write(self, captured: _Captured) -> SaveResult:
+        job = captured.job
+        try:
+            data, abandoned_to = self._finish_and_commit(captured)
+        except BaseException:
+            self._keep_rollback_pending(captured)
+            raise
+        if not data:
+            self._keep_rollback_pending(captured)
+        if abandoned_to is not None:
+            log.info("steps of branch %r after %d moved to branch %r", self._branch, captured.continue_from,
+                     abandoned_to)
+        self._remember_baselines(job.capture)
+        self._after_commit()
+        sink = job.sink
+        return SaveResult(
+            step=captured.step, logical_bytes=captured.logical_bytes, new_bytes=sink.new_bytes,
+            new_chunks=sink.new_chunks, reused_chunks=sink.reused_chunks + job.capture.reused_chunks,
+            manifest_bytes=len(data), seconds=time.perf_counter() - captured.started,
+            changed_bytes=job.capture.changed_bytes, capture_seconds=captured.capture_seconds,
+            abandoned_to=abandoned_to,
+        )
+
+    def _finish_and_commit(self, captured: _Captured) -> tuple[bytes, str | None]:
+        """Write the chunks, then the manifest; returns it (b"" if the same state was
+        committed already) and the branch later steps moved to."""
+        try:
+            captured.job.finish()
+        except BaseException:
+            captured.job.abort()
+            raise
+        components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
+        manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
+        if not (captured.overwrite or captured.is_continuation()) and self._is_same_as_committed(manifest):
+            return b"", None  # the same state saved again under its step: nothing to commit
+        data = encode_manifest(manifest)
+        self._backend.reserve(len(data))
+        return data, self._backend.write(self._commit_manifest, captured, data)
+
+    def _keep_rollback_pending(self, captured: _Captured) -> None:
+        """Nothing committed, so nothing moved: the next save continues from the same step."""
+        if captured.continue_from is not None and self._continue_from is None:
+            self._continue_from = captured.continue_from
+
+    def _remember_baselines(self, capture: Capture) -> None:
+        """After a commit: the ids of every leaf are known present for the next save."""
+        for blob in capture.pending:
+            baseline = blob.baseline(capture.session)
+            if blob.tracked is not None:
+                blob.tracked.committed(baseline)
+                self._writer.add_holder(blob.tracked)  # GC must keep what it may reuse
+            else:
+                self._baselines[blob.path] = baseline
+
+    def _is_same_as_committed(self, manifest: Manifest) -> bool:
+        """True if ``manifest.step`` exists with the same content; raises if it differs."""
+        key = step_key(manifest.step, self._branch)
+        with self._backend.read() as txn:
+            raw = txn.get(Table.STEPS, key)
+            if raw is None:
+                return False
+            committed = catalog.manifest(txn, key, self._where)
+            raw = bytes(raw)
+        again = encode_manifest(dataclasses.replace(manifest, created=committed.created))
+        if unseal(again, "manifest") == unseal(raw, "manifest"):  # a bare record of format 1-2 too
+            return True
+        raise StepExistsError(
+            f"step {manifest.step} exists in {self._where} with different content; "
+            "pass overwrite=True to replace it"
+        )
+
+    def _commit_manifest(self, txn: WriteTxn, captured: _Captured, data: bytes) -> str | None:
+        """Commit the manifest; returns the branch later steps moved to, if any."""
+        key = step_key(captured.step, self._branch)
+        abandoned_to = None
+        if captured.continue_from is not None:
+            abandoned_to = catalog.move_steps_after(txn, self._branch, captured.continue_from)
+        old = txn.get(Table.STEPS, key)
+        if old is not None:
+            if not captured.overwrite:
+                raise StepExistsError(
+                    f"step {captured.step} exists in {self._where}; pass overwrite=True to replace it")
+            catalog.trash_manifest(txn, key, old)
+        txn.put(Table.STEPS, key, data)
+        catalog.put_metrics(txn, key, captured.metrics)
+        drop_journal(txn, captured.job.sink.token)  # its chunks are referenced now
+        return abandoned_to
+
+    def close(self) -> None:
+        """Wait for async saves (errors stay for :meth:`raise_failed`)."""
+        if self._background is not None:
+            self._background.wait(raise_errors=False)

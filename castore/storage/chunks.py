@@ -1,0 +1,232 @@
+"""The one chunk store: every chunk and chunk-list page is read, written, sized and deleted
+here, and the one walk from a blob to its chunk ids (used by load, GC and verify).
+
+Chunks live in the ``chunks`` table keyed by their id, pages (each a run of up to
+``PAGE_IDS`` chunk ids) in ``pages``; ``meta/counters`` counts both and is kept in the
+transaction that changes them.  This is where per-chunk codecs and a remote tier plug in:
+nothing else reads or writes those tables.  Every method works inside a transaction the
+caller holds, so a caller can make a chunk write atomic with other records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ChunkCorruptError, ChunkMissingError, CorruptDataError
+from ..format import journal
+from ..format.chunker import chunk_count
+from ..format.ids import ID_BYTES, chunk_id, short, split_ids
+from ..format.manifest import Blob, ChunkedBlob, PagedBlob, page_ids_in
+from ..format.schema import Table
+from .base import Backend, Buffer, ReadTxn, WriteTxn
+
+CHUNK_TABLES = (Table.CHUNKS, Table.PAGES)
+
+#: why a page could not be used: absent, bytes not matching its id, or not a page at all
+PAGE_MISSING, PAGE_CORRUPT, PAGE_MALFORMED = "page-missing", "page-corrupt", "page-malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class PutCount:
+    """What :meth:`ChunkStore.put_many` did."""
+
+    new: list  #: ``(table, id)`` of the items that were not stored before
+    reused: int  #: items already stored (left as they were)
+    new_bytes: int  #: stored bytes of the new items
+
+
+class ChunkStore:
+    """Chunks and pages of one store (see the module docstring)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, txn: ReadTxn, cid: bytes, table: Table = Table.CHUNKS) -> Buffer | None:
+        """The stored bytes of a chunk (or page), valid until ``txn`` ends; None if absent."""
+        return txn.get(table, cid)
+
+    def get_many(self, txn: ReadTxn, ids, table: Table = Table.CHUNKS) -> list:
+        """The stored bytes of each id (None where absent), valid until ``txn`` ends."""
+        return [txn.get(table, cid) for cid in ids]
+
+    def sizes(self, txn: ReadTxn, table: Table, ids) -> dict[bytes, int]:
+        """``{id: stored bytes}`` of the ids present (one lookup each)."""
+        out = {}
+        for cid in ids:
+            value = txn.get(table, cid)
+            if value is not None:
+                out[cid] = len(value)
+        return out
+
+    def counters(self, txn: ReadTxn) -> tuple[int, int]:
+        """``(chunks and pages held, their stored bytes)``, from ``meta/counters``."""
+        return journal.decode_counters(txn.get(Table.META, journal.COUNTERS_KEY))
+
+    def read_blob(self, txn: ReadTxn, walker: "PageWalker", blob: Blob, out: np.ndarray, *,
+                  verify: bool, pool, context: dict) -> None:
+        """Fill the flat uint8 array ``out`` with a chunked blob's bytes.
+
+        Every chunk's length is checked, and with ``verify`` its BLAKE3 (on ``pool``).
+        Raises :class:`ChunkMissingError` / :class:`ChunkCorruptError` with ``context``
+        (step, component, path) and the chunk id.
+        """
+        ids = walker.ids(blob, context)
+        stride = blob.chunk_nbytes
+        wanted = split_ids(ids)
+        views = []
+        for index, (cid, view) in enumerate(zip(wanted, self.get_many(txn, wanted))):
+            if view is None:
+                raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
+            views.append((index, cid, view))
+
+        def fill(item) -> None:
+            index, cid, view = item
+            start = index * stride
+            stop = min(start + stride, blob.nbytes)
+            if len(view) != stop - start or (verify and chunk_id(view) != cid):
+                raise ChunkCorruptError("chunk bytes do not match its id", chunk_id=short(cid), **context)
+            out[start:stop] = np.frombuffer(view, np.uint8)
+
+        if len(views) == 1:
+            fill(views[0])
+        else:
+            for _ in pool.map(fill, views):
+                pass
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put_many(self, txn: WriteTxn, items) -> PutCount:
+        """Put ``(table, id, bytes)`` items absent so far (put-if-absent: content-addressed
+        values are never rewritten); counts them into ``meta/counters``."""
+        new, reused, new_bytes = [], 0, 0
+        for table, cid, view in items:
+            if txn.put_new(table, cid, view):
+                new.append((table, cid))
+                new_bytes += len(view)
+            else:
+                reused += 1
+        self._add_counters(txn, len(new), new_bytes)
+        return PutCount(new, reused, new_bytes)
+
+    def delete_many(self, txn: WriteTxn, table: Table, ids) -> tuple[int, int]:
+        """Delete the ids present; returns ``(count, bytes)`` freed (also off the counters)."""
+        count = nbytes = 0
+        for cid in ids:
+            value = txn.get(table, cid)
+            if value is not None:  # gone already if an earlier deletion was killed midway
+                nbytes += len(value)
+                count += 1
+                txn.delete(table, cid)
+        self._add_counters(txn, -count, -nbytes)
+        return count, nbytes
+
+    def _add_counters(self, txn: WriteTxn, chunks: int, nbytes: int) -> None:
+        if not chunks and not nbytes:
+            return
+        have_chunks, have_bytes = self.counters(txn)
+        txn.put(Table.META, journal.COUNTERS_KEY, journal.encode_counters(have_chunks + chunks, have_bytes + nbytes))
+
+
+@dataclass(slots=True)
+class Walk:
+    """What a tolerant walk of one blob found (see :meth:`PageWalker.walk`)."""
+
+    chunk_ids: bytes = b""  #: concatenated ids of the chunks the readable, unskipped pages list
+    pages: list = field(default_factory=list)  #: page ids this walk read (not skipped)
+    damaged: list = field(default_factory=list)  #: ``(PAGE_*, page id)`` of unusable pages
+    listed: int | None = None  #: chunks the pages list, when that is not what the blob needs
+
+    @property
+    def complete(self) -> bool:
+        """True if ``chunk_ids`` is every chunk of the blob."""
+        return not self.damaged and self.listed is None
+
+
+class PageWalker:
+    """The walk from a blob to its chunk ids, through its chunk-list pages, in one snapshot.
+
+    Each page is read once per walker however many blobs share it; with ``check_pages``
+    its bytes are also hashed against its id (a load with verification, verify), else only
+    its shape is checked (a load without verification, GC).
+    """
+
+    def __init__(self, txn: ReadTxn, *, check_pages: bool):
+        self.txn = txn
+        self.check_pages = check_pages
+        self._pages: dict[bytes, bytes | str] = {}  # page id -> its ids, or a PAGE_* problem
+
+    def page(self, pid: bytes) -> bytes | str:
+        """The ids page ``pid`` lists, or why it cannot be used (a ``PAGE_*`` string)."""
+        found = self._pages.get(pid)
+        if found is None:
+            raw = self.txn.get(Table.PAGES, pid)
+            if raw is None:
+                found = PAGE_MISSING
+            elif self.check_pages and chunk_id(raw) != pid:
+                found = PAGE_CORRUPT
+            else:
+                try:
+                    found = page_ids_in(bytes(raw))
+                except CorruptDataError:
+                    found = PAGE_MALFORMED
+            self._pages[pid] = found
+        return found
+
+    def ids(self, blob: Blob, context: dict) -> bytes:
+        """Every chunk id of ``blob``, concatenated; raises for an unusable page.
+
+        :class:`ChunkMissingError` for a missing page, :class:`ChunkCorruptError` for one
+        whose bytes do not match its id, :class:`CorruptDataError` for a malformed one or
+        pages that list a wrong number of chunks.
+        """
+        if isinstance(blob, ChunkedBlob):
+            return blob.ids
+        if not isinstance(blob, PagedBlob):
+            raise CorruptDataError(f"unexpected blob {type(blob).__name__}")
+        ids = bytearray()
+        for pid in split_ids(blob.page_ids):
+            page = self.page(pid)
+            if page == PAGE_MISSING:
+                raise ChunkMissingError("chunk-list page is missing", chunk_id=short(pid), **context)
+            if page == PAGE_CORRUPT:
+                raise ChunkCorruptError("chunk-list page does not match its id", chunk_id=short(pid), **context)
+            if page == PAGE_MALFORMED:
+                raise CorruptDataError(f"chunk-list page {short(pid)} of {context} is malformed")
+            ids += page
+        if len(ids) != chunk_count(blob.nbytes, blob.chunk_nbytes) * ID_BYTES:
+            raise CorruptDataError(f"chunk-list pages of {context} list a wrong number of chunks")
+        return bytes(ids)
+
+    def walk(self, blob: Blob, skip=frozenset()) -> Walk:
+        """The chunk ids of ``blob`` that can be found, and what stood in the way; never raises.
+
+        Pages in ``skip`` are neither read nor listed (GC passes the pages it has seen, so
+        the chunks of a page shared by many steps are collected once).
+        """
+        if isinstance(blob, ChunkedBlob):
+            return Walk(chunk_ids=blob.ids)
+        walk = Walk()
+        if not isinstance(blob, PagedBlob):
+            return walk
+        ids = bytearray()
+        skipped = False
+        for pid in split_ids(blob.page_ids):
+            if pid in skip:
+                skipped = True
+                continue
+            page = self.page(pid)
+            walk.pages.append(pid)
+            if isinstance(page, str):
+                walk.damaged.append((page, pid))
+            else:
+                ids += page
+        walk.chunk_ids = bytes(ids)
+        if not walk.damaged and not skipped:
+            listed = len(ids) // ID_BYTES
+            if listed != chunk_count(blob.nbytes, blob.chunk_nbytes):
+                walk.listed = listed
+        return walk

@@ -1,0 +1,200 @@
+"""The in-memory engine: the :class:`~castore.storage.base.Backend` contract in a process's
+memory, for fast model-based tests and for trying castore without a disk.
+
+``Store("memory://name")`` opens it; every opener of one name in a process shares one
+store, which lives until the process ends or :func:`discard` is called.  Snapshots are
+immutable: a write transaction copies each table it changes on its first write, and the
+commit swaps the new tables in under a lock, so readers keep the state they began with.
+Nothing is durable, and the writer lock is the process's own (one writer per name).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import threading
+
+from ..errors import StoreNotFoundError, UsageError
+from ..format.schema import ALL_TABLES, Table
+from .lock import check_timeout
+
+SCHEME = "memory://"
+
+
+class _Table:
+    """An immutable table: a dict and its keys in order (computed when first scanned)."""
+
+    __slots__ = ("data", "_keys")
+
+    def __init__(self, data: dict):
+        self.data = data
+        self._keys: list | None = None
+
+    def keys(self) -> list:
+        if self._keys is None:
+            self._keys = sorted(self.data)
+        return self._keys
+
+
+class MemoryTxn:
+    """A snapshot, or (``write=True``) a transaction over copy-on-write tables."""
+
+    def __init__(self, tables: dict, generation: int, *, write: bool):
+        self._tables = tables
+        self._changed: dict[Table, dict] = {}
+        self._write = write
+        self.generation = generation
+
+    def _data(self, table: Table) -> dict:
+        changed = self._changed.get(table)
+        return changed if changed is not None else self._tables[table].data
+
+    def get(self, table: Table, key: bytes):
+        return self._data(table).get(bytes(key))
+
+    def scan(self, table: Table, start: bytes = b"", stop: bytes | None = None, *, reverse: bool = False):
+        if table in self._changed:
+            data = self._changed[table]
+            keys = sorted(data)
+        else:
+            data = self._tables[table].data
+            keys = self._tables[table].keys()
+        lo = bisect.bisect_left(keys, start)
+        hi = len(keys) if stop is None else bisect.bisect_left(keys, stop)
+        span = keys[lo:hi]
+        for key in reversed(span) if reverse else span:
+            if key in data:
+                yield key, data[key]
+
+    def count(self, table: Table) -> int:
+        return len(self._data(table))
+
+    def _mutable(self, table: Table) -> dict:
+        if not self._write:
+            raise UsageError("a read transaction cannot write")
+        if table not in self._changed:
+            self._changed[table] = dict(self._tables[table].data)
+        return self._changed[table]
+
+    def put(self, table: Table, key: bytes, value) -> None:
+        self._mutable(table)[bytes(key)] = bytes(value)
+
+    def put_new(self, table: Table, key: bytes, value) -> bool:
+        key = bytes(key)
+        if key in self._data(table):
+            return False
+        self._mutable(table)[key] = bytes(value)
+        return True
+
+    def delete(self, table: Table, key: bytes) -> bool:
+        key = bytes(key)
+        if key not in self._data(table):
+            return False
+        del self._mutable(table)[key]
+        return True
+
+    def committed_tables(self) -> dict:
+        tables = dict(self._tables)
+        for table, data in self._changed.items():
+            tables[table] = _Table(data)
+        return tables
+
+
+_OPEN: dict[str, "MemoryBackend"] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def discard(name: str) -> None:
+    """Forget the memory store ``name`` once its openers have closed it."""
+    with _OPEN_LOCK:
+        _OPEN.pop(name, None)
+
+
+class MemoryBackend:
+    """A store in this process's memory (see the module docstring)."""
+
+    @classmethod
+    def open(cls, name: str, *, create: bool = True, readonly: bool = False,
+             lock_timeout: float | None = None) -> "MemoryBackend":
+        """The process's shared store ``name``; pair each call with close()."""
+        check_timeout(lock_timeout)
+        with _OPEN_LOCK:
+            backend = _OPEN.get(name)
+            if backend is None:
+                if not create or readonly:
+                    raise StoreNotFoundError(f"no castore store at {SCHEME}{name}")
+                backend = _OPEN[name] = cls(name)
+            elif backend.readonly and not readonly:
+                raise UsageError(f"store {SCHEME}{name} is already open read-only in this process")
+            backend.refs += 1
+            return backend
+
+    def __init__(self, name: str, *, readonly: bool = False):
+        self.path = SCHEME + name
+        self.readonly = readonly
+        self.refs = 0
+        self._tables = {table: _Table({}) for table in ALL_TABLES}
+        self._generation = 0
+        self._write_mutex = threading.RLock()
+        self._lock = threading.Lock()  # guards the swap of tables and generation
+        self._writer = False
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._lock:
+            txn = MemoryTxn(self._tables, self._generation, write=False)
+        yield txn
+
+    def write(self, fn, *args):
+        if self.readonly:
+            raise UsageError(f"store {self.path} is open read-only")
+        with self._write_mutex:
+            with self._lock:
+                txn = MemoryTxn(self._tables, self._generation + 1, write=True)
+            result = fn(txn, *args)  # raising leaves the committed tables untouched
+            with self._lock:
+                self._tables = txn.committed_tables()
+                self._generation += 1
+            return result
+
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+    def reserve(self, nbytes: int) -> None:
+        return None  # memory is reserved by the allocation itself
+
+    def acquire_writer(self, timeout: float | None = None) -> bool:
+        if self.readonly:
+            raise UsageError(f"store {self.path} is open read-only")
+        check_timeout(timeout)
+        with self._lock:
+            taken, self._writer = not self._writer, True
+        return taken
+
+    def is_writer(self) -> bool:
+        return self._writer
+
+    def has_table(self, table: Table) -> bool:
+        return True
+
+    @contextlib.contextmanager
+    def exclusive_writes(self):
+        with self._write_mutex:
+            yield
+
+    def clear_stale_readers(self) -> int:
+        return 0
+
+    def compact(self) -> None:
+        return None  # nothing to give back: deleted values are freed by the allocator
+
+    def file_bytes(self) -> int:
+        with self.read() as txn:
+            return sum(len(k) + len(v) for table in ALL_TABLES for k, v in txn.scan(table))
+
+    def close(self) -> None:
+        with _OPEN_LOCK:
+            self.refs -= 1
+            if self.refs <= 0:
+                self._writer = False

@@ -1,0 +1,1 @@
+"""Tools built on the public API: the ``castore`` command line, export, the demo."""
