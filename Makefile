@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench stress fuzz clean
+.PHONY: demo test lint bench stress fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,15 @@ $(STAMP): $(PY) pyproject.toml
 demo: $(STAMP)
 	$(PY) -m castore.tools.demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
+
+# The walls: lint and format check, the type check, the import layers (pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check castore tests bench stress
+	$(VENV)/bin/ruff format --check castore tests bench stress
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/latest.json

@@ -52,7 +52,7 @@ class Agent:
         self.v = {k: np.zeros_like(v) for k, v in self.params.items()}
 
     @classmethod
-    def empty(cls) -> "Agent":
+    def empty(cls) -> Agent:
         """An agent whose state a load will replace (allocates nothing)."""
         agent = cls.__new__(cls)
         agent.params = agent.m = agent.v = {}
@@ -82,12 +82,16 @@ class PlainReplay:
 
     def __init__(self, capacity: int, allocate: bool = True):
         self.capacity = capacity
-        self.fields = {} if not allocate else {
-            "image": np.zeros((capacity, *IMAGE), np.uint8),
-            "action": np.zeros((capacity, 6), np.float32),
-            "reward": np.zeros(capacity, np.float32),
-            "done": np.zeros(capacity, bool),
-        }
+        self.fields = (
+            {}
+            if not allocate
+            else {
+                "image": np.zeros((capacity, *IMAGE), np.uint8),
+                "action": np.zeros((capacity, 6), np.float32),
+                "reward": np.zeros(capacity, np.float32),
+                "done": np.zeros(capacity, bool),
+            }
+        )
         self.head = self.size = 0
 
     def add(self, batch: dict) -> None:
@@ -210,10 +214,16 @@ def run_castore(root: str, capacity: int, saves: int, tracked: bool, block: bool
         growth.append(disk_bytes(path) - before)
         new_bytes.append(result.new_bytes)
         digests[result.step] = digest(run.states())
-    out = {"first": first.seconds, "incremental": statistics.median(incremental),
-           "blocking": statistics.median(blocking), "growth": statistics.median(growth),
-           "new_bytes": statistics.median(new_bytes), "changed": run.changed_bytes(),
-           "per_step": disk_bytes(path) / len(cp.steps()), "state_bytes": first.logical_bytes}
+    out = {
+        "first": first.seconds,
+        "incremental": statistics.median(incremental),
+        "blocking": statistics.median(blocking),
+        "growth": statistics.median(growth),
+        "new_bytes": statistics.median(new_bytes),
+        "changed": run.changed_bytes(),
+        "per_step": disk_bytes(path) / len(cp.steps()),
+        "state_bytes": first.logical_bytes,
+    }
     last = cp.latest()
     if tracked and block:  # the <= 5% target: 1% of rows new, agent unchanged
         run.advance(agent=False, rows=max(1, capacity // 100))
@@ -256,7 +266,7 @@ def run_files(root: str, capacity: int, saves: int, kind: str) -> dict:
         else:
             os.makedirs(f"{folder}/{step}")
             for name, state in states.items():
-                fsync_write(f"{folder}/{step}/{name}.pkl", lambda f: pickle.dump(state, f, protocol=5))
+                fsync_write(f"{folder}/{step}/{name}.pkl", lambda f, state=state: pickle.dump(state, f, protocol=5))
         seconds = time.perf_counter() - started
         digests[step] = digest(states)
         kept.append(step)
@@ -274,7 +284,7 @@ def run_files(root: str, capacity: int, saves: int, kind: str) -> dict:
     step = kept[-1]
     target = f"{folder}/{step}.npz" if kind == "savez" else f"{folder}/{step}"
     per_step = disk_bytes(target)
-    del run  # at most one loaded copy in memory
+    run = None  # at most one loaded copy in memory
     os.sync()
     restores = []
     for _ in range(RESTORES):
@@ -285,13 +295,18 @@ def run_files(root: str, capacity: int, saves: int, kind: str) -> dict:
     seconds = statistics.median(restores)
     got, want = digest(loaded), digests[step]
     if kind == "savez":  # savez flattened the tree; python ints came back as 0-d arrays
-        exact = got.keys() == want.keys() and all(
-            got[k] == want[k] or _scalar_equal(loaded[k], want[k]) for k in got)
+        exact = got.keys() == want.keys() and all(got[k] == want[k] or _scalar_equal(loaded[k], want[k]) for k in got)
     else:
         exact = got == digests[step]
     shutil.rmtree(folder)
-    return {"first": first, "incremental": statistics.median(times), "blocking": statistics.median(times),
-            "per_step": per_step, "restore": seconds, "exact": exact}
+    return {
+        "first": first,
+        "incremental": statistics.median(times),
+        "blocking": statistics.median(times),
+        "per_step": per_step,
+        "restore": seconds,
+        "exact": exact,
+    }
 
 
 def _load_files(target: str, kind: str) -> dict:
@@ -336,8 +351,12 @@ def baselines(root: str, capacity: int) -> dict:
         started = time.perf_counter()
         np.copyto(target, source)
         copies.append(time.perf_counter() - started)
-    return {"raw_write": statistics.median(raw), "full_save": statistics.median(full), "bytes": nbytes,
-            "memcpy_changed": statistics.median(copies)}
+    return {
+        "raw_write": statistics.median(raw),
+        "full_save": statistics.median(full),
+        "bytes": nbytes,
+        "memcpy_changed": statistics.median(copies),
+    }
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -362,21 +381,32 @@ def report(results: dict, base: dict, capacity: int) -> str:
     full_throughput = base["bytes"] / base["full_save"]
     raw_throughput = base["bytes"] / base["raw_write"]
     checks = [
-        ("incremental (tracked, 1% rows, agent unchanged) / first full save", tracked["tracked_1pct"] / tracked["first"], 0.05),
+        (
+            "incremental (tracked, 1% rows, agent unchanged) / first full save",
+            tracked["tracked_1pct"] / tracked["first"],
+            0.05,
+        ),
         ("median incremental, plain replay / np.savez", plain["incremental"] / savez["incremental"], 0.10),
         ("median incremental, RingBuffer / np.savez", tracked["incremental"] / savez["incremental"], 0.08),
         ("disk growth per save / bytes changed (RingBuffer)", tracked["growth"] / tracked["changed"], 1.05),
         ("disk growth per save / bytes changed (plain replay)", plain["growth"] / plain["changed"], 1.05),
-        ("raw write+fsync throughput / full save throughput (3 interleaved rounds)", raw_throughput / full_throughput, 1 / 0.7),
+        (
+            "raw write+fsync throughput / full save throughput (3 interleaved rounds)",
+            raw_throughput / full_throughput,
+            1 / 0.7,
+        ),
         ("restore / np.load of one .npz", tracked["restore"] / savez["restore"], 0.5),
         ("async blocking / memcpy of the changed bytes", asynchronous["blocking"] / base["memcpy_changed"], 3.0),
     ]
     lines += ["", "| target (ratio, same run) | measured | target | met |", "|---|---|---|---|"]
     for what, value, limit in checks:
         lines.append(f"| {what} | {value:.3f} | <= {limit:.3g} | {'yes' if value <= limit else 'no'} |")
-    lines += ["", f"Baselines: raw write+fsync {raw_throughput / MB:,.0f} MB/s, castore full save "
-              f"{full_throughput / MB:,.0f} MB/s; memcpy of the {tracked['changed'] / MB:,.0f} MB changed "
-              f"per save {base['memcpy_changed'] * 1e3:.1f} ms."]
+    lines += [
+        "",
+        f"Baselines: raw write+fsync {raw_throughput / MB:,.0f} MB/s, castore full save "
+        f"{full_throughput / MB:,.0f} MB/s; memcpy of the {tracked['changed'] / MB:,.0f} MB changed "
+        f"per save {base['memcpy_changed'] * 1e3:.1f} ms.",
+    ]
     return "\n".join(lines)
 
 

@@ -10,9 +10,9 @@ thread hand-offs.
 from __future__ import annotations
 
 import pytest
+from workloads import bench_full_save, bench_incremental_save, bench_load
 
 import castore
-from workloads import bench_full_save, bench_incremental_save, bench_load
 
 KIB, MIB = 1 << 10, 1 << 20
 CHUNK_SIZES = [64 * KIB, 256 * KIB, 1 * MIB, 4 * MIB, 16 * MIB]

@@ -25,7 +25,9 @@ def build(path: str, scale: int) -> castore.Store:
     rng = np.random.default_rng(scale)
     replay = np.frombuffer(rng.bytes(ROWS * scale * ROW_BYTES), np.uint8).reshape(ROWS * scale, ROW_BYTES).copy()
     for step in range(4):
-        replay[step * CHANGED_ROWS : (step + 1) * CHANGED_ROWS] = rng.integers(0, 256, (CHANGED_ROWS, ROW_BYTES), np.uint8)
+        replay[step * CHANGED_ROWS : (step + 1) * CHANGED_ROWS] = rng.integers(
+            0, 256, (CHANGED_ROWS, ROW_BYTES), np.uint8
+        )
         store.save(step, {"replay": replay})
     return store
 
@@ -51,6 +53,10 @@ def test_castore_gc(benchmark, dirs, scale):
     freed = float(np.mean([p.freed_bytes for p in plans[1:]]))
     stats = store.stats()
     store.close()
-    benchmark.extra_info.update(case=f"castore_gc_{scale}x", bytes=stats.stored_bytes, freed_bytes=freed,
-                                live_pages=float(np.mean([p.live_pages for p in plans[1:]])))
+    benchmark.extra_info.update(
+        case=f"castore_gc_{scale}x",
+        bytes=stats.stored_bytes,
+        freed_bytes=freed,
+        live_pages=float(np.mean([p.live_pages for p in plans[1:]])),
+    )
     dirs.remove(store.path)

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import blake3
 import numpy as np
 import pytest
+from workloads import bench_full_save, bench_incremental_save, bench_load, total_bytes
 
 from castore.format.chunker import DEFAULT_CHUNK_BYTES
-from workloads import bench_full_save, bench_incremental_save, bench_load, total_bytes
 
 SAVE_ROUNDS = 15
 FAST_ROUNDS = 31  # cases that take tens of milliseconds
@@ -126,8 +126,9 @@ def test_blake3_thread_pool(benchmark, arrays):
     """The hashing castore does: chunk-sized pieces mapped over ``os.cpu_count()`` threads."""
     views = pieces(arrays, DEFAULT_CHUNK_BYTES)
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        benchmark.pedantic(lambda: list(pool.map(lambda v: blake3.blake3(v).digest(), views)),
-                           rounds=FAST_ROUNDS, warmup_rounds=1)
+        benchmark.pedantic(
+            lambda: list(pool.map(lambda v: blake3.blake3(v).digest(), views)), rounds=FAST_ROUNDS, warmup_rounds=1
+        )
     label(benchmark, "blake3_thread_pool", total_bytes(arrays))
     benchmark.extra_info["threads"] = os.cpu_count()
 
@@ -140,7 +141,8 @@ def test_blake3_thread_pool(benchmark, arrays):
 def test_castore_verify(benchmark, saved_store, sample):
     """Store.verify: every manifest and page, every chunk present, all (or 5%) hashed."""
     reports = []
-    benchmark.pedantic(lambda: reports.append(saved_store.verify(sample, seed=len(reports))),
-                       rounds=FAST_ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: reports.append(saved_store.verify(sample, seed=len(reports))), rounds=FAST_ROUNDS, warmup_rounds=1
+    )
     assert all(report.ok for report in reports)
     label(benchmark, "castore_verify" if sample == 1.0 else "castore_verify_5pct", reports[-1].hashed_bytes)

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import blake3
 import numpy as np
 import pytest
+from workloads import REPLAY_ROWS, SEED, record_saves, replay_row_bytes, total_bytes
 
 import castore
 from castore.format.chunker import DEFAULT_CHUNK_BYTES
 from castore.save.pipeline import hash_chunks
-from workloads import REPLAY_ROWS, SEED, record_saves, replay_row_bytes, total_bytes
 
 ROUNDS = 11
 
@@ -42,8 +42,12 @@ def test_castore_tracked_save(benchmark, dirs, state, percent):
 
     def setup():
         if count:  # new content every round, so nothing deduplicates by accident
-            buffer.add({name: rng.integers(0, 256, (count, *a.shape[1:]), dtype=np.uint8).astype(a.dtype)
-                        for name, a in state["replay"].items()})
+            buffer.add(
+                {
+                    name: rng.integers(0, 256, (count, *a.shape[1:]), dtype=np.uint8).astype(a.dtype)
+                    for name, a in state["replay"].items()
+                }
+            )
         os.sync()
         return (next(steps),), {}
 
@@ -51,14 +55,19 @@ def test_castore_tracked_save(benchmark, dirs, state, percent):
     try:
         benchmark.pedantic(
             lambda step: results.append(store.save(step, {**components, "replay": buffer.save()})),
-            setup=setup, rounds=ROUNDS, warmup_rounds=1,
+            setup=setup,
+            rounds=ROUNDS,
+            warmup_rounds=1,
         )
     finally:
         store.close()
         dirs.remove(store.path)
     record_saves(benchmark, results[1:], DEFAULT_CHUNK_BYTES, changed_bytes=count * replay_row_bytes(state["replay"]))
-    benchmark.extra_info.update(case=f"castore_tracked_save_{percent}pct", percent=percent,
-                                hashed_bytes=float(np.mean([r.changed_bytes for r in results[1:]])))
+    benchmark.extra_info.update(
+        case=f"castore_tracked_save_{percent}pct",
+        percent=percent,
+        hashed_bytes=float(np.mean([r.changed_bytes for r in results[1:]])),
+    )
 
 
 # --- hashing ---------------------------------------------------------------------------------
@@ -70,8 +79,9 @@ def test_castore_hash(benchmark, arrays):
     views = [memoryview(a).cast("B") for a in arrays.values()]
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # the pool a Store uses
         workers = os.cpu_count() or 1
-        benchmark.pedantic(lambda: [hash_chunks(v, DEFAULT_CHUNK_BYTES, pool, workers) for v in views],
-                           rounds=31, warmup_rounds=1)
+        benchmark.pedantic(
+            lambda: [hash_chunks(v, DEFAULT_CHUNK_BYTES, pool, workers) for v in views], rounds=31, warmup_rounds=1
+        )
     benchmark.extra_info.update(case="castore_hash", bytes=total_bytes(arrays))
 
 
@@ -79,6 +89,7 @@ def test_castore_hash(benchmark, arrays):
 def test_blake3_auto(benchmark, arrays):
     """Bare BLAKE3 of each array, multi-threaded by the library itself (no chunking)."""
     views = [memoryview(a).cast("B") for a in arrays.values()]
-    benchmark.pedantic(lambda: [blake3.blake3(v, max_threads=blake3.blake3.AUTO).digest() for v in views],
-                       rounds=31, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: [blake3.blake3(v, max_threads=blake3.blake3.AUTO).digest() for v in views], rounds=31, warmup_rounds=1
+    )
     benchmark.extra_info.update(case="blake3_auto", bytes=total_bytes(arrays))

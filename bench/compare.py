@@ -19,7 +19,11 @@ RATIOS = [
     ("castore_full_save", "write_and_fsync", "full save vs raw write+fsync of the same bytes"),
     ("castore_full_save", "savez_and_fsync", "full save vs np.savez+fsync"),
     ("castore_incremental_save", "write_and_fsync", "1%-rows incremental save vs raw write+fsync of everything"),
-    ("castore_incremental_save", "castore_full_save", "1%-rows incremental save (untracked, fingerprints) vs full save"),
+    (
+        "castore_incremental_save",
+        "castore_full_save",
+        "1%-rows incremental save (untracked, fingerprints) vs full save",
+    ),
     ("castore_tracked_save_0pct", "castore_full_save", "tracked save, nothing changed, vs full save"),
     ("castore_tracked_save_1pct", "castore_full_save", "tracked save, 1% of replay rows new, vs full save"),
     ("castore_tracked_save_10pct", "castore_full_save", "tracked save, 10% of replay rows new, vs full save"),
@@ -34,8 +38,15 @@ RATIOS = [
     ("castore_verify", "blake3_thread_pool", "verify() of the whole store vs bare BLAKE3 of everything"),
     ("castore_verify_5pct", "castore_verify", "verify(sample=0.05) vs verify() of everything"),
 ]
-BASELINES = ["write_and_fsync", "savez_and_fsync", "npz_load_all", "npz_load_component",
-             "blake3_one_thread", "blake3_thread_pool", "blake3_auto"]
+BASELINES = [
+    "write_and_fsync",
+    "savez_and_fsync",
+    "npz_load_all",
+    "npz_load_component",
+    "blake3_one_thread",
+    "blake3_thread_pool",
+    "blake3_auto",
+]
 SWEEP_CASES = ["sweep_full_save", "sweep_incremental_contiguous", "sweep_incremental_scattered", "sweep_load"]
 
 
@@ -91,26 +102,44 @@ def hashing_line(by_case: dict) -> str:
     castore, bare = by_case.get("castore_hash"), by_case.get("blake3_auto")
     if not (castore and bare):
         return ""
-    return (f"castore hashing throughput / bare multi-threaded BLAKE3 throughput: "
-            f"**{median(bare) / median(castore):.2f}** (target >= 0.8; {gbps(castore)} vs {gbps(bare)} GB/s)")
+    return (
+        f"castore hashing throughput / bare multi-threaded BLAKE3 throughput: "
+        f"**{median(bare) / median(castore):.2f}** (target >= 0.8; {gbps(castore)} vs {gbps(bare)} GB/s)"
+    )
 
 
 def baseline_table(by_case: dict) -> str:
-    rows = [[case, ms(median(by_case[case])), gbps(by_case[case]), str(by_case[case]["stats"]["rounds"])]
-            for case in BASELINES if case in by_case]
+    rows = [
+        [case, ms(median(by_case[case])), gbps(by_case[case]), str(by_case[case]["stats"]["rounds"])]
+        for case in BASELINES
+        if case in by_case
+    ]
     return table(["baseline", "median ms", "GB/s", "rounds"], rows)
 
 
 def dedup_table(by_case: dict) -> str:
     rows = []
-    for case in ("castore_full_save", "castore_incremental_save", "castore_tracked_save_0pct",
-                 "castore_tracked_save_1pct", "castore_tracked_save_10pct", "castore_tracked_save_100pct"):
+    for case in (
+        "castore_full_save",
+        "castore_incremental_save",
+        "castore_tracked_save_0pct",
+        "castore_tracked_save_1pct",
+        "castore_tracked_save_10pct",
+        "castore_tracked_save_100pct",
+    ):
         info = by_case.get(case, {}).get("extra_info")
         if info:
-            rows.append([case, f"{info['bytes'] / MB:.1f}", f"{info['changed_bytes'] / MB:.2f}",
-                         f"{info['new_bytes'] / MB:.2f}",
-                         f"{info['write_amplification']:.2f}" if info["write_amplification"] is not None else "-",
-                         f"{info['new_chunks']:.1f}", f"{info['reused_chunks']:.1f}"])
+            rows.append(
+                [
+                    case,
+                    f"{info['bytes'] / MB:.1f}",
+                    f"{info['changed_bytes'] / MB:.2f}",
+                    f"{info['new_bytes'] / MB:.2f}",
+                    f"{info['write_amplification']:.2f}" if info["write_amplification"] is not None else "-",
+                    f"{info['new_chunks']:.1f}",
+                    f"{info['reused_chunks']:.1f}",
+                ]
+            )
     header = ["save", "logical MB", "changed MB", "new MB", "write amp.", "new chunks", "reused chunks"]
     return table(header, rows)
 
@@ -129,8 +158,17 @@ def sweep_time_table(sweep: dict, by_case: dict) -> str:
         for bench, base in ((full, raw), (contiguous, raw), (scattered, raw), (load, npz_load)):
             row += [ms(median(bench)), f"**{ratio(bench, base)}**"] if bench else ["-", "-"]
         rows.append(row)
-    header = ["chunk", "full save ms", "/ raw", "incr. contiguous ms", "/ raw", "incr. scattered ms", "/ raw",
-              "load ms", "/ np.load"]
+    header = [
+        "chunk",
+        "full save ms",
+        "/ raw",
+        "incr. contiguous ms",
+        "/ raw",
+        "incr. scattered ms",
+        "/ raw",
+        "load ms",
+        "/ np.load",
+    ]
     return table(header, rows)
 
 
@@ -142,7 +180,14 @@ def sweep_dedup_table(sweep: dict) -> str:
             info = bench["extra_info"] if bench else None
             row += [f"{info['new_bytes'] / MB:.2f}", f"**{info['write_amplification']:.1f}**"] if info else ["-", "-"]
         rows.append(row)
-    header = ["chunk", "chunks in a full save", "contiguous new MB", "contiguous WA", "scattered new MB", "scattered WA"]
+    header = [
+        "chunk",
+        "chunks in a full save",
+        "contiguous new MB",
+        "contiguous WA",
+        "scattered new MB",
+        "scattered WA",
+    ]
     return table(header, rows)
 
 
@@ -150,15 +195,19 @@ def changed_bytes_note(sweep: dict) -> str:
     infos = [b["extra_info"] for (case, _), b in sweep.items() if case.startswith("sweep_incremental")]
     if not infos:
         return ""
-    return (f"Each incremental save changes {infos[0]['changed_bytes'] / MB:.2f} MB of "
-            f"{infos[0]['bytes'] / MB:.1f} MB (1% of replay rows); WA = new bytes / changed bytes.")
+    return (
+        f"Each incremental save changes {infos[0]['changed_bytes'] / MB:.2f} MB of "
+        f"{infos[0]['bytes'] / MB:.1f} MB (1% of replay rows); WA = new bytes / changed bytes."
+    )
 
 
 def main(path: str) -> None:
     data, by_case, sweep = load_results(path)
     machine = data["machine_info"]
-    print(f"# castore benchmarks ({data['datetime']}, {machine['node']}, "
-          f"{machine['cpu'].get('brand_raw', machine['processor'])}, Python {machine['python_version']})")
+    print(
+        f"# castore benchmarks ({data['datetime']}, {machine['node']}, "
+        f"{machine['cpu'].get('brand_raw', machine['processor'])}, Python {machine['python_version']})"
+    )
     print("\nTime ratio = castore median / baseline median, same run, same bytes (lower is better).\n")
     print(ratio_table(by_case))
     print("\n" + hashing_line(by_case))

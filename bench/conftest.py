@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from workloads import ScratchDirs, copy_state, flat_arrays, make_state
 
 import castore
-from workloads import ScratchDirs, copy_state, flat_arrays, make_state
 
 
 def pytest_configure(config):

@@ -128,13 +128,19 @@ def bench_full_save(benchmark, dirs: ScratchDirs, state: dict, chunk_bytes: int,
         dirs.remove(store.path)
 
     results = []
-    benchmark.pedantic(lambda store: results.append(store.save(0, state)), setup=setup,
-                       teardown=teardown, rounds=rounds, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda store: results.append(store.save(0, state)),
+        setup=setup,
+        teardown=teardown,
+        rounds=rounds,
+        warmup_rounds=1,
+    )
     record_saves(benchmark, results[1:], chunk_bytes, changed_bytes=total_bytes(state))
 
 
-def bench_incremental_save(benchmark, dirs: ScratchDirs, state: dict, chunk_bytes: int, rounds: int,
-                           pattern: str = "contiguous"):
+def bench_incremental_save(
+    benchmark, dirs: ScratchDirs, state: dict, chunk_bytes: int, rounds: int, pattern: str = "contiguous"
+):
     """Time saving successive steps that each differ from the last in 1% of replay rows.
 
     ``state`` is changed in place: pass a copy.  Only replay rows change, so
@@ -155,8 +161,9 @@ def bench_incremental_save(benchmark, dirs: ScratchDirs, state: dict, chunk_byte
 
     results = []
     try:
-        benchmark.pedantic(lambda step: results.append(store.save(step, state)), setup=setup,
-                           rounds=rounds, warmup_rounds=1)
+        benchmark.pedantic(
+            lambda step: results.append(store.save(step, state)), setup=setup, rounds=rounds, warmup_rounds=1
+        )
     finally:
         store.close()
         dirs.remove(store.path)
@@ -166,8 +173,9 @@ def bench_incremental_save(benchmark, dirs: ScratchDirs, state: dict, chunk_byte
 
 def bench_load(benchmark, store: castore.Store, state: dict, rounds: int, keys=None, verify: bool = True):
     """Time restoring step 0 (or only the components ``keys``) of ``state`` from ``store``."""
-    loaded = benchmark.pedantic(store.load, args=(0,), kwargs={"keys": keys, "verify": verify},
-                                rounds=rounds, warmup_rounds=1)
+    loaded = benchmark.pedantic(
+        store.load, args=(0,), kwargs={"keys": keys, "verify": verify}, rounds=rounds, warmup_rounds=1
+    )
     expected = flat_arrays({k: state[k] for k in loaded})
     got = flat_arrays(loaded)
     assert got.keys() == expected.keys() and all(np.array_equal(got[k], expected[k]) for k in got)

@@ -20,21 +20,47 @@ from .errors import (
     UnsupportedValueError,
     UsageError,
 )
-from .maintenance.gc import GcPlan, StepAccount
+from .maintenance.gc import GcPlan, StepAccount, StoreStats
 from .maintenance.retention import Keep
 from .maintenance.verify import Problem, VerifyReport
 from .replay import RingBuffer
 from .save.background import SaveHandle
 from .save.saver import SaveResult
-from .store import Store, StoreStats
+from .store import Store
 from .tracking import TrackedArray
 
 __version__ = "0.4.0"
 
 __all__ = [
-    "CastoreError", "Checkpoint", "ChunkCorruptError", "ChunkMissingError", "CorruptDataError", "Counter",
-    "Every", "FormatError", "GcPlan", "IntegrityError", "Keep", "Problem", "RingBuffer", "SaveError",
-    "SaveHandle", "SaveResult", "SelectionError", "StepAccount", "StepExistsError", "StepNotFoundError",
-    "Store", "StoreBusyError", "StoreLockedError", "StoreNotFoundError", "StoreStats", "TrackedArray",
-    "TrackingError", "UnsafeFilesystemError", "UnsupportedValueError", "UsageError", "VerifyReport",
+    "CastoreError",
+    "Checkpoint",
+    "ChunkCorruptError",
+    "ChunkMissingError",
+    "CorruptDataError",
+    "Counter",
+    "Every",
+    "FormatError",
+    "GcPlan",
+    "IntegrityError",
+    "Keep",
+    "Problem",
+    "RingBuffer",
+    "SaveError",
+    "SaveHandle",
+    "SaveResult",
+    "SelectionError",
+    "StepAccount",
+    "StepExistsError",
+    "StepNotFoundError",
+    "Store",
+    "StoreBusyError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "StoreStats",
+    "TrackedArray",
+    "TrackingError",
+    "UnsafeFilesystemError",
+    "UnsupportedValueError",
+    "UsageError",
+    "VerifyReport",
 ]

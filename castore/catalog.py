@@ -13,6 +13,7 @@ import time
 import msgpack
 
 from .errors import CorruptDataError, FormatError, StepNotFoundError, UsageError
+from .format.config import CONFIG_KEY, StoreConfig, migrate, new_config, parse_config
 from .format.keys import (
     BRANCH_MARK,
     MAIN,
@@ -28,7 +29,6 @@ from .format.keys import (
     tag_key,
     trash_key,
 )
-from .format.config import CONFIG_KEY, StoreConfig, migrate, new_config, parse_config
 from .format.manifest import Manifest, decode_manifest
 from .format.schema import Table
 from .format.sealing import seal, unpack_untrusted, unseal
@@ -117,7 +117,7 @@ def move_steps_after(txn: WriteTxn, branch: str, step: int) -> str | None:
 
 def copy_step(txn: WriteTxn, source: bytes, target: bytes) -> None:
     """Put the manifest (and metrics) of key ``source`` under ``target`` too: no chunk is written."""
-    txn.put(Table.STEPS, target, bytes(txn.get(Table.STEPS, source)))
+    txn.put(Table.STEPS, target, bytes(manifest_bytes(txn, source, "the store")))
     info = txn.get(Table.STEPINFO, source)
     if info is not None:
         txn.put(Table.STEPINFO, target, bytes(info))
@@ -176,8 +176,11 @@ def check_metrics(metrics) -> dict | None:
         raise UsageError("metrics must be a dict of str -> number")
     out = {}
     for name, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                isinstance(value, float) and math.isnan(value)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and math.isnan(value))
+        ):
             raise UsageError(f"metric {name!r} must be a number, got {value!r}")
         out[name] = float(value)
     return out
@@ -253,6 +256,9 @@ def _create_config(txn: WriteTxn, chunk_bytes: int, where: str) -> bytes:
 
 def migrate_config(txn: WriteTxn) -> None:
     """Bring the config record to the current format (see :func:`castore.format.config.migrate`)."""
-    current = migrate(txn.get(Table.META, CONFIG_KEY))
+    raw = txn.get(Table.META, CONFIG_KEY)
+    if raw is None:
+        raise FormatError("the store has no config record to migrate")
+    current = migrate(bytes(raw))
     if current is not None:
         txn.put(Table.META, CONFIG_KEY, current)

@@ -20,6 +20,8 @@ from .save.saver import SaveResult
 from .store import Store
 from .tracking import TrackedArray
 
+__all__ = ["Checkpoint", "Counter", "Every"]
+
 log = logging.getLogger(__name__)
 
 
@@ -83,8 +85,15 @@ class Checkpoint:
 
     # -- saving -------------------------------------------------------------------------------------
 
-    def save(self, step: int | None = None, *, keys=None, overwrite: bool = False,
-             block: bool = True, metrics: dict | None = None) -> SaveResult | SaveHandle:
+    def save(
+        self,
+        step: int | None = None,
+        *,
+        keys=None,
+        overwrite: bool = False,
+        block: bool = True,
+        metrics: dict | None = None,
+    ) -> SaveResult | SaveHandle:
         """Save the registered components (or ``keys``) as one step.
 
         The step number is ``step`` if given, else ``int()`` of the state of a component
@@ -114,8 +123,13 @@ class Checkpoint:
             object.__setattr__(self, "_submitted_head", continuing or self._submitted_head)
             return handle
         result = self._store.save(step, states, overwrite=overwrite, metrics=metrics)
-        log.info("saved step %d: %d new of %d logical bytes in %.3fs", result.step,
-                 result.new_bytes, result.logical_bytes, result.seconds)
+        log.info(
+            "saved step %d: %d new of %d logical bytes in %.3fs",
+            result.step,
+            result.new_bytes,
+            result.logical_bytes,
+            result.seconds,
+        )
         return result
 
     def wait(self) -> None:
@@ -159,8 +173,15 @@ class Checkpoint:
 
     # -- loading ------------------------------------------------------------------------------------
 
-    def load(self, path: str | os.PathLike | None = None, *, step: int | None = None, keys=None,
-             regex: str | None = None, verify: bool | None = None) -> int:
+    def load(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        step: int | None = None,
+        keys=None,
+        regex: str | None = None,
+        verify: bool | None = None,
+    ) -> int:
         """Load a step (default: latest) into the registered components; returns the step.
 
         ``step`` is a number of this branch or a tag (of any branch).  ``path`` loads from
@@ -285,7 +306,7 @@ class Checkpoint:
         """Wait for background saves, then close the store (raising a save error nobody saw)."""
         self._store.close()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -333,7 +354,7 @@ class Every:
             self._last_time, self._last_step = now, None if step is None else int(step)
             return self.initial
         fire = False
-        if self.steps:
+        if self.steps and step is not None:  # not None: checked above
             step = int(step)
             if self._last_step is None:
                 self._last_step = step

@@ -7,6 +7,26 @@ do not know castore.  Errors carry the ids and paths a user needs to act on them
 
 from __future__ import annotations
 
+__all__ = [
+    "CastoreError",
+    "ChunkCorruptError",
+    "ChunkMissingError",
+    "CorruptDataError",
+    "FormatError",
+    "IntegrityError",
+    "SaveError",
+    "SelectionError",
+    "StepExistsError",
+    "StepNotFoundError",
+    "StoreBusyError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "TrackingError",
+    "UnsafeFilesystemError",
+    "UnsupportedValueError",
+    "UsageError",
+]
+
 
 class CastoreError(Exception):
     """Base of every error castore raises on purpose."""
@@ -46,10 +66,7 @@ class StoreLockedError(CastoreError, BlockingIOError):
         self.path = path
         self.pid = pid
         who = f"PID {pid}" if pid else "another process"
-        super().__init__(
-            f"store {path} is locked by {who} (one writer per store); "
-            "readers may still open it and load"
-        )
+        super().__init__(f"store {path} is locked by {who} (one writer per store); readers may still open it and load")
 
 
 class StoreBusyError(CastoreError, BlockingIOError):

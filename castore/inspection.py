@@ -6,10 +6,12 @@ engine) and copies what it returns; nothing here writes.
 
 from __future__ import annotations
 
+from .errors import FormatError, UsageError
 from .format.config import CONFIG_KEY
 from .format.schema import Table
 from .format.sealing import unpack_untrusted
 from .storage.base import Backend
+from .storage.lmdb_engine import LmdbBackend
 
 
 class StoreInspector:
@@ -41,7 +43,10 @@ class StoreInspector:
 
     def config(self) -> dict:
         """The config record, decoded."""
-        return unpack_untrusted(self.get(Table.META, CONFIG_KEY))
+        raw = self.get(Table.META, CONFIG_KEY)
+        if raw is None:
+            raise FormatError(f"{self._backend.path} has no config record")
+        return unpack_untrusted(raw)
 
     def generation(self) -> int:
         return self._backend.generation()
@@ -52,11 +57,16 @@ class StoreInspector:
 
     def map_size(self) -> int:
         """The LMDB map size (LMDB engine only)."""
-        return self._backend.map_size()
+        return self._lmdb().map_size()
 
     def last_page(self) -> int:
         """The last page LMDB uses: the data file's high-water mark (LMDB engine only)."""
-        return self._backend.last_page()
+        return self._lmdb().last_page()
+
+    def _lmdb(self) -> LmdbBackend:
+        if not isinstance(self._backend, LmdbBackend):
+            raise UsageError(f"{self._backend.path} is not an LMDB store")
+        return self._backend
 
     def holding_writes(self):
         """A context manager that stalls every write of this process (to test waits)."""

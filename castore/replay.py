@@ -14,6 +14,8 @@ import numpy as np
 from .errors import UsageError
 from .tracking import TrackedArray
 
+__all__ = ["RingBuffer"]
+
 
 class RingBuffer:
     """Fields of ``capacity`` rows each, filled in insertion order and overwritten oldest first.

@@ -16,45 +16,28 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from . import catalog
 from .errors import UsageError
 from .format.chunker import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from .format.keys import MAIN, branch_of, check_branch, check_step, step_key, step_of
-from .format.manifest import Manifest, decode_manifest
+from .format.manifest import Manifest
 from .format.schema import STORE_FORMAT, Table
 from .inspection import StoreInspector
 from .loading import Loader
 from .maintenance import verify as verify_
-from .maintenance.gc import GcPlan, StepAccount
+from .maintenance.gc import GcPlan, StepAccount, StoreStats
 from .maintenance.maintainer import Maintainer
 from .maintenance.retention import policy_of
 from .save.background import SaveHandle
-from .save.saver import SaveResult, Saver
+from .save.saver import Saver, SaveResult
 from .save.session import writer_state
 from .storage import ChunkStore, open_backend
 from .storage.base import Backend
 
-__all__ = ["SaveResult", "Store", "StoreStats"]
+__all__ = ["Store"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StoreStats:
-    """Totals of a store."""
-
-    steps: int
-    chunks: int  #: chunks and chunk-list pages held (including garbage not yet collected)
-    stored_bytes: int  #: bytes of those chunks and pages
-    logical_bytes: int  #: sum over steps of each step's logical bytes
-    file_bytes: int  #: disk bytes of the store
-
-    @property
-    def dedup_ratio(self) -> float:
-        """Logical bytes of all steps per stored chunk byte (higher is better)."""
-        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
 class Store:
@@ -75,11 +58,23 @@ class Store:
     any branch.
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True, readonly: bool = False,
-                 chunk_bytes: int | None = None, verify: bool = True, allow_pickle: bool = False,
-                 workers: int | None = None, check_tracking: bool | None = None, max_pending: int = 1,
-                 keep=None, branch: str = MAIN, allow_network_fs: bool = False,
-                 lock_timeout: float | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        chunk_bytes: int | None = None,
+        verify: bool = True,
+        allow_pickle: bool = False,
+        workers: int | None = None,
+        check_tracking: bool | None = None,
+        max_pending: int = 1,
+        keep=None,
+        branch: str = MAIN,
+        allow_network_fs: bool = False,
+        lock_timeout: float | None = None,
+    ):
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
         if chunk_bytes is not None and not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
@@ -95,8 +90,9 @@ class Store:
         self.branch = check_branch(branch)
         keep = policy_of(keep)
         self._closed = False
-        self._backend = open_backend(self.path, create=create, readonly=readonly,
-                                     allow_network_fs=allow_network_fs, lock_timeout=lock_timeout)
+        self._backend = open_backend(
+            self.path, create=create, readonly=readonly, allow_network_fs=allow_network_fs, lock_timeout=lock_timeout
+        )
         try:
             config = catalog.open_config(self._backend, chunk_bytes or DEFAULT_CHUNK_BYTES, self.path)
             self._check_chunk_bytes(chunk_bytes, config.chunk_bytes)
@@ -110,16 +106,30 @@ class Store:
         self._chunks = ChunkStore(self._backend)
         where = self.path if self.branch == MAIN else f"branch {self.branch!r} of {self.path}"
         self._saver = Saver(
-            self._backend, self._chunks, take_writer=self._take_writer, writer=self._writer, pool=self._pool,
-            workers=self.workers, chunk_bytes=self.chunk_bytes, branch=self.branch, where=where,
-            allow_pickle=allow_pickle, check_tracking=check_tracking, max_pending=max_pending,
+            self._backend,
+            self._chunks,
+            take_writer=self._take_writer,
+            writer=self._writer,
+            pool=self._pool,
+            workers=self.workers,
+            chunk_bytes=self.chunk_bytes,
+            branch=self.branch,
+            where=where,
+            allow_pickle=allow_pickle,
+            check_tracking=check_tracking,
+            max_pending=max_pending,
             after_commit=self._retain_after_commit,
         )
-        self._loader = Loader(self._backend, self._chunks, pool=self._pool, where=self.path,
-                              allow_pickle=allow_pickle)
-        self._maintainer = Maintainer(self._backend, self._chunks, gate=self._saver,
-                                      pinned_ids=self._writer.pinned_ids, branch=self.branch, path=self.path,
-                                      keep=keep)
+        self._loader = Loader(self._backend, self._chunks, pool=self._pool, where=self.path, allow_pickle=allow_pickle)
+        self._maintainer = Maintainer(
+            self._backend,
+            self._chunks,
+            gate=self._saver,
+            pinned_ids=self._writer.pinned_ids,
+            branch=self.branch,
+            path=self.path,
+            keep=keep,
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -138,7 +148,7 @@ class Store:
             self._backend.close()
         self._saver.raise_failed()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -201,8 +211,7 @@ class Store:
         self._check_open()
         return self._saver.save(step, tree, overwrite=overwrite, metrics=metrics)
 
-    def save_async(self, step: int, tree: dict, *, overwrite: bool = False,
-                   metrics: dict | None = None) -> SaveHandle:
+    def save_async(self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None) -> SaveHandle:
         """Capture ``tree`` now and commit it in the background; returns a :class:`SaveHandle`.
 
         When this returns, the changed chunks have been copied (at most ``max_pending``
@@ -399,19 +408,19 @@ class Store:
     def stats(self) -> StoreStats:
         """Store totals; reads every manifest (small) but no chunk."""
         self._check_open()
-        with self._backend.read() as txn:
-            chunks, stored = self._chunks.counters(txn)
-            logical = steps = 0
-            for _, value in txn.scan(Table.STEPS):
-                logical += decode_manifest(value).logical_bytes
-                steps += 1
-        return StoreStats(steps=steps, chunks=chunks, stored_bytes=stored, logical_bytes=logical,
-                          file_bytes=self._backend.file_bytes())
+        return self._maintainer.stats()
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def load(self, step: int | str | None = None, keys=None, regex: str | None = None, *,
-             verify: bool | None = None, branch: str | None = None) -> dict:
+    def load(
+        self,
+        step: int | str | None = None,
+        keys=None,
+        regex: str | None = None,
+        *,
+        verify: bool | None = None,
+        branch: str | None = None,
+    ) -> dict:
         """Read a step (default: latest) as component name -> state.
 
         ``step`` is a number or None (the latest) of ``branch`` (default: this store's), or
@@ -429,4 +438,3 @@ class Store:
     def inspect(self) -> StoreInspector:
         """A read-only view of the store's tables and writer state, for tests and tools."""
         return StoreInspector(self._backend, self._writer)
-

@@ -28,6 +28,8 @@ import numpy as np
 
 from .errors import UsageError
 
+__all__ = ["Baseline", "TrackedArray"]
+
 
 @dataclass(frozen=True, slots=True)
 class Baseline:

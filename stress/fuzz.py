@@ -20,19 +20,24 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 with atheris.instrument_imports():
-    import castore.format.codec  # noqa: F401
-    import castore.config  # noqa: F401
+    import castore.config
+
+    import castore.format.codec
     import castore.format.manifest  # noqa: F401
 
-from test_fuzz import MANIFESTS, load_manifest, parse, read_metrics  # noqa: E402
+from test_fuzz import MANIFESTS, load_manifest, parse, read_metrics
 
-from castore.errors import CastoreError  # noqa: E402
-from castore.format.manifest import page_ids_in  # noqa: E402
+from castore.errors import CastoreError
+from castore.format.manifest import page_ids_in
+
 
 def one_input(data: bytes) -> None:
     target, body = data[:1], data[1:]
-    for decode in (load_manifest, parse, read_metrics, page_ids_in) if not target else (
-            (load_manifest, parse, read_metrics, page_ids_in)[target[0] % 4],):
+    for decode in (
+        (load_manifest, parse, read_metrics, page_ids_in)
+        if not target
+        else ((load_manifest, parse, read_metrics, page_ids_in)[target[0] % 4],)
+    ):
         try:
             decode(body)
         except CastoreError:

@@ -27,15 +27,16 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from kill_harness import Harness, Stats  # noqa: E402
+from kill_harness import Harness, Stats
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=int(time.time()))
-    parser.add_argument("--sizes", choices=["small", "full"], default="small",
-                        help="state per step: small (6 MB) or full (23 MB)")
+    parser.add_argument(
+        "--sizes", choices=["small", "full"], default="small", help="state per step: small (6 MB) or full (23 MB)"
+    )
     parser.add_argument("--dir", help="where the stores go (kept); default: a temporary directory, removed")
     parser.add_argument("--every", type=int, default=100, help="print progress every N kills")
     parser.add_argument("--max-failures", type=int, default=5, help="stop after this many failed checks")
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 harness.cycle()
             except Exception:  # a failed check: report, keep the store, go on with a fresh one
-                failures.append(f"run {run} (seed {harness.seed}), cycle {harness.cycles - 1}:\n"
-                                f"{traceback.format_exc()[-4000:]}")
+                failures.append(
+                    f"run {run} (seed {harness.seed}), cycle {harness.cycles - 1}:\n{traceback.format_exc()[-4000:]}"
+                )
                 print(f"FAILED {failures[-1]}", flush=True)
                 total.add(harness.stats)
                 run += 1

@@ -43,10 +43,7 @@ from dataclasses import dataclass, field
 if __name__ == "__main__":  # run as a file: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import castore  # noqa: E402
-import castore.maintenance.gc  # noqa: E402
-import castore.save.pipeline  # noqa: E402
-from workload import (  # noqa: E402
+from workload import (
     SIZES,
     Child,
     _options,
@@ -58,6 +55,10 @@ from workload import (  # noqa: E402
     state_for,
     state_nbytes,
 )
+
+import castore
+import castore.maintenance.gc
+import castore.save.pipeline
 
 HARNESS_DIR = os.path.dirname(os.path.abspath(__file__))
 KEEP = 3  #: the writer's retention policy: Checkpoint(keep=KEEP)
@@ -135,8 +136,10 @@ def outcomes(layout: Layout, op: Op | None) -> dict[str, Layout]:
     if op.kind == "retain":
         return {"nothing deleted": layout, "retained": retained(layout, RETAIN_LAST)}
     if op.kind == "delete_branch" and op.args["branch"]:
-        return {"nothing deleted": layout,
-                "branch deleted": {b: s for b, s in layout.items() if b != op.args["branch"]}}
+        return {
+            "nothing deleted": layout,
+            "branch deleted": {b: s for b, s in layout.items() if b != op.args["branch"]},
+        }
     return {"unchanged": layout}  # gc, compact, delete_branch with no branch to delete
 
 
@@ -274,9 +277,8 @@ class Stats:
     late_commits: int = 0  #: commits a held store showed only once the parent took the writer lock
     refused_compactions: int = 0
 
-    def add(self, other: "Stats") -> None:
-        for name in ("kills", "steps_checked", "bytes_checked", "bytes_hashed", "late_commits",
-                     "refused_compactions"):
+    def add(self, other: Stats) -> None:
+        for name in ("kills", "steps_checked", "bytes_checked", "bytes_hashed", "late_commits", "refused_compactions"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.phases.update(other.phases)
         self.outcomes.update(other.outcomes)
@@ -286,10 +288,12 @@ class Stats:
         return sum(n for phase, n in self.phases.items() if phase not in ("startup", "between ops", "idle"))
 
     def report(self) -> str:
-        lines = [f"{self.kills} kills ({self.inside()} inside an operation), {self.steps_checked} step loads "
-                 f"checked bit-exact ({self.bytes_checked / 1e9:.2f} GB), verify hashed "
-                 f"{self.bytes_hashed / 1e9:.2f} GB, {self.late_commits} late commits, "
-                 f"{self.refused_compactions} compactions refused while held"]
+        lines = [
+            f"{self.kills} kills ({self.inside()} inside an operation), {self.steps_checked} step loads "
+            f"checked bit-exact ({self.bytes_checked / 1e9:.2f} GB), verify hashed "
+            f"{self.bytes_hashed / 1e9:.2f} GB, {self.late_commits} late commits, "
+            f"{self.refused_compactions} compactions refused while held"
+        ]
         lines += [f"  {phase:13} {n:5}" for phase, n in sorted(self.phases.items(), key=lambda kv: -kv[1])]
         lines += ["  outcomes:"] + [f"    {name:45} {n:5}" for name, n in sorted(self.outcomes.items())]
         return "\n".join(lines)
@@ -333,8 +337,10 @@ class Harness:
         args += ["--held"] if held else []
         args += ["--batch-bytes", batch] if batch else []
         args += ["--delete-batch", delete_batch] if delete_batch else []
-        context = (f"seed {self.seed}, cycle {self.cycles} (ops {ops}, {'held' if held else 'not held'}, "
-                   f"batch {batch or 'default'}, GC delete batch {delete_batch or 'default'})")
+        context = (
+            f"seed {self.seed}, cycle {self.cycles} (ops {ops}, {'held' if held else 'not held'}, "
+            f"batch {batch or 'default'}, GC delete batch {delete_batch or 'default'})"
+        )
         self.cycles += 1
         observer = castore.Store(self.path, keep=KEEP) if held else None  # open across the kill
         try:

@@ -56,8 +56,7 @@ def plain(rb):
 
 
 def snapshot(cp_components):
-    return {name: plain(v) if isinstance(v, castore.RingBuffer) else np.array(v)
-            for name, v in cp_components.items()}
+    return {name: plain(v) if isinstance(v, castore.RingBuffer) else np.array(v) for name, v in cp_components.items()}
 
 
 # --- capture isolation -------------------------------------------------------------------------
@@ -187,8 +186,10 @@ def test_default_step_numbers_count_saves_in_flight(tmp_path, max_pending):
 
 
 @settings(max_examples=25, deadline=None)
-@given(plan=st.lists(st.tuples(st.integers(0, 400), st.booleans()), min_size=1, max_size=8),
-       max_pending=st.sampled_from([1, 2]))
+@given(
+    plan=st.lists(st.tuples(st.integers(0, 400), st.booleans()), min_size=1, max_size=8),
+    max_pending=st.sampled_from([1, 2]),
+)
 def test_mixed_blocking_and_background_saves_load_as_saved(tmp_path_factory, plan, max_pending):
     directory = tmp_path_factory.mktemp("mixed")
     rb = castore.RingBuffer(300)
@@ -346,8 +347,9 @@ SCRIPT = textwrap.dedent(
 def test_a_process_exiting_normally_commits_its_background_saves(tmp_path):
     path = str(tmp_path / "ck")
     env = {**os.environ, "PYTHONPATH": REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, path], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, path], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "pending True [0, 1, 2]"  # the last one was in flight
     assert "failed" not in done.stderr

@@ -28,11 +28,11 @@ import pytest
 from workload import assert_state_equal
 
 import castore
+from castore.errors import FormatError, StoreLockedError, UsageError
 from castore.format.schema import Table, missing_tables
 from castore.storage.lmdb_engine import LmdbBackend as BlobStore
 
 LATER_TABLES = missing_tables(1)
-from castore.errors import FormatError, StoreLockedError, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_V1 = Path(__file__).parent / "data" / "store-v1"
@@ -41,8 +41,10 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 def state(step: int) -> dict:
     rng = np.random.default_rng(step)
-    return {"model": {"w": rng.standard_normal((64, 32), np.float32), "step": np.int64(step)},
-            "notes": ["run", step, b"\x00\xff"]}
+    return {
+        "model": {"w": rng.standard_normal((64, 32), np.float32), "step": np.int64(step)},
+        "notes": ["run", step, b"\x00\xff"],
+    }
 
 
 def saved_store(path: Path, steps=(1, 2)) -> Path:
@@ -59,8 +61,7 @@ def lmdb_facts(path: Path) -> dict:
         info, psize = env.info(), env.stat()["psize"]
         with env.begin() as txn:
             names = sorted(bytes(key) for key, _ in txn.cursor())
-        return {"used": (info["last_pgno"] + 1) * psize, "page": psize, "txnid": info["last_txnid"],
-                "names": names}
+        return {"used": (info["last_pgno"] + 1) * psize, "page": psize, "txnid": info["last_txnid"], "names": names}
     finally:
         env.close()
 
@@ -68,14 +69,25 @@ def lmdb_facts(path: Path) -> dict:
 def python(code: str, *args, user: list[str] = (), timeout: float = 60, **popen) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (as ``user``, a command prefix) and wait for it."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]))
-    return subprocess.run([*user, sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=timeout, **popen)
+    return subprocess.run(
+        [*user, sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def spawn(code: str, *args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def expect_line(child: subprocess.Popen, word: str) -> str:
@@ -235,8 +247,12 @@ def test_read_only_open_without_write_permission_reads_without_a_lock_file(as_ot
         for file in path.iterdir():
             file.chmod(file.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
         path.chmod(0o555)
-    cases = [[str(paths["lockfile"]), True], [str(paths["nolockfile"]), True],
-             [str(paths["writable"]), False], [str(paths["unreadable"]), True]]
+    cases = [
+        [str(paths["lockfile"]), True],
+        [str(paths["nolockfile"]), True],
+        [str(paths["writable"]), False],
+        [str(paths["unreadable"]), True],
+    ]
     child = python(READ_CASES, json.dumps(cases), user=user)
     assert child.returncode == 0, child.stderr[-3000:]
     outcome = {path: rest for path, *rest in map(json.loads, child.stdout.splitlines())}
@@ -391,6 +407,7 @@ def run_in_fork(child) -> int:
             code = child()
         except BaseException:
             import traceback
+
             traceback.print_exc()
         finally:
             os._exit(code)

@@ -258,4 +258,3 @@ def test_each_branch_numbers_and_lists_its_own_steps(tmp_path):
         assert b.steps() == [5] and main.steps() == [5]
         with pytest.raises(castore.StepNotFoundError, match="step 1 of branch 'b'"):
             b.delete(1)
-

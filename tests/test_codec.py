@@ -13,8 +13,24 @@ from hypothesis.extra import numpy as hnp
 import castore
 from castore.format import codec
 
-DTYPES = [np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
-          np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128, ">i4", ">f8"]
+DTYPES = [
+    np.bool_,
+    np.int8,
+    np.uint8,
+    np.int16,
+    np.uint16,
+    np.int32,
+    np.uint32,
+    np.int64,
+    np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.complex64,
+    np.complex128,
+    ">i4",
+    ">f8",
+]
 
 
 def arrays():
@@ -26,19 +42,28 @@ def arrays():
 
 
 def scalars():
-    return st.sampled_from(DTYPES).flatmap(lambda dt: hnp.from_dtype(np.dtype(dt))).map(
-        lambda v: v if isinstance(v, np.generic) else np.asarray(v)[()]
+    return (
+        st.sampled_from(DTYPES)
+        .flatmap(lambda dt: hnp.from_dtype(np.dtype(dt)))
+        .map(lambda v: v if isinstance(v, np.generic) else np.asarray(v)[()])
     )
 
 
 leaves = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(10**30), max_value=10**30),
-    st.floats(allow_nan=True), st.text(max_size=50), st.binary(max_size=3000), arrays(), scalars(),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True),
+    st.text(max_size=50),
+    st.binary(max_size=3000),
+    arrays(),
+    scalars(),
 )
 trees = st.recursive(
     leaves,
     lambda kids: st.one_of(
-        st.lists(kids, max_size=4), st.lists(kids, max_size=4).map(tuple),
+        st.lists(kids, max_size=4),
+        st.lists(kids, max_size=4).map(tuple),
         st.dictionaries(st.text(max_size=8), kids, max_size=4),
     ),
     max_leaves=12,
@@ -127,10 +152,13 @@ def test_unknown_or_unsafe_dtype_names_are_corrupt_data():
             codec.dtype_from_name(name)
 
 
-@pytest.mark.parametrize("tree", [
-    {"c": {"a/b": 1, "a": {"b": 2}}},
-    {"c": [{"x/0": 1, "x": [2]}]},
-])
+@pytest.mark.parametrize(
+    "tree",
+    [
+        {"c": {"a/b": 1, "a": {"b": 2}}},
+        {"c": [{"x/0": 1, "x": [2]}]},
+    ],
+)
 def test_leaves_whose_paths_collide_are_refused_before_anything_commits(tmp_path, tree):
     with castore.Store(tmp_path / "s") as store:
         with pytest.raises(castore.UnsupportedValueError, match="two leaves have this path"):

@@ -35,9 +35,13 @@ def test_compact_refuses_while_another_process_has_the_store_open(tmp_path):
     path = tmp_path / "s"
     with castore.Store(path) as store:
         store.save(1, {"a": blob(1)})
-        script = (f"import castore, sys, time; s = castore.Store({str(path)!r}, readonly=True); s.load(); "
-                  "print('ready', flush=True); sys.stdin.readline()")
-        reader = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        script = (
+            f"import castore, sys, time; s = castore.Store({str(path)!r}, readonly=True); s.load(); "
+            "print('ready', flush=True); sys.stdin.readline()"
+        )
+        reader = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         try:
             assert reader.stdout.readline().strip() == "ready"
             with pytest.raises(castore.StoreBusyError, match="another process"):

@@ -20,10 +20,10 @@ import pytest
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # workload.py beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kill_harness import START_EPOCH, Harness, writer  # noqa: E402
-from workload import Child, assert_state_equal, state_for  # noqa: E402
+from kill_harness import START_EPOCH, Harness, writer
+from workload import Child, assert_state_equal, state_for
 
-import castore  # noqa: E402
+import castore
 
 LOCK_SECONDS = 0.5  # "at once": a locked save must fail well within this
 
@@ -87,7 +87,9 @@ def test_reader_process_loads_only_whole_steps_while_this_process_saves(tmp_path
 def test_save_that_grows_the_map_finishes_while_a_thread_of_this_process_keeps_loading(tmp_path, monkeypatch):
     import castore.storage.lmdb_engine
 
-    monkeypatch.setattr(castore.storage.lmdb_engine, "INITIAL_MAP_BYTES", 1 << 20)  # read at open: every save grows the map
+    monkeypatch.setattr(
+        castore.storage.lmdb_engine, "INITIAL_MAP_BYTES", 1 << 20
+    )  # read at open: every save grows the map
     path = tmp_path / "store"
     with castore.Store(path) as store:
         store.save(0, state_for(0))
@@ -97,7 +99,7 @@ def test_save_that_grows_the_map_finishes_while_a_thread_of_this_process_keeps_l
             while not stop.is_set():
                 try:
                     loads.append(store.load()["step"])
-                except Exception as exc:  # noqa: BLE001 - reported below
+                except Exception as exc:
                     errors.append(exc)
                     return
 
@@ -105,7 +107,7 @@ def test_save_that_grows_the_map_finishes_while_a_thread_of_this_process_keeps_l
             try:
                 store.save(step, state_for(step))
                 outcome.append(None)
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 outcome.append(exc)
 
         poller = threading.Thread(target=poll, daemon=True)
@@ -166,7 +168,6 @@ def test_second_writer_process_gets_store_locked_error_at_once(tmp_path):
                 cp.save(5)
             assert 0.5 <= time.monotonic() - started < 0.5 + LOCK_SECONDS
         with castore.Store(path) as store:
-
             # So does a writer in yet another process.
             with Child("writer", path, "--count", 1, "--max-seconds", 60) as second:
                 assert second.finish(60) == 3, second.describe()
@@ -298,11 +299,27 @@ def test_read_only_store_beside_a_writable_one_refuses_to_write(tmp_path):
 def test_reader_processes_keep_working_while_the_writer_grows_the_map(tmp_path):
     path = tmp_path / "store"
     # 1 MiB initial map in the writer (and in one reader): LMDB must grow it several times.
-    with Child("writer", path, "--tiny-map", "--report-map", "--until-map-sizes", 4, "--count", 200,
-               "--wait-go", "--pause", 0.01, "--max-seconds", 60, stdin=True) as writer:
+    with Child(
+        "writer",
+        path,
+        "--tiny-map",
+        "--report-map",
+        "--until-map-sizes",
+        4,
+        "--count",
+        200,
+        "--wait-go",
+        "--pause",
+        0.01,
+        "--max-seconds",
+        60,
+        stdin=True,
+    ) as writer:
         writer.expect("committed", 30)  # step 0 exists; the writer waits for the readers
-        with Child("reader", path, "--tiny-map", "--max-seconds", 90, stdin=True) as tiny, \
-                Child("reader", path, "--max-seconds", 90, stdin=True) as default:
+        with (
+            Child("reader", path, "--tiny-map", "--max-seconds", 90, stdin=True) as tiny,
+            Child("reader", path, "--max-seconds", 90, stdin=True) as default,
+        ):
             tiny.expect("reading", 30)
             default.expect("reading", 30)
             writer.send("go")
@@ -316,7 +333,8 @@ def test_reader_processes_keep_working_while_the_writer_grows_the_map(tmp_path):
     sizes = sorted({size for _, size in maps})
     assert sizes[0] <= 16 << 20 and len(sizes) >= 4, f"the map grew only through {sizes}"
     grown_while_reading = {size for at, size in maps if at > readers_started} - {
-        size for at, size in maps if at <= readers_started}
+        size for at, size in maps if at <= readers_started
+    }
     assert len(grown_while_reading) >= 2, f"map sizes {maps}, readers started at {readers_started}"
     for name, reader in (("tiny", tiny), ("default", default)):
         assert_clean_reads(results[name], reader, 0, last)
@@ -327,8 +345,10 @@ def test_reader_processes_keep_working_while_the_writer_grows_the_map(tmp_path):
         assert store.steps() == list(range(last + 1))
         for step in (0, last // 2, last):
             assert_state_equal(store.load(step), state_for(step))
-    print(f"map sizes {sizes}; reader loads: tiny {results['tiny']['loads']} "
-          f"(maps {results['tiny']['map_sizes']}), default {results['default']['loads']}")
+    print(
+        f"map sizes {sizes}; reader loads: tiny {results['tiny']['loads']} "
+        f"(maps {results['tiny']['map_sizes']}), default {results['default']['loads']}"
+    )
 
 
 # --- (e) many readers follow the latest step while the writer saves, retains and collects -----
@@ -359,10 +379,26 @@ def test_reader_processes_following_latest_see_only_whole_steps_and_never_block_
         harness.follow([line for _, line in alone.lines], False, "writer alone")
         alone_seconds = save_seconds(alone)
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(Child("reader", path, "--epoch", START_EPOCH, "--sizes", "small",
-                                             "--max-seconds", 120, stdin=True)) for _ in range(READERS)]
-        victim = stack.enter_context(Child("reader", path, "--epoch", START_EPOCH, "--sizes", "small", "--announce",
-                                           "--max-seconds", 120, stdin=True))
+        readers = [
+            stack.enter_context(
+                Child("reader", path, "--epoch", START_EPOCH, "--sizes", "small", "--max-seconds", 120, stdin=True)
+            )
+            for _ in range(READERS)
+        ]
+        victim = stack.enter_context(
+            Child(
+                "reader",
+                path,
+                "--epoch",
+                START_EPOCH,
+                "--sizes",
+                "small",
+                "--announce",
+                "--max-seconds",
+                120,
+                stdin=True,
+            )
+        )
         for reader in [*readers, victim]:
             reader.expect("reading", 30)
         with writer(path, "--ops", ",".join(WRITER_OPS * ROUNDS), "--seed", 2, "--held", *common) as busy:
@@ -394,14 +430,15 @@ def test_reader_processes_following_latest_see_only_whole_steps_and_never_block_
     typical = max(statistics.median(busy_seconds), statistics.median(alone_seconds))
     slowest = max(busy_seconds)
     assert slowest <= max(20 * typical, 3.0), (slowest, typical, busy_seconds)
-    assert statistics.median(busy_seconds) <= 25 * statistics.median(alone_seconds) + 0.1, (
-        busy_seconds, alone_seconds)
+    assert statistics.median(busy_seconds) <= 25 * statistics.median(alone_seconds) + 0.1, (busy_seconds, alone_seconds)
     # No reader is left, not even the killed one: compaction works, the store is sound.
     with castore.Store(path) as store:
         store.compact()
     harness.check({"unchanged": harness.layout}, "after the readers")
     loads = sum(r["loads"] for r in results)
-    print(f"{READERS} readers: {loads} loads of {[len(r['seen']) for r in results]} steps; writer saves: "
-          f"median {statistics.median(alone_seconds) * 1000:.0f} ms alone, "
-          f"{statistics.median(busy_seconds) * 1000:.0f} ms beside readers (slowest {slowest * 1000:.0f} ms); "
-          f"{refused} compactions refused")
+    print(
+        f"{READERS} readers: {loads} loads of {[len(r['seen']) for r in results]} steps; writer saves: "
+        f"median {statistics.median(alone_seconds) * 1000:.0f} ms alone, "
+        f"{statistics.median(busy_seconds) * 1000:.0f} ms beside readers (slowest {slowest * 1000:.0f} ms); "
+        f"{refused} compactions refused"
+    )

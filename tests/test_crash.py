@@ -28,11 +28,11 @@ import pytest
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # workload.py beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import workload  # noqa: E402
-from kill_harness import KEEP, Harness, Op, committed, outcomes, retained, shape  # noqa: E402
-from workload import SMALL, Child, assert_state_equal, fingerprint, state_for  # noqa: E402
+import workload
+from kill_harness import KEEP, Harness, Op, committed, outcomes, retained, shape
+from workload import SMALL, Child, assert_state_equal, fingerprint, state_for
 
-import castore  # noqa: E402
+import castore
 
 SEED = int(os.environ.get("CASTORE_CRASH_SEED", "20240611"))
 #: sizes -> kills: many cheap kills with the small state, a few with the 23 MB one
@@ -141,7 +141,7 @@ def lmdb_txnid_offsets(path) -> tuple[int, int]:
         last = store.inspect().generation()
     data = (path / "data.mdb").read_bytes()[:8192]
     lock = (path / "lock.mdb").read_bytes()[:256]
-    at = lambda raw, offset: int.from_bytes(raw[offset : offset + 8], "little")  # noqa: E731
+    at = lambda raw, offset: int.from_bytes(raw[offset : offset + 8], "little")
     page = 4096 * (last & 1)  # LMDB alternates its two meta pages
     meta = [o for o in range(16, 512, 8) if at(data, page + o) == last and at(data, 4096 - page + o) == last - 1]
     published = [o for o in range(0, 128, 8) if at(lock, o) == last]
@@ -162,8 +162,12 @@ def test_a_restarted_writer_resumes_from_a_commit_its_killed_predecessor_did_not
     offsets = lmdb_txnid_offsets(path)
     with castore.Store(path, readonly=True) as observer:  # holds lock.mdb open, as readers do
         for step in range(2, 12):
-            killed = subprocess.run([sys.executable, "-c", KILLED_IN_COMMIT, str(path), str(step), *map(str, offsets)],
-                                    capture_output=True, text=True, timeout=60)
+            killed = subprocess.run(
+                [sys.executable, "-c", KILLED_IN_COMMIT, str(path), str(step), *map(str, offsets)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert killed.returncode == -9, killed.stderr
             if observer.latest() == step - 1:
                 print(f"killed between writing and publishing the commit of step {step}")

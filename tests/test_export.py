@@ -20,9 +20,34 @@ from castore.format.codec import join
 from castore.tools.cli import main
 from castore.tools.export import DEEP, INDEX, LEAVES, MAX_NAME, encode_name, export_step
 
-HOSTILE = ["../../evil", "/etc/passwd", "a/../../b", "..", ".", "a\x00b", "", " ", "a b", "W", "w",
-           "%2E%2E", "%", "~deep", INDEX, LEAVES, "leaves", "a.npy", "a", "x" * 5000, "ü" * 300, "\n", "\\..\\x",
-           "con", "😀/..", "-rf"]
+HOSTILE = [
+    "../../evil",
+    "/etc/passwd",
+    "a/../../b",
+    "..",
+    ".",
+    "a\x00b",
+    "",
+    " ",
+    "a b",
+    "W",
+    "w",
+    "%2E%2E",
+    "%",
+    "~deep",
+    INDEX,
+    LEAVES,
+    "leaves",
+    "a.npy",
+    "a",
+    "x" * 5000,
+    "ü" * 300,
+    "\n",
+    "\\..\\x",
+    "con",
+    "😀/..",
+    "-rf",
+]
 
 
 def hostile_tree(seed: int) -> dict:
@@ -42,12 +67,29 @@ def hostile_tree(seed: int) -> dict:
     tree["types"] = {
         "bf16": np.linspace(-2, 2, 300).astype(ml_dtypes.bfloat16),
         "f8": np.arange(8).astype(ml_dtypes.float8_e4m3fn),
-        "u3": np.array(["ab", "ü", ""], "<U3"), "s2": np.array([b"x", b"\x00y"], "S2"),
-        "dt": np.array([1, 2], "<M8[ns]"), "c": np.array([1 + 2j], np.complex64), "be": np.arange(4, dtype=">i8"),
-        "zero_d": np.array(3.5), "empty": np.zeros((0, 4), np.float16),
+        "u3": np.array(["ab", "ü", ""], "<U3"),
+        "s2": np.array([b"x", b"\x00y"], "S2"),
+        "dt": np.array([1, 2], "<M8[ns]"),
+        "c": np.array([1 + 2j], np.complex64),
+        "be": np.arange(4, dtype=">i8"),
+        "zero_d": np.array(3.5),
+        "empty": np.zeros((0, 4), np.float16),
         "scalars": (np.int8(-3), np.float64(np.nan), np.bool_(True), ml_dtypes.bfloat16(1.5)),
-        "values": [None, True, False, 0, -(2**70), 2**64 - 1, 0.1, float("nan"), float("inf"), -float("inf"),
-                   "", "a\x00b", "😀"],
+        "values": [
+            None,
+            True,
+            False,
+            0,
+            -(2**70),
+            2**64 - 1,
+            0.1,
+            float("nan"),
+            float("inf"),
+            -float("inf"),
+            "",
+            "a\x00b",
+            "😀",
+        ],
         "bytes": [b"", b"\x00" * 10, bytes(range(256)) * 4],
     }
     return tree
@@ -202,15 +244,22 @@ def test_encoding_is_injective_and_safe(keys):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(
-    st.text(min_size=1, max_size=12),
-    st.recursive(
-        st.one_of(st.integers(-5, 5), st.text(max_size=5), st.binary(max_size=600).map(lambda b: np.frombuffer(b, np.uint8))),
-        lambda inner: st.dictionaries(st.text(max_size=12), inner, max_size=4),
-        max_leaves=12,
-    ),
-    min_size=1, max_size=4,
-))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=12),
+        st.recursive(
+            st.one_of(
+                st.integers(-5, 5),
+                st.text(max_size=5),
+                st.binary(max_size=600).map(lambda b: np.frombuffer(b, np.uint8)),
+            ),
+            lambda inner: st.dictionaries(st.text(max_size=12), inner, max_size=4),
+            max_leaves=12,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_random_trees_with_random_names_round_trip(tree):
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)

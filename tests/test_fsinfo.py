@@ -12,50 +12,58 @@ from castore.storage import fsinfo
 
 # A container's table: overlay root, tmpfs /tmp, an ext4 data disk, an NFS home with a
 # local scratch disk mounted inside it, SMB and sshfs shares, a mount point with a space.
-MOUNTINFO = "\n".join([
-    "22 1 0:21 / / rw,relatime master:1 - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w",
-    "23 22 0:22 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw",
-    "24 22 0:23 / /tmp rw,nosuid,nodev shared:13 - tmpfs tmpfs rw,size=1024k",
-    "25 22 8:1 / /data rw,noatime shared:14 - ext4 /dev/sda1 rw,errors=remount-ro",
-    "26 22 0:50 / /home rw,relatime shared:15 - nfs4 fileserver:/export/home rw,vers=4.2,hard",
-    "27 26 8:17 / /home/scratch rw,relatime shared:16 - xfs /dev/sdb1 rw,attr2",
-    "28 22 0:51 / /mnt/win rw,relatime - cifs //nas/share rw,vers=3.1.1",
-    "29 22 0:52 / /mnt/remote rw,nosuid,nodev,relatime - fuse.sshfs user@host:/srv rw,user_id=0",
-    r"30 22 0:53 / /mnt/my\040share rw,relatime - nfs nas:/vol/my\040share rw,vers=3",
-    "31 22 0:54 / /mnt/stack rw,relatime - ext4 /dev/sdc1 rw",
-    "32 31 0:55 / /mnt/stack rw,relatime - nfs nas:/stack rw",
-    "33 22 0:56 / /mnt/unstack rw,relatime - nfs nas:/unstack rw",
-    "34 33 0:57 / /mnt/unstack rw,relatime - tmpfs tmpfs rw",
-    "a line that is not a mountinfo line",
-    "",
-])
+MOUNTINFO = "\n".join(
+    [
+        "22 1 0:21 / / rw,relatime master:1 - overlay overlay rw,lowerdir=/l,upperdir=/u,workdir=/w",
+        "23 22 0:22 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw",
+        "24 22 0:23 / /tmp rw,nosuid,nodev shared:13 - tmpfs tmpfs rw,size=1024k",
+        "25 22 8:1 / /data rw,noatime shared:14 - ext4 /dev/sda1 rw,errors=remount-ro",
+        "26 22 0:50 / /home rw,relatime shared:15 - nfs4 fileserver:/export/home rw,vers=4.2,hard",
+        "27 26 8:17 / /home/scratch rw,relatime shared:16 - xfs /dev/sdb1 rw,attr2",
+        "28 22 0:51 / /mnt/win rw,relatime - cifs //nas/share rw,vers=3.1.1",
+        "29 22 0:52 / /mnt/remote rw,nosuid,nodev,relatime - fuse.sshfs user@host:/srv rw,user_id=0",
+        r"30 22 0:53 / /mnt/my\040share rw,relatime - nfs nas:/vol/my\040share rw,vers=3",
+        "31 22 0:54 / /mnt/stack rw,relatime - ext4 /dev/sdc1 rw",
+        "32 31 0:55 / /mnt/stack rw,relatime - nfs nas:/stack rw",
+        "33 22 0:56 / /mnt/unstack rw,relatime - nfs nas:/unstack rw",
+        "34 33 0:57 / /mnt/unstack rw,relatime - tmpfs tmpfs rw",
+        "a line that is not a mountinfo line",
+        "",
+    ]
+)
 
 
-@pytest.mark.parametrize("path, fs_type", [
-    ("/home", "nfs4"),
-    ("/home/alice/run/store", "nfs4"),
-    ("/home/scratchy/store", "nfs4"),  # a mount point is a whole path segment, not a prefix
-    ("/mnt/win/ckpt", "cifs"),
-    ("/mnt/remote/ckpt", "fuse.sshfs"),
-    ("/mnt/my share/ckpt", "nfs"),  # \040 in the table is a space
-    ("/mnt/stack/ckpt", "nfs"),  # of two mounts on one point, the later one is on top
-])
+@pytest.mark.parametrize(
+    "path, fs_type",
+    [
+        ("/home", "nfs4"),
+        ("/home/alice/run/store", "nfs4"),
+        ("/home/scratchy/store", "nfs4"),  # a mount point is a whole path segment, not a prefix
+        ("/mnt/win/ckpt", "cifs"),
+        ("/mnt/remote/ckpt", "fuse.sshfs"),
+        ("/mnt/my share/ckpt", "nfs"),  # \040 in the table is a space
+        ("/mnt/stack/ckpt", "nfs"),  # of two mounts on one point, the later one is on top
+    ],
+)
 def test_a_path_on_a_network_mount_is_found(path, fs_type):
     mount = fsinfo.network_mount(path, MOUNTINFO)
     assert mount is not None and mount.fs_type == fs_type
 
 
-@pytest.mark.parametrize("path", [
-    "/",
-    "/var/lib/ckpt",  # overlay root
-    "/tmp/ckpt",  # tmpfs
-    "/data/runs/ckpt",  # ext4
-    "/home/scratch/ckpt",  # a local disk mounted inside the NFS home
-    "/home/scratch",
-    "/mnt/my",  # not under "/mnt/my share"
-    "/mnt/myXshare/ckpt",
-    "/mnt/unstack/ckpt",  # tmpfs mounted over an NFS mount
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/var/lib/ckpt",  # overlay root
+        "/tmp/ckpt",  # tmpfs
+        "/data/runs/ckpt",  # ext4
+        "/home/scratch/ckpt",  # a local disk mounted inside the NFS home
+        "/home/scratch",
+        "/mnt/my",  # not under "/mnt/my share"
+        "/mnt/myXshare/ckpt",
+        "/mnt/unstack/ckpt",  # tmpfs mounted over an NFS mount
+    ],
+)
 def test_a_path_on_a_local_mount_is_allowed(path):
     assert fsinfo.network_mount(path, MOUNTINFO) is None
 
@@ -71,14 +79,17 @@ def test_the_parser_reads_fields_and_unescapes_them():
     assert no_optional == [fsinfo.Mount("/x", "smb3", "//h/s")]
 
 
-@pytest.mark.parametrize("fs_type", ["nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "fuse.sshfs",
-                                     "fuse.s3fs", "fuse.glusterfs", "lustre"])
+@pytest.mark.parametrize(
+    "fs_type",
+    ["nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "fuse.sshfs", "fuse.s3fs", "fuse.glusterfs", "lustre"],
+)
 def test_network_types(fs_type):
     assert fsinfo.is_network_fs(fs_type)
 
 
-@pytest.mark.parametrize("fs_type", ["ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlay", "virtiofs", "fuse",
-                                     "fuse.fuse-overlayfs", "fuseblk"])
+@pytest.mark.parametrize(
+    "fs_type", ["ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlay", "virtiofs", "fuse", "fuse.fuse-overlayfs", "fuseblk"]
+)
 def test_local_types(fs_type):
     assert not fsinfo.is_network_fs(fs_type)
 

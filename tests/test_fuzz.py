@@ -39,22 +39,37 @@ from workload import fingerprint
 
 import castore
 from castore import catalog
-from castore.format import codec, config
-from castore.format.keys import branch_of, step_key
-from castore.format.schema import STORE_FORMAT
 from castore.errors import CastoreError, ChunkMissingError
+from castore.format import codec, config
 from castore.format.ids import ID_BYTES, split_ids
+from castore.format.keys import branch_of, step_key
 from castore.format.manifest import (
-    MAX_DEPTH, ArrayLeaf, BytesLeaf, ChunkedBlob, DictNode, InlineBlob, Manifest, PagedBlob, ScalarLeaf,
-    SeqNode, ShardsNode, ValueLeaf, decode_manifest, encode_manifest, page_ids_in, unseal,
+    MAX_DEPTH,
+    ArrayLeaf,
+    BytesLeaf,
+    ChunkedBlob,
+    DictNode,
+    InlineBlob,
+    Manifest,
+    PagedBlob,
+    ScalarLeaf,
+    SeqNode,
+    ShardsNode,
+    ValueLeaf,
+    decode_manifest,
+    encode_manifest,
+    page_ids_in,
+    unseal,
 )
+from castore.format.schema import STORE_FORMAT
 from castore.maintenance.retention import Keep, StepInfo
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ID = bytes(range(32))
 HANG_SECONDS = 5  # an alarm interrupts an example running this long: a hang fails, not blocks
 FUZZ = settings(
-    deadline=datetime.timedelta(seconds=1), database=None,
+    deadline=datetime.timedelta(seconds=1),
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 
@@ -109,17 +124,31 @@ def survives(case: str, fn, *args):
 
 #: msgpack headers that declare far more than any input holds, and rarely-valid extension types
 HOSTILE = [
-    b"\xdd\xff\xff\xff\xff", b"\xdc\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xde\xff\xff",  # array/map 2^32-1
-    b"\xc6\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff", b"\xc9\xff\xff\xff\xff\x05",  # bin/str/ext32
-    b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00",  # uint64 max, int64 min
-    b"\xd7\xff\xff\xff\xff\xff\x00\x00\x00\x00", b"\xd6\xff\x00\x00\x00\x00", b"\xc7\x03\xff\x00\x00\x00",  # timestamps
-    b"\xc1", b"\x91" * 64, b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00",  # never-used byte, nesting, NaN
+    b"\xdd\xff\xff\xff\xff",
+    b"\xdc\xff\xff",
+    b"\xdf\xff\xff\xff\xff",
+    b"\xde\xff\xff",  # array/map 2^32-1
+    b"\xc6\xff\xff\xff\xff",
+    b"\xdb\xff\xff\xff\xff",
+    b"\xc9\xff\xff\xff\xff\x05",  # bin/str/ext32
+    b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff",
+    b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00",  # uint64 max, int64 min
+    b"\xd7\xff\xff\xff\xff\xff\x00\x00\x00\x00",
+    b"\xd6\xff\x00\x00\x00\x00",
+    b"\xc7\x03\xff\x00\x00\x00",  # timestamps
+    b"\xc1",
+    b"\x91" * 64,
+    b"\xcb\x7f\xf8\x00\x00\x00\x00\x00\x00",  # never-used byte, nesting, NaN
 ]
 
 mutations = st.lists(
-    st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "hostile"]),
-              st.integers(0, 1 << 16), st.integers(0, 255)),
-    min_size=1, max_size=6,
+    st.tuples(
+        st.sampled_from(["flip", "set", "insert", "delete", "truncate", "hostile"]),
+        st.integers(0, 1 << 16),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=6,
 )
 
 
@@ -168,16 +197,31 @@ def load_manifest(data: bytes):
 
 def sample_manifests() -> list[bytes]:
     ml = [ScalarLeaf("bfloat16", b"\x80\x3f")]
-    node = DictNode((
-        ("w", ArrayLeaf("<f4", (4, 3), InlineBlob(b"\0" * 48))),
-        ("t", ArrayLeaf("<M8[ns]", (2,), InlineBlob(b"\1" * 16))),
-        ("s", ArrayLeaf("<U3", (2, 1), InlineBlob(b"a\0\0\0" * 6))),
-        ("big", ArrayLeaf("|u1", (100,), ChunkedBlob(100, 50, ID * 2))),
-        ("paged", ArrayLeaf("<i8", (1000, 2), PagedBlob(16000, 4096, ID))),
-        ("bytes", BytesLeaf(InlineBlob(b"abc"))),
-        ("seq", SeqNode(True, (ValueLeaf(None), ValueLeaf(2**70), ValueLeaf("x"), ValueLeaf(True),
-                               ValueLeaf(-1.5), ScalarLeaf("<i8", b"\1" * 8), *ml))),
-    ))
+    node = DictNode(
+        (
+            ("w", ArrayLeaf("<f4", (4, 3), InlineBlob(b"\0" * 48))),
+            ("t", ArrayLeaf("<M8[ns]", (2,), InlineBlob(b"\1" * 16))),
+            ("s", ArrayLeaf("<U3", (2, 1), InlineBlob(b"a\0\0\0" * 6))),
+            ("big", ArrayLeaf("|u1", (100,), ChunkedBlob(100, 50, ID * 2))),
+            ("paged", ArrayLeaf("<i8", (1000, 2), PagedBlob(16000, 4096, ID))),
+            ("bytes", BytesLeaf(InlineBlob(b"abc"))),
+            (
+                "seq",
+                SeqNode(
+                    True,
+                    (
+                        ValueLeaf(None),
+                        ValueLeaf(2**70),
+                        ValueLeaf("x"),
+                        ValueLeaf(True),
+                        ValueLeaf(-1.5),
+                        ScalarLeaf("<i8", b"\1" * 8),
+                        *ml,
+                    ),
+                ),
+            ),
+        )
+    )
     shards = ShardsNode((ValueLeaf(1.0), SeqNode(False, (ValueLeaf(3),))))
     return [
         encode_manifest(Manifest(7, 1.5, 1234, (("agent", node), ("replay", shards)))),
@@ -214,8 +258,14 @@ def _wire_manifest(components, **fields) -> bytes:
 
 
 anything = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=4),
-              st.binary(max_size=40)),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**64 - 1),
+        st.floats(),
+        st.text(max_size=4),
+        st.binary(max_size=40),
+    ),
     lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=3), kids, max_size=3)),
     max_leaves=8,
 )
@@ -229,10 +279,59 @@ shapes = st.one_of(
     anything,
 )
 UNSAFE_DTYPES = [
-    "O", "|O", "V8", "|V0", "i4,i4", "(2,)i4", "[('a', '<i4')]", "S0", "U0", "|S0", "<U0", "a", "a4", "U", "S",
-    "str", "bytes", "object", "void", "T", "S2147483647", "U536870911", "<U268435456", "M8[99999999999999999999Y]",
-    "m8[7as]", "<M8[-1s]", "M8[as/7]", "f16", "<c32", "bool", "float", "int", "=i8", "|i8", "<f2", "bfloat16",
-    "float8_e4m3fn", "int4", "uint2", "int64,", "i", "b", "?", "e", "p", "P", "G", "g", "F", "D", "\x00", "<", "|",
+    "O",
+    "|O",
+    "V8",
+    "|V0",
+    "i4,i4",
+    "(2,)i4",
+    "[('a', '<i4')]",
+    "S0",
+    "U0",
+    "|S0",
+    "<U0",
+    "a",
+    "a4",
+    "U",
+    "S",
+    "str",
+    "bytes",
+    "object",
+    "void",
+    "T",
+    "S2147483647",
+    "U536870911",
+    "<U268435456",
+    "M8[99999999999999999999Y]",
+    "m8[7as]",
+    "<M8[-1s]",
+    "M8[as/7]",
+    "f16",
+    "<c32",
+    "bool",
+    "float",
+    "int",
+    "=i8",
+    "|i8",
+    "<f2",
+    "bfloat16",
+    "float8_e4m3fn",
+    "int4",
+    "uint2",
+    "int64,",
+    "i",
+    "b",
+    "?",
+    "e",
+    "p",
+    "P",
+    "G",
+    "g",
+    "F",
+    "D",
+    "\x00",
+    "<",
+    "|",
 ]
 dtypes = st.one_of(
     st.sampled_from(UNSAFE_DTYPES),
@@ -258,8 +357,9 @@ leaves = st.one_of(
 nodes = st.recursive(
     leaves,
     lambda kids: st.one_of(
-        st.tuples(st.just("D"), st.lists(st.one_of(st.tuples(st.text(max_size=3), kids).map(list), anything),
-                                          max_size=3)).map(list),
+        st.tuples(
+            st.just("D"), st.lists(st.one_of(st.tuples(st.text(max_size=3), kids).map(list), anything), max_size=3)
+        ).map(list),
         st.tuples(st.sampled_from(["L", "T", "H"]), st.lists(kids, max_size=3)).map(list),
     ),
     max_leaves=10,
@@ -276,10 +376,12 @@ def claimed_arrays(draw):
             itemsize = np.dtype(name).itemsize
     except Exception:
         itemsize = draw(st.integers(0, 16))
-    shape = draw(st.one_of(
-        st.lists(st.integers(0, 4), max_size=4),
-        st.lists(st.sampled_from([1, 2, 1 << 31, 1 << 40, 1 << 62]), min_size=1, max_size=4).map(lambda s: [0, *s]),
-    ))
+    shape = draw(
+        st.one_of(
+            st.lists(st.integers(0, 4), max_size=4),
+            st.lists(st.sampled_from([1, 2, 1 << 31, 1 << 40, 1 << 62]), min_size=1, max_size=4).map(lambda s: [0, *s]),
+        )
+    )
     nbytes = int(np.prod(shape, dtype=object)) * itemsize
     blob = ["i", b"\0" * nbytes] if nbytes <= 4096 else ["c", nbytes, 1 << 28, ID * -(-nbytes // (1 << 28))]
     if draw(st.booleans()):
@@ -288,8 +390,14 @@ def claimed_arrays(draw):
 
 
 @fuzz(1500)
-@given(node=st.one_of(nodes, claimed_arrays()), name=st.one_of(st.text(max_size=3), anything),
-       step=sizes, created=st.one_of(st.floats(), anything), logical=sizes, fmt=st.one_of(st.just(1), anything))
+@given(
+    node=st.one_of(nodes, claimed_arrays()),
+    name=st.one_of(st.text(max_size=3), anything),
+    step=sizes,
+    created=st.one_of(st.floats(), anything),
+    logical=sizes,
+    fmt=st.one_of(st.just(1), anything),
+)
 def test_manifest_wrong_types_and_sizes(node, name, step, created, logical, fmt):
     data = _wire_manifest([[name, node]], step=step, created=created, logical_bytes=logical, format=fmt)
     survives("manifest: structured garbage", load_manifest, data)
@@ -336,17 +444,20 @@ def test_manifest_created_must_be_finite(created):
         load_manifest(_wire_manifest([["c", ["N"]]], created=created))
 
 
-@pytest.mark.parametrize("node, message", [
-    (["A", "|S0", [3], ["i", b""]], "dtype"),
-    (["G", "<U0", b""], "dtype"),
-    (["A", "<f8", [0, 1 << 62, 1 << 62], ["i", b""]], "shape"),
-    (["A", "<U268435456", [0, 1 << 40], ["i", b""]], "shape"),
-    (["A", "<f8", [2] * 63, ["i", b""]], "shape"),
-    (["G", "O", b"\0" * 8], "dtype"),
-    (["A", "i4,i4", [1], ["i", b"\0" * 8]], "dtype"),
-    (["G", "a", b""], "dtype"),
-    (["G", "int", b"\0" * 8], "dtype"),
-])
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        (["A", "|S0", [3], ["i", b""]], "dtype"),
+        (["G", "<U0", b""], "dtype"),
+        (["A", "<f8", [0, 1 << 62, 1 << 62], ["i", b""]], "shape"),
+        (["A", "<U268435456", [0, 1 << 40], ["i", b""]], "shape"),
+        (["A", "<f8", [2] * 63, ["i", b""]], "shape"),
+        (["G", "O", b"\0" * 8], "dtype"),
+        (["A", "i4,i4", [1], ["i", b"\0" * 8]], "dtype"),
+        (["G", "a", b""], "dtype"),
+        (["G", "int", b"\0" * 8], "dtype"),
+    ],
+)
 def test_manifest_hostile_arrays_raise_corrupt_data(node, message):
     with pytest.raises(castore.CorruptDataError, match=message):
         load_manifest(_wire_manifest([["c", node]]))
@@ -441,23 +552,32 @@ METRICS = msgpack.packb({"metrics": {"loss": 0.5, "acc": 1.0}}, use_bin_type=Tru
 
 
 @fuzz(600)
-@given(raw=st.one_of(
-    st.binary(max_size=200),
-    mutations.map(lambda ops: mutate(METRICS, ops)),
-    st.one_of(st.dictionaries(st.text(max_size=3), anything, max_size=3), anything).map(
-        lambda m: msgpack.packb({"metrics": m}, use_bin_type=True)),
-    anything.map(lambda r: msgpack.packb(r, use_bin_type=True)),
-))
+@given(
+    raw=st.one_of(
+        st.binary(max_size=200),
+        mutations.map(lambda ops: mutate(METRICS, ops)),
+        st.one_of(st.dictionaries(st.text(max_size=3), anything, max_size=3), anything).map(
+            lambda m: msgpack.packb({"metrics": m}, use_bin_type=True)
+        ),
+        anything.map(lambda r: msgpack.packb(r, use_bin_type=True)),
+    )
+)
 def test_metrics_records(raw):
     survives("catalog: metrics record", read_metrics, raw)
 
 
 step_keys = st.one_of(
     st.binary(max_size=40),
-    st.builds(lambda name, n: step_key(n, name), st.from_regex(r"[a-z][a-z0-9./-]{0,8}", fullmatch=True),
-              st.integers(0, 2**63 - 1)),
-    st.builds(lambda name, n: b"\xff" + name + b"\x00" + n.to_bytes(8, "big"), st.binary(max_size=12),
-              st.integers(0, 2**64 - 1)),
+    st.builds(
+        lambda name, n: step_key(n, name),
+        st.from_regex(r"[a-z][a-z0-9./-]{0,8}", fullmatch=True),
+        st.integers(0, 2**63 - 1),
+    ),
+    st.builds(
+        lambda name, n: b"\xff" + name + b"\x00" + n.to_bytes(8, "big"),
+        st.binary(max_size=12),
+        st.integers(0, 2**64 - 1),
+    ),
 )
 
 
@@ -544,8 +664,14 @@ def saved_store(tmp_path_factory):
     with open(path / "data.mdb", "rb") as f:  # the used pages only: the file is a sparse 1 GiB
         image.write_bytes(f.read(used))
     expected = {str(step): fingerprint(state) for step, state in states.items()}
-    return {"path": path, "image": image, "used": used, "page": page, "expected": expected,
-            "file_bytes": os.path.getsize(path / "data.mdb")}
+    return {
+        "path": path,
+        "image": image,
+        "used": used,
+        "page": page,
+        "expected": expected,
+        "file_bytes": os.path.getsize(path / "data.mdb"),
+    }
 
 
 def run_open_cases(store: dict, cases: list[dict], work) -> dict:
@@ -554,15 +680,21 @@ def run_open_cases(store: dict, cases: list[dict], work) -> dict:
     A child that dies by a signal is restarted after the case that killed it.
     """
     spec = work / "cases.json"
-    spec.write_text(json.dumps({"image": str(store["image"]), "file_bytes": store["file_bytes"],
-                                "work": str(work), "cases": cases}))
+    spec.write_text(
+        json.dumps({"image": str(store["image"]), "file_bytes": store["file_bytes"], "work": str(work), "cases": cases})
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")]))
     outcomes: dict[int, str] = {}
     start = 0
     while start < len(cases):
         try:
-            child = subprocess.run([sys.executable, "-c", OPEN_SCRIPT, str(spec), str(start)], env=env,
-                                   capture_output=True, text=True, timeout=60 + 0.1 * (len(cases) - start))
+            child = subprocess.run(
+                [sys.executable, "-c", OPEN_SCRIPT, str(spec), str(start)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60 + 0.1 * (len(cases) - start),
+            )
         except subprocess.TimeoutExpired as exc:
             running = [line for line in (exc.stdout or b"").decode().splitlines() if line.startswith("start")]
             raise AssertionError(f"opening a damaged store hangs: case {running[-1:]} {cases[start]}") from None
@@ -594,7 +726,8 @@ def _assert_clean(store: dict, cases: list[dict], outcomes: dict) -> None:
         elif words[0] != "castore":
             bad.append((case, outcome))
     assert not bad, f"{len(bad)} of {len(cases)} damaged stores escaped castore's errors:\n" + "\n".join(
-        f"  {case}: {outcome}" for case, outcome in bad[:10])
+        f"  {case}: {outcome}" for case, outcome in bad[:10]
+    )
 
 
 def meta_page_damage(seed: int, count: int, page: int, used: int) -> list[dict]:
@@ -616,8 +749,9 @@ def meta_page_damage(seed: int, count: int, page: int, used: int) -> list[dict]:
             writes = [[base + at + k, v] for base in (0, page) for k, v in enumerate(values) if at + k < page]
         else:
             length = rng.randrange(used)
-        cases.append({"writes": writes, "length": length,
-                      "readonly": kind != "truncate" and rng.random() < 0.5, "kind": kind})
+        cases.append(
+            {"writes": writes, "length": length, "readonly": kind != "truncate" and rng.random() < 0.5, "kind": kind}
+        )
     return cases
 
 
@@ -626,8 +760,9 @@ def test_store_with_damaged_meta_pages_raises_only_castore_errors(saved_store, t
     cases = meta_page_damage(seed, max(1, int(600 * SCALE)), saved_store["page"], saved_store["used"])
     outcomes = run_open_cases(saved_store, cases, tmp_path)
     _assert_clean(saved_store, cases, outcomes)
-    kinds = collections.Counter(o.split()[0] + ("" if o.startswith("ok") else " " + o.split()[2])
-                                for o in outcomes.values())
+    kinds = collections.Counter(
+        o.split()[0] + ("" if o.startswith("ok") else " " + o.split()[2]) for o in outcomes.values()
+    )
     assert kinds["ok"] and len(kinds) > 1, kinds  # both clean loads and refusals were exercised
 
 
@@ -698,18 +833,25 @@ def test_main_root_on_a_free_page_opened_writable(saved_store, tmp_path):
     newest = max((0, page), key=lambda meta: _u64(image, meta + 144))  # mm_txnid
     free_root = _u64(image, newest + 80)  # mm_dbs[FREE_DBI].md_root: one leaf page in this small store
     # free database records: key = txn id, data = count, then the freed page numbers descending
-    records = sorted((_u64(key, 0), [_u64(image, data + 8 * (k + 1)) for k in range(_u64(image, data))])
-                     for _, _, key, data in _page_nodes(image, page, free_root))
+    records = sorted(
+        (_u64(key, 0), [_u64(image, data + 8 * (k + 1)) for k in range(_u64(image, data))])
+        for _, _, key, data in _page_nodes(image, page, free_root)
+    )
     first_reused = records[0][1][-1]  # mdb_page_alloc hands out the lowest page of the oldest record first
     root = first_reused.to_bytes(8, "little")
     writes = [(meta + 128 + k, b) for meta in (0, page) for k, b in enumerate(root)]  # mm_dbs[MAIN_DBI].md_root
     open_damaged(saved_store, tmp_path, writes=writes, readonly=False)
 
 
-@pytest.mark.xfail(strict=True, raises=EscapedCastoreError, reason=(
-    "a leaf node of a large chunk whose data size is inflated (one byte of its 8-byte node header) "
-    "kills the reader by SIGBUS (SIGSEGV when opened writable) inside lmdb's Transaction.get: LMDB "
-    "trusts the size, and the value runs past the file and the map before castore sees it"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=EscapedCastoreError,
+    reason=(
+        "a leaf node of a large chunk whose data size is inflated (one byte of its 8-byte node header) "
+        "kills the reader by SIGBUS (SIGSEGV when opened writable) inside lmdb's Transaction.get: LMDB "
+        "trusts the size, and the value runs past the file and the map before castore sees it"
+    ),
+)
 def test_inflated_chunk_size_in_a_leaf_node(saved_store, tmp_path):
     image, page = saved_store["image"].read_bytes(), saved_store["page"]
     node = next(node for node, flags, key, _ in _leaf_nodes(image, page) if flags & 0x01 and len(key) == ID_BYTES)

@@ -32,15 +32,17 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # workload.py beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workload import Child, assert_state_equal, fingerprint  # noqa: E402
+from workload import Child, assert_state_equal, fingerprint
 
-import castore  # noqa: E402
-import castore.maintenance.gc  # noqa: E402
-import castore.save.pipeline  # noqa: E402
-from castore import Keep  # noqa: E402
-from castore.format.schema import STORE_FORMAT  # noqa: E402
-from castore.format.manifest import ChunkedBlob, PagedBlob, decode_manifest, iter_blobs  # noqa: E402
-from castore.format.schema import Table  # noqa: E402
+import castore
+import castore.maintenance.gc
+import castore.save.pipeline
+from castore import Keep
+from castore.format.manifest import ChunkedBlob, PagedBlob, decode_manifest, iter_blobs
+from castore.format.schema import (
+    STORE_FORMAT,
+    Table,
+)
 
 SEED = int(os.environ.get("CASTORE_GC_SEED", "20240917"))
 CHUNK = 4096  # chunk_bytes of every store here: many chunks from small arrays
@@ -137,8 +139,9 @@ def assert_counters_match(store: castore.Store) -> None:
     """``stats()`` (kept in ``meta/counters``) agrees with what the databases hold."""
     chunks, pages = db_items(store, "chunks"), db_items(store, "pages")
     stats = store.stats()
-    assert stats.chunks == len(chunks) + len(pages), f"counter says {stats.chunks} chunks, dbs hold " \
-        f"{len(chunks)} + {len(pages)} pages"
+    assert stats.chunks == len(chunks) + len(pages), (
+        f"counter says {stats.chunks} chunks, dbs hold {len(chunks)} + {len(pages)} pages"
+    )
     assert stats.stored_bytes == sum(chunks.values()) + sum(pages.values())
 
 
@@ -170,7 +173,9 @@ KEEPS = st.one_of(
     st.integers(1, 3),
     st.builds(Keep, last=st.integers(1, 3)),
     st.builds(Keep, every=st.integers(2, 4)),
-    st.builds(lambda n, mode: Keep(best=n, metric="loss", mode=mode), st.integers(1, 2), st.sampled_from(["min", "max"])),
+    st.builds(
+        lambda n, mode: Keep(best=n, metric="loss", mode=mode), st.integers(1, 2), st.sampled_from(["min", "max"])
+    ),
     st.just(Keep(last=1, every=3)),
 )
 
@@ -265,8 +270,13 @@ class GcMachine(RuleBasedStateMachine):
             self.store.save(step, state)
             self.commit(step, state, None)
 
-    @rule(step=STEPS, state=states(), overwrite=st.booleans(), use_async=st.booleans(),
-          loss=st.none() | st.sampled_from([0.5, 1.0, 2.0]))
+    @rule(
+        step=STEPS,
+        state=states(),
+        overwrite=st.booleans(),
+        use_async=st.booleans(),
+        loss=st.none() | st.sampled_from([0.5, 1.0, 2.0]),
+    )
     def save(self, step, state, overwrite, use_async, loss):
         metrics = None if loss is None else {"loss": loss}
 
@@ -429,7 +439,9 @@ class GcMachine(RuleBasedStateMachine):
 
 
 GcMachine.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=25, deadline=None,
+    max_examples=30,
+    stateful_step_count=25,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TestGcStateMachine = GcMachine.TestCase
@@ -804,8 +816,10 @@ def test_sigkill_during_gc_at_random_instants_loses_no_kept_chunk(tmp_path):
             with castore.Store(path) as store:
                 assert store.plan_gc().is_empty, context
                 assert_no_garbage(store)
-    summary = (f"seed {SEED}: {kills} kills during GC (median GC {statistics.median(gc_seconds) * 1000:.0f} ms): "
-               f"{dict(outcomes)}")
+    summary = (
+        f"seed {SEED}: {kills} kills during GC (median GC {statistics.median(gc_seconds) * 1000:.0f} ms): "
+        f"{dict(outcomes)}"
+    )
     print(summary)
     mid = sum(n for outcome, n in outcomes.items() if outcome.startswith("mid"))
     assert kills >= 20, summary
@@ -821,14 +835,22 @@ def test_store_size_plateaus_with_a_ring_buffer_and_keep(tmp_path):
     cp = castore.Checkpoint(tmp_path / "store", keep=3, chunk_bytes=CHUNK)
     try:
         rb = castore.RingBuffer(capacity)
-        rb.add({"obs": rng.integers(0, 256, (capacity, 256), dtype=np.uint8),
-                "rew": rng.standard_normal(capacity).astype(np.float32)})
+        rb.add(
+            {
+                "obs": rng.integers(0, 256, (capacity, 256), dtype=np.uint8),
+                "rew": rng.standard_normal(capacity).astype(np.float32),
+            }
+        )
         cp.replay = rb
         weights = rng.standard_normal((64, 256)).astype(np.float32)  # 64 KB, 16 chunks
         file_bytes, used_pages, saved = [], [], {}
         for step in range(110):
-            rb.add({"obs": rng.integers(0, 256, (new_rows, 256), dtype=np.uint8),
-                    "rew": rng.standard_normal(new_rows).astype(np.float32)})
+            rb.add(
+                {
+                    "obs": rng.integers(0, 256, (new_rows, 256), dtype=np.uint8),
+                    "rew": rng.standard_normal(new_rows).astype(np.float32),
+                }
+            )
             weights[rng.integers(0, 64, 8)] += 1.0
             cp.agent = {"w": weights.copy(), "step": step}
             cp.save(step)

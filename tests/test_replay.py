@@ -257,7 +257,7 @@ def test_a_save_after_adding_one_percent_hashes_about_one_percent(tmp_path):
             result = cp.save()
             wraps = head + count > capacity
             expected = bound = 0
-            for name, size in row_nbytes.items():
+            for size in row_nbytes.values():
                 nbytes, chunks, stride = chunk_bytes_of_rows(new_rows, size, capacity)
                 expected += nbytes
                 # the chunks the new rows fill, + 1 for misalignment (+ 1 more if they wrap)

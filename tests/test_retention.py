@@ -41,8 +41,18 @@ def test_tagged_and_latest_steps_are_always_kept_and_rules_unite():
     assert policy.select(infos([0, 50, 100, 150, 160], tagged={50})) == {0, 50, 100, 160}
 
 
-@pytest.mark.parametrize("bad", [dict(last=0), dict(every=-1), dict(best=2), dict(metric="r"),
-                                 dict(best=1, metric="r", mode="median"), dict(interval=0), dict(last=True)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(last=0),
+        dict(every=-1),
+        dict(best=2),
+        dict(metric="r"),
+        dict(best=1, metric="r", mode="median"),
+        dict(interval=0),
+        dict(last=True),
+    ],
+)
 def test_bad_policies_are_refused(bad):
     with pytest.raises(castore.UsageError):
         Keep(**bad)
@@ -55,9 +65,12 @@ def test_keep_int_means_last_n():
 
 
 @settings(max_examples=60, deadline=None)
-@given(steps=st.lists(st.integers(0, 500), min_size=1, max_size=30, unique=True),
-       last=st.none() | st.integers(1, 5), every=st.none() | st.integers(1, 200),
-       tagged=st.sets(st.integers(0, 500), max_size=3))
+@given(
+    steps=st.lists(st.integers(0, 500), min_size=1, max_size=30, unique=True),
+    last=st.none() | st.integers(1, 5),
+    every=st.none() | st.integers(1, 200),
+    tagged=st.sets(st.integers(0, 500), max_size=3),
+)
 def test_the_selection_is_the_union_of_the_rules(steps, last, every, tagged):
     given_infos = infos(steps, tagged=tagged)
     kept = Keep(last=last, every=every).select(given_infos)

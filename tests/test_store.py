@@ -9,8 +9,8 @@ import pytest
 from conftest import assert_tree_equal
 
 import castore
-from castore.storage import lmdb_engine as blobstore
 from castore.format.keys import step_key
+from castore.storage import lmdb_engine as blobstore
 
 CHUNK = 64 << 10
 
@@ -267,8 +267,9 @@ def test_a_full_disk_is_a_save_error_and_the_store_stays_usable(tmp_path):
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
     as_root = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--mount"]
-    out = subprocess.run([*as_root, sys.executable, "-c", FULL_DISK_CHILD, str(mount_point)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*as_root, sys.executable, "-c", FULL_DISK_CHILD, str(mount_point)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SaveError: no room on disk" in out.stdout, out.stdout
     assert "steps after the failed save: [1]" in out.stdout

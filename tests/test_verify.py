@@ -18,10 +18,10 @@ import pytest
 
 import castore
 from castore import Store
-from castore.tools import cli
 from castore.format.ids import chunk_id
 from castore.format.manifest import PAGE_IDS
 from castore.format.schema import Table
+from castore.tools import cli
 
 CHUNK = 4096
 STEPS = (1, 2, 3, 4)

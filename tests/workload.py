@@ -45,6 +45,7 @@ import numpy as np
 WORKLOAD_PATH = os.path.abspath(__file__)
 REPO_ROOT = os.path.dirname(os.path.dirname(WORKLOAD_PATH))
 
+
 @dataclass(frozen=True)
 class Sizes:
     """The shapes of a workload state (``state_for(step, sizes=...)``)."""
@@ -57,11 +58,11 @@ class Sizes:
 
 
 #: About 23 MB of state per step, of which about 6 MB is new each step.
-FULL = Sizes(replay_rows=16384, window_rows=512, dense_shape=(512, 1024), embed_shape=(4096, 512),
-             head_shape=(1024, 64))
+FULL = Sizes(
+    replay_rows=16384, window_rows=512, dense_shape=(512, 1024), embed_shape=(4096, 512), head_shape=(1024, 64)
+)
 #: About 6 MB per step, 1.2 MB new: the kill harness saves and checks thousands of steps.
-SMALL = Sizes(replay_rows=4096, window_rows=128, dense_shape=(256, 1024), embed_shape=(1024, 512),
-              head_shape=(256, 64))
+SMALL = Sizes(replay_rows=4096, window_rows=128, dense_shape=(256, 1024), embed_shape=(1024, 512), head_shape=(256, 64))
 SIZES = {"full": FULL, "small": SMALL}
 
 REPLAY_ROW_SHAPE = (16, 16, 3)
@@ -119,7 +120,7 @@ def state_for(step: int, *, epoch: int | None = None, sizes: Sizes = FULL) -> di
         },
         "opt": {
             "count": np.int64(step),
-            "lr": 1e-3 * 0.99 ** step,
+            "lr": 1e-3 * 0.99**step,
             "beta": (np.float32(0.9), np.float32(0.999)),
             "nan": math.nan if step % 2 else -0.0,
         },
@@ -215,8 +216,9 @@ class Child:
     it, so no test leaves a child behind.
     """
 
-    def __init__(self, command: str, store, *args: str, stdin: bool = False, env: dict | None = None,
-                 script: str | None = None):
+    def __init__(
+        self, command: str, store, *args: str, stdin: bool = False, env: dict | None = None, script: str | None = None
+    ):
         """Run ``tests/workload.py command store *args``, or ``script`` (``python -c``) with them."""
         child_env = dict(os.environ, **(env or {}))
         child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, child_env.get("PYTHONPATH")]))
@@ -226,8 +228,12 @@ class Child:
         program = ["-c", script] if script is not None else [WORKLOAD_PATH]
         self.proc = subprocess.Popen(
             [sys.executable, *program, command, os.fspath(store), *map(str, args)],
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=self._stderr, env=child_env, text=True, encoding="utf-8",
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=child_env,
+            text=True,
+            encoding="utf-8",
         )
         self.pid = self.proc.pid
         self.lines: list[tuple[float, str]] = []  # (time.monotonic() when read, line)
@@ -308,10 +314,12 @@ class Child:
     def describe(self) -> str:
         with self._cond:
             out = "\n".join(line for _, line in self.lines[-20:])
-        return (f"{self.command} PID {self.pid} (exit {self.proc.returncode}); last stdout:\n{out}\n"
-                f"stderr:\n{self.stderr()[-3000:]}")
+        return (
+            f"{self.command} PID {self.pid} (exit {self.proc.returncode}); last stdout:\n{out}\n"
+            f"stderr:\n{self.stderr()[-3000:]}"
+        )
 
-    def __enter__(self) -> "Child":
+    def __enter__(self) -> Child:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -353,13 +361,13 @@ def _map_size(store) -> int:
     """The LMDB map size of the store's environment (castore internals; 0 if unavailable)."""
     try:
         return store.inspect().map_size()
-    except Exception:  # noqa: BLE001 - only the map-growth test needs it
+    except Exception:
         return 0
 
 
 def _configure(options: dict) -> None:
-    import castore.storage.lmdb_engine
     import castore.save.pipeline
+    import castore.storage.lmdb_engine
 
     if options.get("tiny_map"):
         castore.storage.lmdb_engine.INITIAL_MAP_BYTES = TINY_MAP_BYTES  # read when the store is opened

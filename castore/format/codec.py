@@ -14,7 +14,8 @@ import math
 import pickle
 import re
 import types
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from .manifest import (
 try:  # bfloat16 and float8 types, when the user has them
     import ml_dtypes
 except ImportError:  # pragma: no cover - exercised only without ml_dtypes
-    ml_dtypes = None
+    ml_dtypes = None  # type: ignore[assignment]
 
 _PLAIN = (type(None), bool, int, float, str)
 _MAX_NBYTES = np.iinfo(np.intp).max  # numpy's bound on an array's size times its item size
@@ -52,9 +53,16 @@ _ML_DTYPE_NAMES = frozenset(
     "int2 int4 uint2 uint4".split()
 )
 
-#: ``make_blob(buffer, row_nbytes, itemsize, path[, tracked=TrackedArray]) -> Blob`` stores
-#: a flat byte buffer; ``tracked`` is passed for a TrackedArray leaf.
-MakeBlob = Callable[[memoryview, int, int, str], Blob]
+
+class MakeBlob(Protocol):
+    """Stores a flat byte buffer; returns its Blob, or a placeholder the caller resolves
+    later with :func:`map_blobs` (a save's capture does)."""
+
+    def __call__(
+        self, buffer: memoryview, row_nbytes: int, itemsize: int, path: str, *, tracked: TrackedArray | None = None
+    ) -> Any: ...
+
+
 #: ``read_blob(blob, out, path)`` fills the writable flat uint8 array ``out``.
 ReadBlob = Callable[[Blob, np.ndarray, str], None]
 
@@ -72,9 +80,7 @@ def dtype_name(dtype: np.dtype, path: str) -> str:
         if np.dtype(getattr(ml_dtypes, dtype.name)) == dtype:
             return dtype.name
     if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
-        raise UnsupportedValueError(
-            path, f"dtype {dtype} is not stored (object and structured dtypes need pickling)"
-        )
+        raise UnsupportedValueError(path, f"dtype {dtype} is not stored (object and structured dtypes need pickling)")
     return dtype.str
 
 
@@ -135,6 +141,7 @@ class Encoder:
     def component(self, value, name: str) -> Node:
         """Encode one component's state; a generator or iterator becomes shards."""
         _check_text(name, name, "component name")
+        node: Node
         if isinstance(value, (types.GeneratorType, collections.abc.Iterator)):
             node = ShardsNode(tuple(self._shard(shard, join(name, i)) for i, shard in enumerate(value)))
         else:
@@ -189,7 +196,7 @@ class Encoder:
         # copies only when strided (np.ascontiguousarray would also turn 0-d into 1-d)
         contiguous = array if array.flags.c_contiguous else array.copy(order="C")
         flat = contiguous.reshape(-1).view(np.uint8) if contiguous.size else np.empty(0, np.uint8)
-        blob = self._blob(memoryview(flat), row_nbytes_of(contiguous), contiguous.dtype.itemsize, path, tracked)
+        blob = self._blob(flat.data, row_nbytes_of(contiguous), contiguous.dtype.itemsize, path, tracked)
         return ArrayLeaf(name, tuple(array.shape), blob)
 
     def _blob(self, buffer: memoryview, row_nbytes: int, itemsize: int, path: str, tracked=None) -> Blob:

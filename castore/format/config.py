@@ -29,8 +29,13 @@ class StoreConfig:
 def new_config(chunk_bytes: int) -> bytes:
     """The config record of a new store at the current format."""
     return msgpack.packb(
-        {"format": STORE_FORMAT, "hash": HASH_NAME, "chunk_bytes": chunk_bytes,
-         "page_ids": PAGE_IDS, "created": time.time()},
+        {
+            "format": STORE_FORMAT,
+            "hash": HASH_NAME,
+            "chunk_bytes": chunk_bytes,
+            "page_ids": PAGE_IDS,
+            "created": time.time(),
+        },
         use_bin_type=True,
     )
 

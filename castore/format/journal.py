@@ -38,7 +38,7 @@ def encode_entry(items) -> bytes:
     return b"".join(TAGS[table] + bytes(cid) for table, cid in items)
 
 
-def decode_entry(raw: bytes) -> list[tuple[Table, bytes]]:
+def decode_entry(raw: bytes | memoryview) -> list[tuple[Table, bytes]]:
     """``(table, id)`` items of an entry; raises :class:`CorruptDataError` if malformed."""
     raw = bytes(raw)
     if len(raw) % _ENTRY_ITEM:

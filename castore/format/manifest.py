@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import NoReturn
 
 import msgpack
 
@@ -18,7 +18,7 @@ from .chunker import MAX_CHUNK_BYTES
 from .ids import ID_BYTES
 from .sealing import seal, unpack_untrusted, unseal
 
-FORMAT_VERSION = 1
+MANIFEST_FORMAT = 1  #: the manifest record's own ``format`` field (the store format is schema.STORE_FORMAT)
 MAX_DEPTH = 128  # nesting of containers in one component; encode and decode both enforce it
 PAGE_IDS = 256  # chunk ids per chunk-list page (8 KiB pages)
 INLINE_IDS = 64  # a blob with at most this many chunks lists ids in the manifest itself
@@ -54,7 +54,7 @@ class PagedBlob:
     page_ids: bytes  #: concatenated ids of pages; each page holds up to PAGE_IDS chunk ids
 
 
-Blob = Union[InlineBlob, ChunkedBlob, PagedBlob]
+Blob = InlineBlob | ChunkedBlob | PagedBlob
 
 
 # --- nodes of a component's tree ------------------------------------------------------
@@ -102,7 +102,7 @@ class PickleLeaf:
 class DictNode:
     """A dict with str keys, in insertion order."""
 
-    items: tuple[tuple[str, "Node"], ...]
+    items: tuple[tuple[str, Node], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,17 +110,17 @@ class SeqNode:
     """A list or a tuple."""
 
     is_tuple: bool
-    items: tuple["Node", ...]
+    items: tuple[Node, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class ShardsNode:
     """The shards a component's ``save()`` generator yielded, in order."""
 
-    shards: tuple["Node", ...]
+    shards: tuple[Node, ...]
 
 
-Node = Union[ValueLeaf, BytesLeaf, ScalarLeaf, ArrayLeaf, PickleLeaf, DictNode, SeqNode, ShardsNode]
+Node = ValueLeaf | BytesLeaf | ScalarLeaf | ArrayLeaf | PickleLeaf | DictNode | SeqNode | ShardsNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +188,7 @@ def _node_wire(node: Node) -> list:
 
 def encode_manifest(manifest: Manifest) -> bytes:
     record = {
-        "format": FORMAT_VERSION,
+        "format": MANIFEST_FORMAT,
         "step": manifest.step,
         "created": manifest.created,
         "logical_bytes": manifest.logical_bytes,
@@ -200,7 +200,7 @@ def encode_manifest(manifest: Manifest) -> bytes:
 # --- decoding (untrusted input) ---------------------------------------------------------
 
 
-def _fail(what: str):
+def _fail(what: str) -> NoReturn:
     raise CorruptDataError(f"malformed manifest: {what}")
 
 
@@ -310,7 +310,7 @@ def _item_from_wire(w, depth: int) -> tuple[str, Node]:
     return w[0], _node_from_wire(w[1], depth)
 
 
-def decode_manifest(data: bytes) -> Manifest:
+def decode_manifest(data: bytes | memoryview) -> Manifest:
     """Decode a manifest; raises :class:`CorruptDataError` for anything malformed."""
     if len(data) > MAX_MANIFEST_BYTES:
         _fail("manifest larger than the format allows")
@@ -322,8 +322,8 @@ def decode_manifest(data: bytes) -> Manifest:
     if not isinstance(record, dict):
         _fail("top level must be a map")
     version = record.get("format")
-    if version != FORMAT_VERSION:
-        _fail(f"manifest format {version!r}, this castore reads {FORMAT_VERSION}")
+    if version != MANIFEST_FORMAT:
+        _fail(f"manifest format {version!r}, this castore reads {MANIFEST_FORMAT}")
     created = record.get("created")
     if not isinstance(created, float) or not math.isfinite(created):
         _fail("created must be a finite float")  # retention buckets steps by it

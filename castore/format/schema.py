@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 
 
-class Table(str, enum.Enum):
+class Table(enum.StrEnum):
     """A named table of a store; its value is the table's name on disk."""
 
     META = "meta"  #: ``config`` (the store's config record) and ``counters``

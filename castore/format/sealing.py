@@ -17,7 +17,7 @@ def seal(body: bytes) -> bytes:
     return SEAL + chunk_id(body) + body
 
 
-def unseal(data, what: str) -> bytes:
+def unseal(data: bytes | memoryview, what: str) -> bytes:
     """The body of a sealed record, checked; a bare (older, unsealed) record as it is.
 
     Raises :class:`CorruptDataError` if the digest does not match.
@@ -42,6 +42,13 @@ def unpack_untrusted(data: bytes):
     data = bytes(data)
     n = len(data)
     return msgpack.unpackb(
-        data, raw=False, strict_map_key=True, use_list=True, max_str_len=n, max_bin_len=n,
-        max_array_len=n, max_map_len=n // 2, max_ext_len=n,
+        data,
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n // 2,
+        max_ext_len=n,
     )

@@ -24,6 +24,7 @@ live id.  Callers hold the writer lock with no save being captured or in flight.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from ..errors import CorruptDataError
@@ -57,7 +58,7 @@ class GcPlan:
         return not (self.chunks or self.pages or self.trash_keys or self.journal_keys or self.deferred)
 
 
-def plan(chunks: ChunkStore, txn: ReadTxn, pinned: set = frozenset()) -> GcPlan:
+def plan(chunks: ChunkStore, txn: ReadTxn, pinned: AbstractSet[bytes] = frozenset()) -> GcPlan:
     """Plan a collection from the snapshot ``txn``; ``pinned`` ids are deferred, not freed."""
     walker = PageWalker(txn, check_pages=False)
     live_chunks: set = set()
@@ -82,8 +83,17 @@ def plan(chunks: ChunkStore, txn: ReadTxn, pinned: set = frozenset()) -> GcPlan:
     deferred = tuple(sorted(garbage.keys() & pinned))
     page_sizes = chunks.sizes(txn, Table.PAGES, cand_pages - live_pages)
     freed_bytes = sum(garbage[c] for c in freed) + sum(page_sizes.values())
-    return GcPlan(tuple(sorted(set(steps))), tuple(freed), tuple(sorted(page_sizes)), deferred, freed_bytes,
-                  tuple(trash_keys), tuple(journal_keys), len(live_pages), txn.generation)
+    return GcPlan(
+        tuple(sorted(set(steps))),
+        tuple(freed),
+        tuple(sorted(page_sizes)),
+        deferred,
+        freed_bytes,
+        tuple(trash_keys),
+        tuple(journal_keys),
+        len(live_pages),
+        txn.generation,
+    )
 
 
 def execute(chunks: ChunkStore, gc_plan: GcPlan) -> None:
@@ -108,15 +118,16 @@ def _delete_entries(txn: WriteTxn, gc_plan: GcPlan) -> None:
         txn.put(Table.JOURNAL, journal.deferred_key(gc_plan.generation), entry)
 
 
-def _collect(walker: PageWalker, manifest: Manifest, chunk_ids: set, pages: set,
-             live_pages: set = frozenset()) -> None:
+def _collect(
+    walker: PageWalker, manifest: Manifest, chunk_ids: set, pages: set, live_pages: AbstractSet[bytes] = frozenset()
+) -> None:
     """Add the chunk and page ids of a manifest to ``chunk_ids`` and ``pages``.
 
     A page already in ``pages`` is not read again, nor is one in ``live_pages`` (the
     chunks of a live page are live, so never candidates).  A missing page is skipped: a
     killed GC frees a page's chunks before the page.
     """
-    seen = pages if not live_pages else _Union(pages, live_pages)
+    seen: AbstractSet[bytes] | _Union = pages if not live_pages else _Union(pages, live_pages)
     for _, node in manifest.components:
         for blob in iter_blobs(node):
             walk = walker.walk(blob, skip=seen)
@@ -132,7 +143,7 @@ class _Union:
 
     __slots__ = ("a", "b")
 
-    def __init__(self, a: set, b: set):
+    def __init__(self, a: AbstractSet[bytes], b: AbstractSet[bytes]):
         self.a, self.b = a, b
 
     def __contains__(self, item) -> bool:
@@ -155,7 +166,8 @@ def account(chunks: ChunkStore, txn: ReadTxn) -> list[StepAccount]:
     """Per-step accounting over every kept step of every branch (reads manifests and pages,
     not chunks).  A step forked to another branch shares all its bytes with its source."""
     walker = PageWalker(txn, check_pages=False)
-    per_step, counts = [], {}
+    per_step = []
+    counts: dict[tuple[Table, bytes], int] = {}
     for key, raw in txn.scan(Table.STEPS):
         manifest = decode_manifest(raw)
         chunk_ids: set = set()
@@ -174,6 +186,33 @@ def account(chunks: ChunkStore, txn: ReadTxn) -> list[StepAccount]:
     for manifest, branch, ids in per_step:
         referenced = sum(sizes[k] for k in ids)
         unique = sum(sizes[k] for k in ids if counts[k] == 1)
-        accounts.append(StepAccount(manifest.step, manifest.logical_bytes, referenced, unique,
-                                    referenced - unique, branch))
+        accounts.append(
+            StepAccount(manifest.step, manifest.logical_bytes, referenced, unique, referenced - unique, branch)
+        )
     return accounts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreStats:
+    """Totals of a store."""
+
+    steps: int
+    chunks: int  #: chunks and chunk-list pages held (including garbage not yet collected)
+    stored_bytes: int  #: bytes of those chunks and pages
+    logical_bytes: int  #: sum over steps of each step's logical bytes
+    file_bytes: int  #: disk bytes of the store
+
+    @property
+    def dedup_ratio(self) -> float:
+        """Logical bytes of all steps per stored chunk byte (higher is better)."""
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+def stats(chunks: ChunkStore, txn: ReadTxn, file_bytes: int) -> StoreStats:
+    """Store totals from the counters and every manifest (small), reading no chunk."""
+    count, stored = chunks.counters(txn)
+    logical = steps = 0
+    for _, value in txn.scan(Table.STEPS):
+        logical += decode_manifest(value).logical_bytes
+        steps += 1
+    return StoreStats(steps=steps, chunks=count, stored_bytes=stored, logical_bytes=logical, file_bytes=file_bytes)

@@ -8,7 +8,9 @@ writer state's pins; see :mod:`castore.save.session`).
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager, Protocol
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from typing import Protocol
 
 from .. import catalog
 from ..errors import StepNotFoundError, UsageError
@@ -32,8 +34,17 @@ class SaveGate(Protocol):
 class Maintainer:
     """Maintenance of one ``Store``: its ``branch`` of the store at ``path``."""
 
-    def __init__(self, backend: Backend, chunks: ChunkStore, *, gate: SaveGate, pinned_ids: Callable[[], set],
-                 branch: str, path: str, keep: Keep | None):
+    def __init__(
+        self,
+        backend: Backend,
+        chunks: ChunkStore,
+        *,
+        gate: SaveGate,
+        pinned_ids: Callable[[], set],
+        branch: str,
+        path: str,
+        keep: Keep | None,
+    ):
         self._backend = backend
         self._chunks = chunks
         self._gate = gate
@@ -101,6 +112,10 @@ class Maintainer:
     def accounting(self) -> list[gc_.StepAccount]:
         with self._backend.read() as txn:
             return gc_.account(self._chunks, txn)
+
+    def stats(self) -> gc_.StoreStats:
+        with self._backend.read() as txn:
+            return gc_.stats(self._chunks, txn, self._backend.file_bytes())
 
     def delete(self, step: int) -> None:
         key = step_key(check_step(step), self._branch)

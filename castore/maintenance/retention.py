@@ -63,12 +63,14 @@ class Keep:
             keep |= _first_per_bucket(ordered, lambda s: s.step // self.every)
         if self.interval:
             by_time = sorted(ordered, key=lambda s: (s.created, s.step))
-            keep |= _first_per_bucket(by_time, lambda s: math.floor(s.created / self.interval))
+            interval: float = self.interval
+            keep |= _first_per_bucket(by_time, lambda s: math.floor(s.created / interval))
         if self.best:
-            scored = [s for s in ordered if _number(s.metrics.get(self.metric)) is not None]
+            values = {s.step: _number(s.metrics.get(self.metric)) for s in ordered}
+            scores = {step: value for step, value in values.items() if value is not None}
             sign = -1 if self.mode == "max" else 1
-            scored.sort(key=lambda s: (sign * _number(s.metrics[self.metric]), -s.step))
-            keep |= {s.step for s in scored[: self.best]}
+            ranked = sorted(scores, key=lambda step: (sign * scores[step], -step))
+            keep |= set(ranked[: self.best])
         return keep
 
 

@@ -73,7 +73,7 @@ class VerifyReport:
         return not self.problems
 
     @property
-    def affected_steps(self) -> list[tuple[str, int]]:
+    def affected_steps(self) -> list[tuple[str | None, int]]:
         """``(branch, step)`` of every step that would not load intact."""
         return sorted({(p.branch, p.step) for p in self.problems if p.step is not None})
 
@@ -94,11 +94,19 @@ def verify(backend: Backend, pool, *, sample: float = 1.0, seed: int | None = No
             checker.run(txn)
     except CastoreError as exc:  # the engine itself could not read on: report what was found so far
         checker.problems.append(Problem("store", str(exc)))
-    return VerifyReport(tuple(checker.problems), checker.steps, len(checker.lengths),
-                        checker.hashed_chunks, checker.hashed_bytes, sample)
+    return VerifyReport(
+        tuple(checker.problems),
+        checker.steps,
+        len(checker.lengths),
+        checker.hashed_chunks,
+        checker.hashed_bytes,
+        sample,
+    )
 
 
 class _Checker:
+    walker: PageWalker  #: set by run(), for its snapshot
+
     def __init__(self, pool, sample: float, salt: int):
         self.pool, self.salt = pool, salt
         self.threshold = int(sample * (1 << 64))
@@ -107,7 +115,6 @@ class _Checker:
         self.lengths: dict[bytes, int] = {}  # chunk id -> length its blobs imply
         self.bad_chunks: dict[bytes, str] = {}  # chunk id -> problem kind
         self.damaged = False  # some paged blob has an unusable page or a wrong chunk count
-        self.walker: PageWalker | None = None
 
     def run(self, txn: ReadTxn) -> None:
         self.walker = PageWalker(txn, check_pages=True)
@@ -190,11 +197,19 @@ class _Checker:
         if walk.damaged:
             for kind, pid in walk.damaged:
                 kind = PAGE_MISSING if kind == PAGE_MISSING else "page-corrupt"
-                yield kind, pid, "chunk-list page " + ("is missing" if kind == PAGE_MISSING else "does not match its id")
+                yield (
+                    kind,
+                    pid,
+                    "chunk-list page " + ("is missing" if kind == PAGE_MISSING else "does not match its id"),
+                )
             return
         if walk.listed is not None:
             needed = chunk_count(blob.nbytes, blob.chunk_nbytes)
-            yield "manifest", blob.page_ids[:ID_BYTES], f"chunk-list pages list {walk.listed} chunks, the leaf needs {needed}"
+            yield (
+                "manifest",
+                blob.page_ids[:ID_BYTES],
+                f"chunk-list pages list {walk.listed} chunks, the leaf needs {needed}",
+            )
             return
         seen = set()
         for cid in split_ids(walk.chunk_ids):
@@ -212,8 +227,9 @@ class _Checker:
                 self.problems.append(Problem("tag", f"tag {label!r} does not name a step"))
                 continue
             if txn.get(Table.STEPS, bytes(key)) is None:
-                self.problems.append(Problem("tag", f"tag {label!r} names a step that does not exist",
-                                             branch, step_of(key)))
+                self.problems.append(
+                    Problem("tag", f"tag {label!r} names a step that does not exist", branch, step_of(key))
+                )
 
     def _check_trash(self, txn: ReadTxn) -> None:
         for key, raw in txn.scan(Table.TRASH):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see below)
 import logging
 import queue
 import threading
 import weakref
-import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see below)
 from concurrent.futures import Future
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,10 @@ class Background:
             failed = next((h for h in self._handles if h._unseen_error() is not None), None)
             if failed is not None:
                 failed._seen = True
-            self._handles = collections.deque(
-                h for h in self._handles if not h.done() or h._unseen_error() is not None
-            )
-        if failed is not None:
-            raise failed._future.exception()
+            self._handles = collections.deque(h for h in self._handles if not h.done() or h._unseen_error() is not None)
+        error = None if failed is None else failed._future.exception()
+        if error is not None:
+            raise error
 
     def in_flight(self) -> int:
         return sum(not h.done() for h in list(self._handles))
@@ -124,14 +123,14 @@ class Background:
                 handle._future.set_exception(exc)
 
 
-_LIVE: "weakref.WeakSet[Background]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[Background] = weakref.WeakSet()
 
 
 def _wait_at_exit() -> None:
     for background in list(_LIVE):
         try:
             background.wait(raise_errors=False)
-        except BaseException:  # noqa: BLE001 - nothing useful to do at exit
+        except BaseException:
             pass
         for handle in list(background._handles):
             error = handle._unseen_error()

@@ -95,8 +95,18 @@ class Staging:
 class Capture:
     """``make_blob`` for :class:`codec.Encoder`: returns :class:`PendingBlob` records."""
 
-    def __init__(self, *, session, baselines: dict, chunk_bytes: int, copy: bool, check: bool,
-                 staging: Staging, pool, workers: int = 1):
+    def __init__(
+        self,
+        *,
+        session,
+        baselines: dict,
+        chunk_bytes: int,
+        copy: bool,
+        check: bool,
+        staging: Staging,
+        pool,
+        workers: int = 1,
+    ):
         self.session = session  # baselines are valid only for the same store writer session
         self.baselines = baselines
         self.chunk_bytes = chunk_bytes
@@ -129,13 +139,17 @@ class Capture:
         return blob
 
     def _usable(self, baseline: Baseline | None, nbytes: int, chunk_nbytes: int) -> bool:
-        return (baseline is not None and baseline.session is self.session
-                and baseline.nbytes == nbytes and baseline.chunk_nbytes == chunk_nbytes)
+        return (
+            baseline is not None
+            and baseline.session is self.session
+            and baseline.nbytes == nbytes
+            and baseline.chunk_nbytes == chunk_nbytes
+        )
 
     def _tracked(self, views, nbytes, chunk_nbytes, row_nbytes, path, tracked: TrackedArray) -> PendingBlob:
         epoch, baseline, changed_rows = tracked.capture()
         count = len(views)
-        if self._usable(baseline, nbytes, chunk_nbytes):
+        if baseline is not None and self._usable(baseline, nbytes, chunk_nbytes):
             dirty = np.zeros(count, bool)
             dirty[_chunks_of_rows(changed_rows, row_nbytes or nbytes, chunk_nbytes)] = True
             ids = [None if dirty[i] else baseline.ids[i * ID_BYTES : (i + 1) * ID_BYTES] for i in range(count)]
@@ -147,7 +161,7 @@ class Capture:
         prints = self._fingerprints(views)
         baseline = self.baselines.get(path)
         count = len(views)
-        if self._usable(baseline, nbytes, chunk_nbytes) and baseline.fingerprints is not None:
+        if baseline is not None and self._usable(baseline, nbytes, chunk_nbytes) and baseline.fingerprints is not None:
             now = np.frombuffer(prints, np.uint8).reshape(count, FP_BYTES)
             before = np.frombuffer(baseline.fingerprints, np.uint8).reshape(count, FP_BYTES)
             same = (now == before).all(axis=1)

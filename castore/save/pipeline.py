@@ -71,7 +71,8 @@ class ChunkSink:
             raise SaveError(f"writing chunks failed: {self._error}") from self._error
 
     def _run(self) -> None:
-        batch, size = [], 0
+        batch: list = []
+        size = 0
         while True:
             item = self._queue.get()
             try:

@@ -17,8 +17,8 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .. import catalog
 from ..errors import StepExistsError, UsageError
@@ -83,9 +83,23 @@ class Saver:
     :class:`~castore.save.session.WriterState`, where the saver registers its baselines.
     """
 
-    def __init__(self, backend: Backend, chunks: ChunkStore, *, take_writer: Callable[[], object], writer,
-                 pool, workers: int, chunk_bytes: int, branch: str, where: str, allow_pickle: bool,
-                 check_tracking: bool, max_pending: int, after_commit: Callable[[], None]):
+    def __init__(
+        self,
+        backend: Backend,
+        chunks: ChunkStore,
+        *,
+        take_writer: Callable[[], object],
+        writer,
+        pool,
+        workers: int,
+        chunk_bytes: int,
+        branch: str,
+        where: str,
+        allow_pickle: bool,
+        check_tracking: bool,
+        max_pending: int,
+        after_commit: Callable[[], None],
+    ):
         self._backend = backend
         self._chunks = chunks
         self._take_writer = take_writer
@@ -199,8 +213,14 @@ class Saver:
         session = self._take_writer()
         started = time.perf_counter()
         capture = Capture(
-            session=session, baselines=self._baselines, chunk_bytes=self._chunk_bytes, copy=copy,
-            check=self._check_tracking, staging=self._staging, pool=self._pool, workers=self._workers,
+            session=session,
+            baselines=self._baselines,
+            chunk_bytes=self._chunk_bytes,
+            copy=copy,
+            check=self._check_tracking,
+            staging=self._staging,
+            pool=self._pool,
+            workers=self._workers,
         )
         job = SaveJob(self._chunks, self._pool, capture, self._staging)
         encoder = codec.Encoder(capture, allow_pickle=self._allow_pickle, on_shard=None if copy else job.flush)
@@ -210,8 +230,17 @@ class Saver:
             job.abort()
             raise
         continue_from, self._continue_from = self._continue_from, None  # this save carries it now
-        return _Captured(step, components, encoder.logical_bytes, overwrite, metrics, job, started,
-                         time.perf_counter() - started, continue_from)
+        return _Captured(
+            step,
+            components,
+            encoder.logical_bytes,
+            overwrite,
+            metrics,
+            job,
+            started,
+            time.perf_counter() - started,
+            continue_from,
+        )
 
     def _write(self, captured: _Captured) -> SaveResult:
         job = captured.job
@@ -223,16 +252,22 @@ class Saver:
         if not data:
             self._keep_rollback_pending(captured)
         if abandoned_to is not None:
-            log.info("steps of branch %r after %d moved to branch %r", self._branch, captured.continue_from,
-                     abandoned_to)
+            log.info(
+                "steps of branch %r after %d moved to branch %r", self._branch, captured.continue_from, abandoned_to
+            )
         self._remember_baselines(job.capture)
         self._after_commit()
         sink = job.sink
         return SaveResult(
-            step=captured.step, logical_bytes=captured.logical_bytes, new_bytes=sink.new_bytes,
-            new_chunks=sink.new_chunks, reused_chunks=sink.reused_chunks + job.capture.reused_chunks,
-            manifest_bytes=len(data), seconds=time.perf_counter() - captured.started,
-            changed_bytes=job.capture.changed_bytes, capture_seconds=captured.capture_seconds,
+            step=captured.step,
+            logical_bytes=captured.logical_bytes,
+            new_bytes=sink.new_bytes,
+            new_chunks=sink.new_chunks,
+            reused_chunks=sink.reused_chunks + job.capture.reused_chunks,
+            manifest_bytes=len(data),
+            seconds=time.perf_counter() - captured.started,
+            changed_bytes=job.capture.changed_bytes,
+            capture_seconds=captured.capture_seconds,
             abandoned_to=abandoned_to,
         )
 
@@ -280,8 +315,7 @@ class Saver:
         if unseal(again, "manifest") == unseal(raw, "manifest"):  # a bare record of format 1-2 too
             return True
         raise StepExistsError(
-            f"step {manifest.step} exists in {self._where} with different content; "
-            "pass overwrite=True to replace it"
+            f"step {manifest.step} exists in {self._where} with different content; pass overwrite=True to replace it"
         )
 
     def _commit_manifest(self, txn: WriteTxn, captured: _Captured, data: bytes) -> str | None:
@@ -294,7 +328,8 @@ class Saver:
         if old is not None:
             if not captured.overwrite:
                 raise StepExistsError(
-                    f"step {captured.step} exists in {self._where}; pass overwrite=True to replace it")
+                    f"step {captured.step} exists in {self._where}; pass overwrite=True to replace it"
+                )
             catalog.trash_manifest(txn, key, old)
         txn.put(Table.STEPS, key, data)
         catalog.put_metrics(txn, key, captured.metrics)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 
+from ..errors import UsageError
 from ..format.ids import split_ids
 from ..storage.base import Backend
 
@@ -37,6 +38,8 @@ class WriterState:
         Raises :class:`StoreLockedError` if another process writes the store.
         """
         backend = self._backend()
+        if backend is None:
+            raise UsageError("the store was closed")
         with self._lock:
             if backend.acquire_writer() or self.session is None:
                 self.session = object()
@@ -56,7 +59,7 @@ class WriterState:
         return pinned
 
 
-_STATES: "weakref.WeakKeyDictionary[Backend, WriterState]" = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[Backend, WriterState] = weakref.WeakKeyDictionary()
 _STATES_LOCK = threading.Lock()
 
 

@@ -19,19 +19,26 @@ from .lmdb_engine import LmdbBackend
 from .memory import SCHEME as MEMORY_SCHEME
 from .memory import MemoryBackend
 
-__all__ = ["Backend", "ChunkStore", "LmdbBackend", "MemoryBackend", "PageWalker", "ReadTxn", "WriteTxn",
-           "open_backend"]
+__all__ = ["Backend", "ChunkStore", "LmdbBackend", "MemoryBackend", "PageWalker", "ReadTxn", "WriteTxn", "open_backend"]
 
 
-def open_backend(path: str | os.PathLike, *, create: bool = True, readonly: bool = False,
-                 allow_network_fs: bool = False, lock_timeout: float | None = None) -> Backend:
+def open_backend(
+    path: str | os.PathLike,
+    *,
+    create: bool = True,
+    readonly: bool = False,
+    allow_network_fs: bool = False,
+    lock_timeout: float | None = None,
+) -> Backend:
     """The engine for ``path``: ``memory://name`` in memory, anything else an LMDB directory.
 
     Openers of one path in one process share one backend; pair each call with ``close()``.
     """
     text = os.fspath(path)
     if isinstance(text, str) and text.startswith(MEMORY_SCHEME):
-        return MemoryBackend.open(text[len(MEMORY_SCHEME):], create=create, readonly=readonly,
-                                  lock_timeout=lock_timeout)
-    return LmdbBackend.open(text, create=create, readonly=readonly, allow_network_fs=allow_network_fs,
-                            lock_timeout=lock_timeout)
+        return MemoryBackend.open(
+            text[len(MEMORY_SCHEME) :], create=create, readonly=readonly, lock_timeout=lock_timeout
+        )
+    return LmdbBackend.open(
+        text, create=create, readonly=readonly, allow_network_fs=allow_network_fs, lock_timeout=lock_timeout
+    )

@@ -11,7 +11,9 @@ suite both pass.
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager, Iterator, Protocol, TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
+from typing import Protocol, TypeVar
 
 from ..format.schema import Table
 
@@ -35,8 +37,9 @@ class ReadTxn(Protocol):
     def get(self, table: Table, key: bytes) -> Buffer | None:
         """The value of ``key``, or None."""
 
-    def scan(self, table: Table, start: bytes = b"", stop: bytes | None = None, *,
-             reverse: bool = False) -> Iterator[tuple[Buffer, Buffer]]:
+    def scan(
+        self, table: Table, start: bytes = b"", stop: bytes | None = None, *, reverse: bool = False
+    ) -> Iterator[tuple[Buffer, Buffer]]:
         """``(key, value)`` with ``start <= key < stop`` (``stop`` None: to the end), in
         bytewise key order, descending if ``reverse``.  The snapshot does not change while
         iterating; in a write transaction, writes made during the iteration may or may not

@@ -66,14 +66,17 @@ class ChunkStore:
         """``(chunks and pages held, their stored bytes)``, from ``meta/counters``."""
         return journal.decode_counters(txn.get(Table.META, journal.COUNTERS_KEY))
 
-    def read_blob(self, txn: ReadTxn, walker: "PageWalker", blob: Blob, out: np.ndarray, *,
-                  verify: bool, pool, context: dict) -> None:
+    def read_blob(
+        self, txn: ReadTxn, walker: PageWalker, blob: Blob, out: np.ndarray, *, verify: bool, pool, context: dict
+    ) -> None:
         """Fill the flat uint8 array ``out`` with a chunked blob's bytes.
 
         Every chunk's length is checked, and with ``verify`` its BLAKE3 (on ``pool``).
         Raises :class:`ChunkMissingError` / :class:`ChunkCorruptError` with ``context``
         (step, component, path) and the chunk id.
         """
+        if not isinstance(blob, (ChunkedBlob, PagedBlob)):
+            raise CorruptDataError(f"unexpected blob {type(blob).__name__} at {context}")
         ids = walker.ids(blob, context)
         stride = blob.chunk_nbytes
         wanted = split_ids(ids)
@@ -194,7 +197,7 @@ class PageWalker:
                 raise ChunkMissingError("chunk-list page is missing", chunk_id=short(pid), **context)
             if page == PAGE_CORRUPT:
                 raise ChunkCorruptError("chunk-list page does not match its id", chunk_id=short(pid), **context)
-            if page == PAGE_MALFORMED:
+            if isinstance(page, str):
                 raise CorruptDataError(f"chunk-list page {short(pid)} of {context} is malformed")
             ids += page
         if len(ids) != chunk_count(blob.nbytes, blob.chunk_nbytes) * ID_BYTES:

@@ -151,7 +151,11 @@ def check_local_filesystem(path: str | os.PathLike, *, force: bool = False, moun
     if force:
         log.warning(
             "store %s is on a %s filesystem (%s at %s); opening it anyway (allow_network_fs=True): "
-            "only one process on one machine may use it", real, mount.fs_type, mount.source, mount.mount_point,
+            "only one process on one machine may use it",
+            real,
+            mount.fs_type,
+            mount.source,
+            mount.mount_point,
         )
         return
     raise UnsafeFilesystemError(real, mount.fs_type, mount.mount_point, mount.source)

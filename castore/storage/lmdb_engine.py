@@ -29,6 +29,7 @@ from ..errors import CorruptDataError, SaveError, StoreNotFoundError, UsageError
 from ..format.schema import Table
 from . import fsinfo
 from .lmdb_file import LmdbFile
+from .lmdb_txn import LmdbTxn, SharedLock
 from .lock import WriterLock, check_timeout
 
 log = logging.getLogger("castore.storage")
@@ -37,116 +38,22 @@ INITIAL_MAP_BYTES = 1 << 30
 RESERVE_SLACK = 8 << 20  # disk blocks kept allocated past the data for B-tree pages and small writes
 
 
-class _SharedLock:
-    """Many holders of ``shared()`` or one of ``exclusive()``: txns vs. map resizes.
-
-    Exclusive requests take precedence: once one waits, new shared holders wait too, so a
-    map resize cannot be starved by threads that keep loading.  ``shared()`` must not be
-    nested in one thread.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def shared(self):
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        with self._cond:
-            self._waiting += 1
-            self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
-            self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-    def is_idle(self) -> bool:
-        """No holder: a snapshot, exact only where no other thread runs (a forked child)."""
-        return self._shared == 0 and not self._exclusive
-
-
-class LmdbTxn:
-    """A py-lmdb transaction seen through :class:`~castore.storage.base.WriteTxn`."""
-
-    __slots__ = ("_txn", "_dbs", "generation")
-
-    def __init__(self, txn, dbs: dict, generation: int):
-        self._txn = txn
-        self._dbs = dbs
-        self.generation = generation
-
-    def get(self, table: Table, key: bytes):
-        db = self._dbs[table]
-        return None if db is None else self._txn.get(key, db=db)
-
-    def scan(self, table: Table, start: bytes = b"", stop: bytes | None = None, *, reverse: bool = False):
-        db = self._dbs[table]
-        if db is None:
-            return
-        cursor = self._txn.cursor(db=db)
-        if not reverse:
-            if not cursor.set_range(start):
-                return
-            for key, value in cursor.iternext():
-                if stop is not None and bytes(key) >= stop:
-                    return
-                yield key, value
-            return
-        found = cursor.prev() if stop is not None and cursor.set_range(stop) else cursor.last()
-        while found:
-            key = cursor.key()
-            if bytes(key) < start:
-                return
-            yield key, cursor.value()
-            found = cursor.prev()
-
-    def count(self, table: Table) -> int:
-        db = self._dbs[table]
-        return 0 if db is None else self._txn.stat(db)["entries"]
-
-    def put(self, table: Table, key: bytes, value) -> None:
-        self._txn.put(key, value, db=self._writable(table))
-
-    def put_new(self, table: Table, key: bytes, value) -> bool:
-        return self._txn.put(key, value, db=self._writable(table), overwrite=False)
-
-    def delete(self, table: Table, key: bytes) -> bool:
-        db = self._dbs[table]
-        return False if db is None else self._txn.delete(key, db=db)
-
-    def _writable(self, table: Table):
-        db = self._dbs[table]
-        if db is None:
-            raise UsageError(f"the store has no {table.value!r} table yet; only its writer creates it")
-        return db
-
-
 class LmdbBackend:
     """An LMDB environment holding the tables of one store (see the module docstring)."""
 
-    _open: dict[str, "LmdbBackend"] = {}
+    _open: dict[str, LmdbBackend] = {}
     _registry_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str, *, create: bool = True, readonly: bool = False,
-             allow_network_fs: bool = False, lock_timeout: float | None = None) -> "LmdbBackend":
+    def open(
+        cls,
+        path: str,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        allow_network_fs: bool = False,
+        lock_timeout: float | None = None,
+    ) -> LmdbBackend:
         """The process's shared environment for ``path``; each call must be paired with close().
 
         ``lock_timeout`` is how long :meth:`acquire_writer` waits for another writer process
@@ -192,7 +99,7 @@ class LmdbBackend:
         self.lock_timeout = check_timeout(lock_timeout)
         self.pid = os.getpid()
         self.refs = 1
-        self._lock = _SharedLock()
+        self._lock = SharedLock()
         self._write_mutex = threading.RLock()
         self._writer_mutex = threading.Lock()  # one thread of this process takes the writer lock
         self._writer = WriterLock(path)
@@ -225,8 +132,9 @@ class LmdbBackend:
 
     def _check_process(self) -> None:
         if self.pid != os.getpid():
-            raise UsageError(f"store {self.path} was opened in another process (before fork()); "
-                             "open it again in the child")
+            raise UsageError(
+                f"store {self.path} was opened in another process (before fork()); open it again in the child"
+            )
 
     def drop_inherited_fds(self) -> None:
         """In a forked child: close our copies of the parent's descriptors.  The parent keeps
@@ -252,7 +160,8 @@ class LmdbBackend:
             raise UsageError(
                 f"store {self.path} was in use by another thread when this process forked, so the "
                 "child cannot let go of the parent's LMDB environment safely; fork while no thread "
-                "uses the store, or start the child with the 'spawn' method")
+                "uses the store, or start the child with the 'spawn' method"
+            )
         self._file.env.close()  # aborts nothing (no transaction); LMDB frees only this process's slots
         self._file.env = None
 

@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import shutil
+from typing import Any
 
 import lmdb
 
@@ -33,7 +34,7 @@ class LmdbFile:
         self.readonly = readonly
         #: False for a read-only open without permission to write LMDB's lock file
         self.has_reader_lock = True
-        self.env = None
+        self.env: Any = None  # an lmdb.Environment while open
         self.data_fd: int | None = None  # for posix_fallocate (writable opens)
         self.dbs: dict[Table, object | None] = {}
 
@@ -84,15 +85,23 @@ class LmdbFile:
     def _lmdb_open(self, map_size: int, *, readonly: bool):
         try:
             return lmdb.open(
-                self.path, map_size=map_size, max_dbs=len(ALL_TABLES), subdir=True, readonly=readonly,
-                create=not readonly, max_readers=MAX_READERS, writemap=not readonly, lock=self.has_reader_lock,
+                self.path,
+                map_size=map_size,
+                max_dbs=len(ALL_TABLES),
+                subdir=True,
+                readonly=readonly,
+                create=not readonly,
+                max_readers=MAX_READERS,
+                writemap=not readonly,
+                lock=self.has_reader_lock,
             )
         except lmdb.Error as exc:
             if not _is_permission_error(exc):
                 raise FormatError(f"cannot open LMDB store at {self.path}: {exc}") from None
             if not self.readonly:
-                raise UsageError(f"no permission to write store {self.path} ({exc}); "
-                                 "open it with readonly=True to load from it") from None
+                raise UsageError(
+                    f"no permission to write store {self.path} ({exc}); open it with readonly=True to load from it"
+                ) from None
             if not self.has_reader_lock:
                 raise UsageError(f"no permission to read store {self.path} ({exc})") from None
         self.has_reader_lock = False
@@ -100,7 +109,9 @@ class LmdbFile:
         log.warning(
             "store %s: no permission to write its LMDB lock file, reading without one: this reader "
             "takes no reader slot, so a writer could reuse pages under it; only safe while nothing "
-            "writes the store", self.path)
+            "writes the store",
+            self.path,
+        )
         return env
 
     def open_tables(self, *, writer: bool, reserve) -> dict:
@@ -121,8 +132,10 @@ class LmdbFile:
             if found[Table.META] is None:
                 entries = self.env.stat()["entries"]
                 if entries:
-                    raise FormatError(f"{self.path} is not a castore store, or a damaged one: LMDB's "
-                                      f"main database holds {entries} records but no meta database")
+                    raise FormatError(
+                        f"{self.path} is not a castore store, or a damaged one: LMDB's "
+                        f"main database holds {entries} records but no meta database"
+                    )
                 fresh = True
             else:  # created by an older castore killed before the config was written
                 fresh = txn.stat(found[Table.META])["entries"] == 0
@@ -218,8 +231,7 @@ def _check_data_size(env, data: str) -> None:
     need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     have = os.path.getsize(data)
     if have < need:
-        raise CorruptDataError(f"data file {data} truncated: {have} bytes, LMDB needs {need}; "
-                               "restore it from a backup")
+        raise CorruptDataError(f"data file {data} truncated: {have} bytes, LMDB needs {need}; restore it from a backup")
 
 
 def _existing_db(env, table: Table, txn=None):

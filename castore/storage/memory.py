@@ -100,7 +100,7 @@ class MemoryTxn:
         return tables
 
 
-_OPEN: dict[str, "MemoryBackend"] = {}
+_OPEN: dict[str, MemoryBackend] = {}
 _OPEN_LOCK = threading.Lock()
 
 
@@ -114,8 +114,9 @@ class MemoryBackend:
     """A store in this process's memory (see the module docstring)."""
 
     @classmethod
-    def open(cls, name: str, *, create: bool = True, readonly: bool = False,
-             lock_timeout: float | None = None) -> "MemoryBackend":
+    def open(
+        cls, name: str, *, create: bool = True, readonly: bool = False, lock_timeout: float | None = None
+    ) -> MemoryBackend:
         """The process's shared store ``name``; pair each call with close()."""
         check_timeout(lock_timeout)
         with _OPEN_LOCK:

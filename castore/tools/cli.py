@@ -1,13 +1,13 @@
 """``castore``: inspect a store from the shell (read-only: the store is never written).
 
-    castore steps PATH [--branch B]     committed steps, one per line
-    castore stats PATH                  totals and the dedup ratio
-    castore show PATH [STEP]            components and leaves of a step (default: latest)
-    castore branches PATH               branches and their steps
-    castore verify PATH [--sample 5%]   check every step down to its chunks; exit 1 on damage
-    castore export PATH STEP OUT_DIR [--keys NAME ...] [--overwrite]
-                                a step (number or tag) as .npy files and JSON; see
-                                castore/export.py for the layout
+castore steps PATH [--branch B]     committed steps, one per line
+castore stats PATH                  totals and the dedup ratio
+castore show PATH [STEP]            components and leaves of a step (default: latest)
+castore branches PATH               branches and their steps
+castore verify PATH [--sample 5%]   check every step down to its chunks; exit 1 on damage
+castore export PATH STEP OUT_DIR [--keys NAME ...] [--overwrite]
+                            a step (number or tag) as .npy files and JSON; see
+                            castore/export.py for the layout
 """
 
 from __future__ import annotations
@@ -47,13 +47,21 @@ def _fraction(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="castore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--allow-network-fs", action="store_true",
-                        help="open a store on NFS/SMB anyway (LMDB is unsafe there; see docs/guarantees.md)")
+    parser = argparse.ArgumentParser(
+        prog="castore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--allow-network-fs",
+        action="store_true",
+        help="open a store on NFS/SMB anyway (LMDB is unsafe there; see docs/guarantees.md)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {
-        "steps": "committed steps of a branch", "stats": "store totals", "show": "components and leaves of a step",
-        "branches": "branches and their steps", "verify": "check every step down to its chunks",
+        "steps": "committed steps of a branch",
+        "stats": "store totals",
+        "show": "components and leaves of a step",
+        "branches": "branches and their steps",
+        "verify": "check every step down to its chunks",
         "export": "write a step as .npy files and JSON",
     }
     for name, text in commands.items():
@@ -64,8 +72,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "show":
             cmd.add_argument("step", type=_step, nargs="?", help="a step number or a tag (default: latest)")
     verify = sub.choices["verify"]
-    verify.add_argument("--sample", type=_fraction, default=1.0, metavar="FRACTION",
-                        help="hash only this part of the chunks, e.g. 5%% (presence is always checked)")
+    verify.add_argument(
+        "--sample",
+        type=_fraction,
+        default=1.0,
+        metavar="FRACTION",
+        help="hash only this part of the chunks, e.g. 5%% (presence is always checked)",
+    )
     verify.add_argument("--seed", type=int, help="pick the sample reproducibly")
     verify.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     export = sub.choices["export"]
@@ -82,8 +95,13 @@ def main(argv=None) -> int:
     if args.command == "verify" and not args.in_process:
         return _verify_isolated(argv if argv is not None else sys.argv[1:])
     try:
-        with Store(args.path, create=False, readonly=True, branch=getattr(args, "branch", "main"),
-                   allow_network_fs=args.allow_network_fs) as store:
+        with Store(
+            args.path,
+            create=False,
+            readonly=True,
+            branch=getattr(args, "branch", "main"),
+            allow_network_fs=args.allow_network_fs,
+        ) as store:
             return _COMMANDS[args.command](store, args)
     except CastoreError as exc:
         print(f"castore: {exc}", file=sys.stderr)
@@ -97,8 +115,10 @@ def _steps(store: Store, args) -> int:
 
 def _stats(store: Store, args) -> int:
     s = store.stats()
-    print(f"steps {s.steps}\nchunks {s.chunks}\nstored_bytes {s.stored_bytes}\n"
-          f"logical_bytes {s.logical_bytes}\nfile_bytes {s.file_bytes}\ndedup_ratio {s.dedup_ratio:.3f}")
+    print(
+        f"steps {s.steps}\nchunks {s.chunks}\nstored_bytes {s.stored_bytes}\n"
+        f"logical_bytes {s.logical_bytes}\nfile_bytes {s.file_bytes}\ndedup_ratio {s.dedup_ratio:.3f}"
+    )
     return 0
 
 
@@ -113,8 +133,7 @@ def _show(store: Store, args) -> int:
 
 def _branches(store: Store, args) -> int:
     for name in store.branches():
-        with Store(store.path, create=False, readonly=True, branch=name) as branch:
-            steps = branch.steps()
+        steps = store.steps(branch=name)
         span = f"{len(steps)} steps, {steps[0]}..{steps[-1]}" if steps else "no steps"
         print(f"{name}: {span}")
     return 0
@@ -125,13 +144,17 @@ def _verify(store: Store, args) -> int:
     for problem in report.problems:
         print(problem)
     part = "all" if report.sample == 1 else f"a {report.sample:.1%} sample:"
-    print(f"checked {report.steps} steps, {report.chunks} chunks present; hashed {part} "
-          f"{report.hashed_chunks} chunks, {report.hashed_bytes} bytes")
+    print(
+        f"checked {report.steps} steps, {report.chunks} chunks present; hashed {part} "
+        f"{report.hashed_chunks} chunks, {report.hashed_bytes} bytes"
+    )
     if report.ok:
         print("no problems found")
         return 0
-    print(f"{len(report.problems)} problems; {len(report.affected_steps)} steps affected: "
-          + ", ".join(f"{s}" if b == "main" else f"{b}:{s}" for b, s in report.affected_steps[:50]))
+    print(
+        f"{len(report.problems)} problems; {len(report.affected_steps)} steps affected: "
+        + ", ".join(f"{s}" if b == "main" else f"{b}:{s}" for b, s in report.affected_steps[:50])
+    )
     return 1
 
 
@@ -142,21 +165,32 @@ def _verify_isolated(argv: list[str]) -> int:
     if child.returncode >= 0:
         return child.returncode
     name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else "a signal"
-    print(f"castore: reading the store killed the verifying process ({name}): LMDB's own structure in "
-          "data.mdb is damaged. Restore the store from a backup, or copy intact steps out with "
-          "`castore export` (in a child process, step by step).", file=sys.stderr)
+    print(
+        f"castore: reading the store killed the verifying process ({name}): LMDB's own structure in "
+        "data.mdb is damaged. Restore the store from a backup, or copy intact steps out with "
+        "`castore export` (in a child process, step by step).",
+        file=sys.stderr,
+    )
     return 1
 
 
 def _export(store: Store, args) -> int:
     result = export_step(store, args.step, args.out_dir, keys=args.keys, overwrite=args.overwrite)
-    print(f"step {result.step}: {result.components} components, {result.leaves} leaves, "
-          f"{result.files} files ({result.nbytes} bytes) in {result.out_dir}")
+    print(
+        f"step {result.step}: {result.components} components, {result.leaves} leaves, "
+        f"{result.files} files ({result.nbytes} bytes) in {result.out_dir}"
+    )
     return 0
 
 
-_COMMANDS = {"steps": _steps, "stats": _stats, "show": _show, "branches": _branches, "verify": _verify,
-             "export": _export}
+_COMMANDS = {
+    "steps": _steps,
+    "stats": _stats,
+    "show": _show,
+    "branches": _branches,
+    "verify": _verify,
+    "export": _export,
+}
 
 
 if __name__ == "__main__":

@@ -41,14 +41,20 @@ class Agent:
 
     def __init__(self, width: int, seed: int = 0):
         rng = np.random.default_rng(seed)
-        shapes = {"enc/conv0/w": (4, 4, 3, 32), "enc/conv1/w": (4, 4, 32, 64), "enc/out/w": (width, 512),
-                  "dyn/gru/w": (512 + ACTIONS, 3 * 512), "dec/w": (512, width), "rew/w": (512, 1)}
-        self.params = {}
+        shapes = {
+            "enc/conv0/w": (4, 4, 3, 32),
+            "enc/conv1/w": (4, 4, 32, 64),
+            "enc/out/w": (width, 512),
+            "dyn/gru/w": (512 + ACTIONS, 3 * 512),
+            "dec/w": (512, width),
+            "rew/w": (512, 1),
+        }
+        self.params: dict[str, dict[str, np.ndarray]] = {}
         for name, shape in shapes.items():
             group, leaf = name.rsplit("/", 1)
             self.params.setdefault(group, {})[leaf] = (rng.standard_normal(shape) * 0.02).astype(np.float32)
         zeros = lambda: {g: {k: np.zeros_like(v) for k, v in leaves.items()} for g, leaves in self.params.items()}
-        self.opt = {"mu": zeros(), "nu": zeros(), "count": np.int64(0)}
+        self.opt: dict = {"mu": zeros(), "nu": zeros(), "count": np.int64(0)}
 
     def train(self, batch, lr: float = 1e-4) -> float:
         obs, action, reward = batch
@@ -76,7 +82,11 @@ def collect(step: int):
     """The environment: observations of ``BATCH_ENV_STEPS`` steps from ``step`` on."""
     rng = np.random.default_rng(step)
     obs = rng.integers(0, 255, (BATCH_ENV_STEPS, *IMAGE), dtype=np.uint8)
-    return obs, rng.standard_normal((BATCH_ENV_STEPS, ACTIONS)).astype(np.float32), rng.random(BATCH_ENV_STEPS, np.float32)
+    return (
+        obs,
+        rng.standard_normal((BATCH_ENV_STEPS, ACTIONS)).astype(np.float32),
+        rng.random(BATCH_ENV_STEPS, np.float32),
+    )
 
 
 class Run:
@@ -111,7 +121,7 @@ def train(logdir: str, capacity: int, every: int, total: int, pace: float) -> No
         print(f"resumed from step {start}" if resumed else f"saved the initial state as step {start}", flush=True)
         should_save = castore.Every(steps=every, initial=False)
         should_save(int(run.step))
-        pending = None
+        pending: castore.SaveHandle | None = None
         while int(run.step) < total:
             run.advance()
             time.sleep(pace)  # an env that takes time, so the kill lands mid-run
@@ -121,23 +131,42 @@ def train(logdir: str, capacity: int, every: int, total: int, pace: float) -> No
             if should_save(int(run.step)):
                 if pending is not None:
                     report(pending.result())
-                pending = cp.save(block=False)  # training goes on while it commits
+                handle = cp.save(block=False)  # training goes on while it commits
+                assert isinstance(handle, castore.SaveHandle)
+                pending = handle
         if pending is not None:
             report(pending.result())
 
 
 def report(r: castore.SaveResult) -> None:
     """One line per committed save: step, seconds blocked, seconds to commit, MB written."""
-    print(f"SAVE {r.step:>7} {r.capture_seconds:8.3f} {r.seconds:8.3f} {r.new_bytes / 1e6:10.1f} "
-          f"{r.logical_bytes / 1e6:10.1f}", flush=True)
+    print(
+        f"SAVE {r.step:>7} {r.capture_seconds:8.3f} {r.seconds:8.3f} {r.new_bytes / 1e6:10.1f} "
+        f"{r.logical_bytes / 1e6:10.1f}",
+        flush=True,
+    )
 
 
 # --- the orchestrating demo -----------------------------------------------------------------
 
 
 def launch(args) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "castore.tools.demo", "--train", "--logdir", args.logdir, "--capacity",
-           str(args.capacity), "--every", str(args.every), "--total", str(args.total), "--pace", str(args.pace)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "castore.tools.demo",
+        "--train",
+        "--logdir",
+        args.logdir,
+        "--capacity",
+        str(args.capacity),
+        "--every",
+        str(args.every),
+        "--total",
+        str(args.total),
+        "--pace",
+        str(args.pace),
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
 
 
@@ -157,7 +186,7 @@ def run_killed(args, rng: random.Random) -> int:
     committed = -1
     try:
         saves = 0
-        for line in proc.stdout:
+        for line in proc.stdout or ():
             step = show(line, proc.pid)
             if step is not None:
                 committed, saves = step, saves + 1
@@ -172,10 +201,10 @@ def run_killed(args, rng: random.Random) -> int:
     return committed
 
 
-def run_to_end(args) -> int:
+def run_to_end(args) -> int | None:
     proc = launch(args)
-    resumed = None
-    for line in proc.stdout:
+    resumed: int | None = None
+    for line in proc.stdout or ():
         show(line, proc.pid)
         if line.startswith("resumed from step"):
             resumed = int(line.split()[-1])
@@ -222,11 +251,11 @@ def continue_new_lineage(cp: castore.Checkpoint, run: Run, every: int) -> None:
         while int(run.step) % every:
             run.advance()
         result = cp.save()
+        assert isinstance(result, castore.SaveResult)
         moved = f"; later steps moved to branch {result.abandoned_to!r}" if result.abandoned_to else ""
         print(f"new lineage: saved step {result.step}{moved}")
     for name in cp.branches():
-        with castore.Store(cp.path, branch=name, readonly=True) as branch:
-            steps = branch.steps()
+        steps = cp.store.steps(branch=name)
         print(f"  branch {name}: {len(steps)} steps ({steps[0]} .. {steps[-1]})")
 
 
@@ -234,9 +263,11 @@ def report_verify(store: castore.Store) -> None:
     """Check every step of every branch down to its chunks (``castore verify`` does the same)."""
     started = time.perf_counter()
     report = store.verify()
-    print(f"verify: {report.steps} steps, {report.hashed_chunks} chunks ({report.hashed_bytes / 1e6:.0f} MB) "
-          f"hashed in {time.perf_counter() - started:.2f}s: "
-          + ("no problems" if report.ok else f"{len(report.problems)} PROBLEMS"))
+    print(
+        f"verify: {report.steps} steps, {report.hashed_chunks} chunks ({report.hashed_bytes / 1e6:.0f} MB) "
+        f"hashed in {time.perf_counter() - started:.2f}s: "
+        + ("no problems" if report.ok else f"{len(report.problems)} PROBLEMS")
+    )
     if not report.ok:
         raise SystemExit(1)
 
@@ -257,8 +288,10 @@ def main(argv=None) -> None:
     rng = random.Random(args.seed)
     shutil.rmtree(args.logdir, ignore_errors=True)
     started = time.perf_counter()
-    print(f"castore demo: DreamerV3-like run in {args.logdir}, replay of {args.capacity} x {IMAGE} images, "
-          f"save every {args.every} env steps, {args.total} env steps in all\n")
+    print(
+        f"castore demo: DreamerV3-like run in {args.logdir}, replay of {args.capacity} x {IMAGE} images, "
+        f"save every {args.every} env steps, {args.total} env steps in all\n"
+    )
     print(f"  {'':11}{'step':>7} {'blocked':>8} {'seconds':>8} {'MB written':>10} {'MB logical':>10}")
     committed = run_killed(args, rng)
     resumed = run_to_end(args)
@@ -284,9 +317,11 @@ def main(argv=None) -> None:
         continue_new_lineage(cp, run, args.every)
         report_verify(cp.store)
         stats = cp.store.stats()
-    print(f"\nstore: {stats.steps} steps, {stats.logical_bytes / 1e6:.1f} MB logical, "
-          f"{stats.stored_bytes / 1e6:.1f} MB stored, file {stats.file_bytes / 1e6:.1f} MB, "
-          f"dedup ratio {stats.dedup_ratio:.2f}x")
+    print(
+        f"\nstore: {stats.steps} steps, {stats.logical_bytes / 1e6:.1f} MB logical, "
+        f"{stats.stored_bytes / 1e6:.1f} MB stored, file {stats.file_bytes / 1e6:.1f} MB, "
+        f"dedup ratio {stats.dedup_ratio:.2f}x"
+    )
     print(f"demo finished in {time.perf_counter() - started:.1f}s")
 
 

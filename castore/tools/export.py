@@ -47,6 +47,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import blake3
 import numpy as np
@@ -116,7 +117,7 @@ class _Directory:
         self._taken.add((stem + suffix).casefold())
         return stem + suffix
 
-    def child(self, key: str) -> "_Directory":
+    def child(self, key: str) -> _Directory:
         return _Directory(f"{self.rel}/{self.name(key)}")
 
 
@@ -203,7 +204,7 @@ class _Exporter:
 
     def leaf(self, value, path: list, directory: _Directory) -> None:
         leaf = "/".join(map(str, path))
-        entry = {"path": path, "leaf": leaf}
+        entry: dict[str, Any] = {"path": path, "leaf": leaf}
         kind = type(value)
         if kind in _VALUE_KINDS:
             entry.update(kind=_VALUE_KINDS[kind], value=_json_value(value))
@@ -212,9 +213,12 @@ class _Exporter:
             self.writer.write(entry["file"], lambda file: file.write(value))
         elif isinstance(value, (np.ndarray, np.generic)):
             array = np.asarray(value)
-            entry.update(kind="array" if kind is np.ndarray else "scalar",
-                         file=self._file(path, directory, ".npy"),
-                         dtype=dtype_name(array.dtype, leaf), shape=list(array.shape))
+            entry.update(
+                kind="array" if kind is np.ndarray else "scalar",
+                file=self._file(path, directory, ".npy"),
+                dtype=dtype_name(array.dtype, leaf),
+                shape=list(array.shape),
+            )
             self.writer.write(entry["file"], lambda file: np.save(file, array, allow_pickle=False))
         else:  # a pickled leaf of a store opened with allow_pickle=True
             raise UnsupportedValueError(f"{self.component}/{leaf}", f"a {kind.__name__} (pickled leaf) is not exported")
@@ -255,6 +259,7 @@ def export_step(store: Store, step: int | str | None, out_dir, *, keys=None, ove
         writer.write_json(f"{directory.rel}/{LEAVES}", exporter.leaves)
         components.append({"name": name, "dir": directory.rel})
         count += len(exporter.leaves)
-    writer.write_json(INDEX, {"format": EXPORT_FORMAT, "store": store.path, "branch": branch, "step": step,
-                                "components": components})
+    writer.write_json(
+        INDEX, {"format": EXPORT_FORMAT, "store": store.path, "branch": branch, "step": step, "components": components}
+    )
     return ExportResult(step, writer.root, len(components), count, writer.files, writer.nbytes)

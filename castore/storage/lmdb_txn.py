@@ -1,0 +1,111 @@
+"""Pieces of the LMDB engine: a py-lmdb transaction seen through the storage contract, and
+the lock that keeps map resizes away from open transactions."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from ..errors import UsageError
+from ..format.schema import Table
+
+
+class SharedLock:
+    """Many holders of ``shared()`` or one of ``exclusive()``: txns vs. map resizes.
+
+    Exclusive requests take precedence: once one waits, new shared holders wait too, so a
+    map resize cannot be starved by threads that keep loading.  ``shared()`` must not be
+    nested in one thread.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+    def is_idle(self) -> bool:
+        """No holder: a snapshot, exact only where no other thread runs (a forked child)."""
+        return self._shared == 0 and not self._exclusive
+
+
+class LmdbTxn:
+    """A py-lmdb transaction seen through :class:`~castore.storage.base.WriteTxn`."""
+
+    __slots__ = ("_txn", "_dbs", "generation")
+
+    def __init__(self, txn, dbs: dict, generation: int):
+        self._txn = txn
+        self._dbs = dbs
+        self.generation = generation
+
+    def get(self, table: Table, key: bytes):
+        db = self._dbs[table]
+        return None if db is None else self._txn.get(key, db=db)
+
+    def scan(self, table: Table, start: bytes = b"", stop: bytes | None = None, *, reverse: bool = False):
+        db = self._dbs[table]
+        if db is None:
+            return
+        cursor = self._txn.cursor(db=db)
+        if not reverse:
+            if not cursor.set_range(start):
+                return
+            for key, value in cursor.iternext():
+                if stop is not None and bytes(key) >= stop:
+                    return
+                yield key, value
+            return
+        found = cursor.prev() if stop is not None and cursor.set_range(stop) else cursor.last()
+        while found:
+            key = cursor.key()
+            if bytes(key) < start:
+                return
+            yield key, cursor.value()
+            found = cursor.prev()
+
+    def count(self, table: Table) -> int:
+        db = self._dbs[table]
+        return 0 if db is None else self._txn.stat(db)["entries"]
+
+    def put(self, table: Table, key: bytes, value) -> None:
+        self._txn.put(key, value, db=self._writable(table))
+
+    def put_new(self, table: Table, key: bytes, value) -> bool:
+        return self._txn.put(key, value, db=self._writable(table), overwrite=False)
+
+    def delete(self, table: Table, key: bytes) -> bool:
+        db = self._dbs[table]
+        return False if db is None else self._txn.delete(key, db=db)
+
+    def _writable(self, table: Table):
+        db = self._dbs[table]
+        if db is None:
+            raise UsageError(f"the store has no {table.value!r} table yet; only its writer creates it")
+        return db
