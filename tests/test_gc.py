@@ -43,6 +43,7 @@ from castore.format.schema import (
     STORE_FORMAT,
     Table,
 )
+from castore.storage import memory
 
 SEED = int(os.environ.get("CASTORE_GC_SEED", "20240917"))
 CHUNK = 4096  # chunk_bytes of every store here: many chunks from small arrays
@@ -199,10 +200,15 @@ def states(draw):
 class GcMachine(RuleBasedStateMachine):
     """A real Store against a dict model {step: state}; after every GC nothing is garbage."""
 
+    engine = "lmdb"
+
     def __init__(self):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="castore-gc-model-")
-        self.path = os.path.join(self.dir, "store")
+        if self.engine == "memory":
+            self.path = f"memory://gc-model-{os.path.basename(self.dir)}"
+        else:
+            self.path = os.path.join(self.dir, "store")
         self.store = castore.Store(self.path, chunk_bytes=CHUNK)
         self.states: dict[int, dict] = {}
         self.ids: dict[int, tuple[set, set]] = {}
@@ -217,6 +223,7 @@ class GcMachine(RuleBasedStateMachine):
             self.store.close()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+            memory.discard(self.path.removeprefix("memory://"))
 
     # -- the model ----------------------------------------------------------------------------
 
@@ -445,6 +452,16 @@ GcMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TestGcStateMachine = GcMachine.TestCase
+
+
+class MemoryGcMachine(GcMachine):
+    """The same model on the in-memory engine: the Store above the storage seam is engine-blind."""
+
+    engine = "memory"
+
+
+MemoryGcMachine.TestCase.settings = GcMachine.TestCase.settings
+TestGcStateMachineInMemory = MemoryGcMachine.TestCase
 
 
 # --- 2. exactly the unique chunks ---------------------------------------------------------------

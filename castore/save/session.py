@@ -52,8 +52,9 @@ class WriterState:
     def pinned_ids(self) -> set[bytes]:
         """Chunk ids remembered by baselines of the current session: GC must keep them."""
         pinned: set[bytes] = set()
-        if self.session is None:
-            return pinned
+        backend = self._backend()
+        if self.session is None or backend is None or not backend.is_writer():
+            return pinned  # the session ended with the writer lock: its ids pin nothing
         for holder in list(self._holders):
             pinned.update(split_ids(holder.pinned_ids(self.session)))
         return pinned

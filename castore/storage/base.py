@@ -15,9 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from typing import Protocol, TypeVar
 
+from ..errors import UsageError
 from ..format.schema import Table
 
 T = TypeVar("T")
+#: keys are 1 to 511 bytes (LMDB's limit, kept by every engine so no engine accepts more)
+MAX_KEY_BYTES = 511
 #: a value read from a transaction: bytes, or a memoryview valid until the transaction ends
 Buffer = bytes | memoryview
 
@@ -27,7 +30,8 @@ class ReadTxn(Protocol):
 
     Values returned are valid until the transaction ends (an engine may hand out views of
     its map); copy them with ``bytes()`` to keep them.  A table the store lacks (an older
-    format) reads as empty.
+    format) reads as empty.  Keys are 1 to :data:`MAX_KEY_BYTES` bytes and values
+    C-contiguous bytes-like objects; anything else is a :class:`UsageError`.
     """
 
     @property
@@ -81,7 +85,8 @@ class Backend(Protocol):
     readonly: bool
 
     def read(self) -> ContextManager[ReadTxn]:
-        """A snapshot; its values are valid until the ``with`` block ends."""
+        """A snapshot; its values are valid until the ``with`` block ends.  Snapshots may
+        be nested in one thread."""
 
     def write(self, fn: Callable[..., T], *args) -> T:
         """Run ``fn(txn, *args)`` in a write transaction, commit, return its result.
@@ -89,11 +94,15 @@ class Backend(Protocol):
         ``fn`` may be re-run (the LMDB engine aborts and retries after growing its map), so
         it must only read and write through ``txn`` and must give the same writes for the
         same state.  Raises :class:`UsageError` on a read-only store, :class:`SaveError` if
-        the engine cannot commit (full disk); nothing is committed then.
+        the engine cannot commit (full disk); nothing is committed then.  A thread may
+        write while it holds a :meth:`read` snapshot, but the LMDB engine cannot grow its
+        map then (a resize waits for every snapshot of the process) and raises
+        :class:`UsageError` instead of waiting forever: end snapshots before large writes.
         """
 
     def generation(self) -> int:
-        """A number that changes on every commit (to decide whether a plan is stale)."""
+        """A number that grows with every commit that changes a table (a write that changes
+        nothing may leave it as it was): a plan made at one generation is stale at another."""
 
     def reserve(self, nbytes: int) -> None:
         """Make room for a write of about ``nbytes``, or raise :class:`SaveError` (full disk)
@@ -133,3 +142,62 @@ class Backend(Protocol):
 def copy_table_items(txn: ReadTxn, table: Table, start: bytes = b"", stop: bytes | None = None):
     """``[(key, value)]`` of a range as bytes, safe to use after writing in the same txn."""
     return [(bytes(k), bytes(v)) for k, v in txn.scan(table, start, stop)]
+
+
+def check_key(key) -> bytes:
+    """A key as bytes, 1 to :data:`MAX_KEY_BYTES` long; else :class:`UsageError`."""
+    if not 0 < len(key) <= MAX_KEY_BYTES:
+        raise UsageError(f"a storage key is 1 to {MAX_KEY_BYTES} bytes, got {len(key)}")
+    return key
+
+
+class ReadOnlyBackend:
+    """A read-only view of a shared backend: what a ``readonly`` open gets when this
+    process has the store open writable already (one engine per store per process)."""
+
+    readonly = True
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.path = backend.path
+
+    @property
+    def refs(self) -> int:
+        """Opens of the shared backend not yet closed."""
+        return self._backend.refs
+
+    def read(self):
+        return self._backend.read()
+
+    def write(self, fn, *args):
+        raise UsageError(f"store {self.path} is open read-only")
+
+    def acquire_writer(self, timeout: float | None = None) -> bool:
+        raise UsageError(f"store {self.path} is open read-only")
+
+    def is_writer(self) -> bool:
+        return False
+
+    def generation(self) -> int:
+        return self._backend.generation()
+
+    def reserve(self, nbytes: int) -> None:
+        raise UsageError(f"store {self.path} is open read-only")
+
+    def has_table(self, table: Table) -> bool:
+        return self._backend.has_table(table)
+
+    def exclusive_writes(self):
+        return self._backend.exclusive_writes()
+
+    def clear_stale_readers(self) -> int:
+        return 0
+
+    def compact(self) -> None:
+        raise UsageError(f"store {self.path} is open read-only")
+
+    def file_bytes(self) -> int:
+        return self._backend.file_bytes()
+
+    def close(self) -> None:
+        self._backend.close()

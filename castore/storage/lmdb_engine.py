@@ -28,6 +28,7 @@ import lmdb
 from ..errors import CorruptDataError, SaveError, StoreNotFoundError, UsageError
 from ..format.schema import Table
 from . import fsinfo
+from .base import ReadOnlyBackend
 from .lmdb_file import LmdbFile
 from .lmdb_txn import LmdbTxn, SharedLock
 from .lock import WriterLock, check_timeout
@@ -53,7 +54,7 @@ class LmdbBackend:
         readonly: bool = False,
         allow_network_fs: bool = False,
         lock_timeout: float | None = None,
-    ) -> LmdbBackend:
+    ) -> LmdbBackend | ReadOnlyBackend:
         """The process's shared environment for ``path``; each call must be paired with close().
 
         ``lock_timeout`` is how long :meth:`acquire_writer` waits for another writer process
@@ -83,7 +84,7 @@ class LmdbBackend:
                 existing.refs += 1
                 if lock_timeout is not None:
                     existing.lock_timeout = lock_timeout
-                return existing
+                return ReadOnlyBackend(existing) if readonly and not existing.readonly else existing
             fsinfo.check_local_filesystem(real, force=allow_network_fs)
             backend = cls(real, create=create, readonly=readonly, lock_timeout=lock_timeout)
             cls._open[real] = backend
@@ -103,6 +104,7 @@ class LmdbBackend:
         self._write_mutex = threading.RLock()
         self._writer_mutex = threading.Lock()  # one thread of this process takes the writer lock
         self._writer = WriterLock(path)
+        self._reading = threading.local()  # .depth: read() snapshots this thread holds
         self._file = LmdbFile(path, readonly=readonly)
         self._file.open(INITIAL_MAP_BYTES, writer=False, reserve=self._reserve)
 
@@ -171,18 +173,36 @@ class LmdbBackend:
     def read(self):
         """A snapshot whose ``get`` returns memoryviews valid until it ends."""
         self._check_process()
+        depth = getattr(self._reading, "depth", 0)
+        if depth:  # nested: this thread's outer snapshot already keeps map resizes away
+            with self._snapshot(depth) as txn:
+                yield txn
+            return
         while True:
             with self._lock.shared():
                 txn = self._begin(write=False)
                 if txn is not None:
-                    try:
-                        yield LmdbTxn(txn, self._file.dbs, txn.id())
-                    except lmdb.Error as exc:  # a damaged file: never a raw lmdb error
-                        raise CorruptDataError(f"LMDB could not read {self.path}: {exc}") from exc
-                    finally:
-                        txn.abort()
+                    with self._snapshot(depth, txn) as view:
+                        yield view
                     return
             self._adopt_map_size()
+
+    @contextlib.contextmanager
+    def _snapshot(self, depth: int, txn=None):
+        if txn is None:  # nested: the map cannot be adopted while the outer snapshot is open
+            txn = self._begin(write=False)
+            if txn is None:
+                raise UsageError(
+                    f"another process grew {self.path} while this thread held a snapshot; end it and read again"
+                )
+        self._reading.depth = depth + 1
+        try:
+            yield LmdbTxn(txn, self._file.dbs, txn.id())
+        except lmdb.Error as exc:  # a damaged file: never a raw lmdb error
+            raise CorruptDataError(f"LMDB could not read {self.path}: {exc}") from exc
+        finally:
+            self._reading.depth = depth
+            txn.abort()
 
     def write(self, fn, *args):
         """Run ``fn(txn, *args)`` in a write transaction and commit; returns its result.
@@ -200,7 +220,9 @@ class LmdbBackend:
                 if resized:
                     self._adopt_map_size()
                     resized = False
-                with self._lock.shared():
+                # a thread holding a snapshot holds the shared lock already (it must not nest)
+                held = getattr(self._reading, "depth", 0)
+                with contextlib.nullcontext() if held else self._lock.shared():
                     txn = self._begin(write=True)
                     if txn is None:
                         resized = True
@@ -264,11 +286,21 @@ class LmdbBackend:
         except lmdb.MapResizedError:
             return None
 
+    def _refuse_resize_inside_a_snapshot(self) -> None:
+        """A resize waits for every snapshot of this process: this thread's own would never end."""
+        if getattr(self._reading, "depth", 0):
+            raise UsageError(
+                f"the LMDB map of {self.path} must grow for this write, which cannot happen while this "
+                "thread holds a read() snapshot; end the snapshot, then write"
+            )
+
     def _adopt_map_size(self) -> None:
+        self._refuse_resize_inside_a_snapshot()
         with self._lock.exclusive():
             self._file.env.set_mapsize(0)
 
     def _grow_map(self, at_least: int = 0) -> None:
+        self._refuse_resize_inside_a_snapshot()
         with self._lock.exclusive():
             current = self._file.map_size()
             new = max(current * 2, at_least)

@@ -8,6 +8,7 @@ import threading
 
 from ..errors import UsageError
 from ..format.schema import Table
+from .base import MAX_KEY_BYTES, check_key
 
 
 class SharedLock:
@@ -67,6 +68,8 @@ class LmdbTxn:
 
     def get(self, table: Table, key: bytes):
         db = self._dbs[table]
+        if not 0 < len(key) <= MAX_KEY_BYTES:
+            raise UsageError(f"a storage key is 1 to {MAX_KEY_BYTES} bytes, got {len(key)}")
         return None if db is None else self._txn.get(key, db=db)
 
     def scan(self, table: Table, start: bytes = b"", stop: bytes | None = None, *, reverse: bool = False):
@@ -95,10 +98,17 @@ class LmdbTxn:
         return 0 if db is None else self._txn.stat(db)["entries"]
 
     def put(self, table: Table, key: bytes, value) -> None:
-        self._txn.put(key, value, db=self._writable(table))
+        self._put(table, key, value, overwrite=True)
 
     def put_new(self, table: Table, key: bytes, value) -> bool:
-        return self._txn.put(key, value, db=self._writable(table), overwrite=False)
+        return self._put(table, key, value, overwrite=False)
+
+    def _put(self, table: Table, key: bytes, value, *, overwrite: bool) -> bool:
+        db = self._writable(table)
+        try:
+            return self._txn.put(check_key(key), value, db=db, overwrite=overwrite)
+        except (BufferError, ValueError, TypeError) as exc:  # py-lmdb takes C-contiguous buffers only
+            raise UsageError(f"a storage value must be a C-contiguous bytes-like object: {exc}") from None
 
     def delete(self, table: Table, key: bytes) -> bool:
         db = self._dbs[table]

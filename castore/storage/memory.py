@@ -16,6 +16,7 @@ import threading
 
 from ..errors import StoreNotFoundError, UsageError
 from ..format.schema import ALL_TABLES, Table
+from .base import ReadOnlyBackend, check_key
 from .lock import check_timeout
 
 SCHEME = "memory://"
@@ -50,7 +51,7 @@ class MemoryTxn:
         return changed if changed is not None else self._tables[table].data
 
     def get(self, table: Table, key: bytes):
-        return self._data(table).get(bytes(key))
+        return self._data(table).get(bytes(check_key(key)))
 
     def scan(self, table: Table, start: bytes = b"", stop: bytes | None = None, *, reverse: bool = False):
         if table in self._changed:
@@ -77,13 +78,13 @@ class MemoryTxn:
         return self._changed[table]
 
     def put(self, table: Table, key: bytes, value) -> None:
-        self._mutable(table)[bytes(key)] = bytes(value)
+        self._mutable(table)[bytes(check_key(key))] = _value(value)
 
     def put_new(self, table: Table, key: bytes, value) -> bool:
-        key = bytes(key)
+        key = bytes(check_key(key))
         if key in self._data(table):
             return False
-        self._mutable(table)[key] = bytes(value)
+        self._mutable(table)[key] = _value(value)
         return True
 
     def delete(self, table: Table, key: bytes) -> bool:
@@ -92,6 +93,10 @@ class MemoryTxn:
             return False
         del self._mutable(table)[key]
         return True
+
+    @property
+    def changed(self) -> bool:
+        return bool(self._changed)
 
     def committed_tables(self) -> dict:
         tables = dict(self._tables)
@@ -116,7 +121,7 @@ class MemoryBackend:
     @classmethod
     def open(
         cls, name: str, *, create: bool = True, readonly: bool = False, lock_timeout: float | None = None
-    ) -> MemoryBackend:
+    ) -> MemoryBackend | ReadOnlyBackend:
         """The process's shared store ``name``; pair each call with close()."""
         check_timeout(lock_timeout)
         with _OPEN_LOCK:
@@ -125,10 +130,8 @@ class MemoryBackend:
                 if not create or readonly:
                     raise StoreNotFoundError(f"no castore store at {SCHEME}{name}")
                 backend = _OPEN[name] = cls(name)
-            elif backend.readonly and not readonly:
-                raise UsageError(f"store {SCHEME}{name} is already open read-only in this process")
             backend.refs += 1
-            return backend
+            return ReadOnlyBackend(backend) if readonly else backend
 
     def __init__(self, name: str, *, readonly: bool = False):
         self.path = SCHEME + name
@@ -153,9 +156,10 @@ class MemoryBackend:
             with self._lock:
                 txn = MemoryTxn(self._tables, self._generation + 1, write=True)
             result = fn(txn, *args)  # raising leaves the committed tables untouched
-            with self._lock:
-                self._tables = txn.committed_tables()
-                self._generation += 1
+            if txn.changed:
+                with self._lock:
+                    self._tables = txn.committed_tables()
+                    self._generation += 1
             return result
 
     def generation(self) -> int:
@@ -199,3 +203,10 @@ class MemoryBackend:
             self.refs -= 1
             if self.refs <= 0:
                 self._writer = False
+
+
+def _value(value) -> bytes:
+    view = memoryview(value)
+    if not view.c_contiguous:  # refused as the LMDB engine refuses it
+        raise UsageError("a storage value must be a C-contiguous bytes-like object")
+    return view.tobytes()
