@@ -329,17 +329,18 @@ SCRIPT = textwrap.dedent(
         cp.weights[i::3] += i + 1
         if i == 2:  # keep the last save in flight until after the script's last line
             handles[-1].wait()
-            held = threading.Event()
+            held, release = threading.Event(), threading.Event()
             def hold():
                 with cp.store.inspect().holding_writes():
                     held.set()
-                    threading.Event().wait(0.5)
+                    release.wait()
             threading.Thread(target=hold).start()
             held.wait()
         handles.append(cp.save(block=False))
     cp.weights[:] = -1  # after the last submit: not saved
     cp.replay.add({"t": np.zeros(400, np.int64), "obs": np.zeros((400, 40), np.uint8)})
     print("pending", not handles[-1].done(), [h.step for h in handles], flush=True)
+    release.set()  # the last save may commit now: while the interpreter exits
     """
 )
 

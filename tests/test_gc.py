@@ -643,7 +643,7 @@ def say(*words):
 mode, path = sys.argv[1], sys.argv[2]
 if mode == "gc":  # collect; print before starting, so the parent can kill it shortly after
     castore.maintenance.gc.DELETE_BATCH = int(sys.argv[3])
-    if len(sys.argv) > 4:  # announce a later phase, and pause in its first transaction
+    if len(sys.argv) > 4:  # announce a later phase, and stop in its first transaction to be killed
         phase = sys.argv[4]
         target = "_delete_entries" if phase == "entries" else "_delete_ids"
         original = getattr(castore.maintenance.gc, target)
@@ -651,7 +651,7 @@ if mode == "gc":  # collect; print before starting, so the parent can kill it sh
             if not _announced and (phase == "entries" or args[0] == phase):
                 _announced.append(True)
                 say("phase", phase)
-                time.sleep(0.2)
+                time.sleep(60)  # until the parent kills it, however late that comes
             return original(txn, blobs, *args)
         setattr(castore.maintenance.gc, target, paused)
     with castore.Store(path) as store:
