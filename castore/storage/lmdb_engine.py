@@ -105,6 +105,7 @@ class LmdbBackend:
         self._writer_mutex = threading.Lock()  # one thread of this process takes the writer lock
         self._writer = WriterLock(path)
         self._reading = threading.local()  # .depth: read() snapshots this thread holds
+        self._writing = threading.local()  # .active: this thread is inside write(fn)
         self._file = LmdbFile(path, readonly=readonly)
         self._file.open(INITIAL_MAP_BYTES, writer=False, reserve=self._reserve)
 
@@ -171,38 +172,47 @@ class LmdbBackend:
 
     @contextlib.contextmanager
     def read(self):
-        """A snapshot whose ``get`` returns memoryviews valid until it ends."""
-        self._check_process()
-        depth = getattr(self._reading, "depth", 0)
-        if depth:  # nested: this thread's outer snapshot already keeps map resizes away
-            with self._snapshot(depth) as txn:
-                yield txn
-            return
-        while True:
-            with self._lock.shared():
-                txn = self._begin(write=False)
-                if txn is not None:
-                    with self._snapshot(depth, txn) as view:
-                        yield view
-                    return
-            self._adopt_map_size()
+        """A snapshot whose ``get`` returns memoryviews valid until it ends.
 
-    @contextlib.contextmanager
-    def _snapshot(self, depth: int, txn=None):
-        if txn is None:  # nested: the map cannot be adopted while the outer snapshot is open
-            txn = self._begin(write=False)
-            if txn is None:
-                raise UsageError(
-                    f"another process grew {self.path} while this thread held a snapshot; end it and read again"
-                )
-        self._reading.depth = depth + 1
+        A thread's snapshots may nest and end in any order: the first takes the shared
+        lock that keeps map resizes away, the last one to end releases it.
+        """
+        self._check_process()
+        txn = self._begin_snapshot()
         try:
             yield LmdbTxn(txn, self._file.dbs, txn.id())
         except lmdb.Error as exc:  # a damaged file: never a raw lmdb error
             raise CorruptDataError(f"LMDB could not read {self.path}: {exc}") from exc
         finally:
-            self._reading.depth = depth
             txn.abort()
+            self._end_snapshot()
+
+    def _snapshots(self) -> int:
+        return getattr(self._reading, "depth", 0)
+
+    def _begin_snapshot(self):
+        """A read transaction, this thread's share of the resize lock held (see read())."""
+        if self._snapshots():  # the map cannot be adopted while another snapshot is open
+            txn = self._begin(write=False)
+            if txn is None:
+                raise UsageError(
+                    f"another process grew {self.path} while this thread held a snapshot; end it and read again"
+                )
+            self._reading.depth += 1
+            return txn
+        while True:
+            self._lock.acquire_shared()
+            txn = self._begin(write=False)
+            if txn is not None:
+                self._reading.depth = 1
+                return txn
+            self._lock.release_shared()
+            self._adopt_map_size()
+
+    def _end_snapshot(self) -> None:
+        self._reading.depth -= 1
+        if not self._reading.depth:
+            self._lock.release_shared()
 
     def write(self, fn, *args):
         """Run ``fn(txn, *args)`` in a write transaction and commit; returns its result.
@@ -213,33 +223,42 @@ class LmdbBackend:
         self._check_process()
         if self.readonly:
             raise UsageError(f"store {self.path} is open read-only")
+        if getattr(self._writing, "active", False):
+            raise UsageError("write() inside write(): use the transaction fn was given")
         with self._write_mutex:
-            self._reserve(0)
-            resized = False
-            while True:
-                if resized:
-                    self._adopt_map_size()
-                    resized = False
-                # a thread holding a snapshot holds the shared lock already (it must not nest)
-                held = getattr(self._reading, "depth", 0)
-                with contextlib.nullcontext() if held else self._lock.shared():
-                    txn = self._begin(write=True)
-                    if txn is None:
-                        resized = True
-                        continue
-                    try:
-                        result = fn(LmdbTxn(txn, self._file.dbs, txn.id()), *args)
-                        txn.commit()
-                        return result
-                    except lmdb.MapFullError:
-                        txn.abort()
-                    except lmdb.Error as exc:  # e.g. no space left on the device
-                        txn.abort()
-                        raise SaveError(f"LMDB write to {self.path} failed, nothing committed: {exc}") from exc
-                    except BaseException:
-                        txn.abort()
-                        raise
-                self._grow_map()
+            self._writing.active = True
+            try:
+                return self._write(fn, args)
+            finally:
+                self._writing.active = False
+
+    def _write(self, fn, args):
+        self._reserve(0)
+        resized = False
+        while True:
+            if resized:
+                self._adopt_map_size()
+                resized = False
+            # a thread holding a snapshot holds the shared lock already (it must not nest)
+            held = self._snapshots()
+            with contextlib.nullcontext() if held else self._lock.shared():
+                txn = self._begin(write=True)
+                if txn is None:
+                    resized = True
+                    continue
+                try:
+                    result = fn(LmdbTxn(txn, self._file.dbs, txn.id()), *args)
+                    txn.commit()
+                    return result
+                except lmdb.MapFullError:
+                    txn.abort()
+                except lmdb.Error as exc:  # e.g. no space left on the device
+                    txn.abort()
+                    raise SaveError(f"LMDB write to {self.path} failed, nothing committed: {exc}") from exc
+                except BaseException:
+                    txn.abort()
+                    raise
+            self._grow_map()
 
     def generation(self) -> int:
         self._check_process()
@@ -288,7 +307,7 @@ class LmdbBackend:
 
     def _refuse_resize_inside_a_snapshot(self) -> None:
         """A resize waits for every snapshot of this process: this thread's own would never end."""
-        if getattr(self._reading, "depth", 0):
+        if self._snapshots():
             raise UsageError(
                 f"the LMDB map of {self.path} must grow for this write, which cannot happen while this "
                 "thread holds a read() snapshot; end the snapshot, then write"
@@ -340,6 +359,7 @@ class LmdbBackend:
         """
         if all(db is not None for db in self._file.dbs.values()):
             return
+        self._refuse_resize_inside_a_snapshot()  # reopening the tables waits for every snapshot
         self._reserve(0)
         with self._write_mutex, self._lock.exclusive():
             self._file.dbs = self._file.open_tables(writer=True, reserve=self._reserve)

@@ -15,8 +15,9 @@ class SharedLock:
     """Many holders of ``shared()`` or one of ``exclusive()``: txns vs. map resizes.
 
     Exclusive requests take precedence: once one waits, new shared holders wait too, so a
-    map resize cannot be starved by threads that keep loading.  ``shared()`` must not be
-    nested in one thread.
+    map resize cannot be starved by threads that keep loading.  A thread must not take
+    ``shared`` twice (a resize waiting in between would wait for it forever): the engine
+    counts each thread's snapshots and takes it once per thread.
     """
 
     def __init__(self):
@@ -25,17 +26,23 @@ class SharedLock:
         self._exclusive = False
         self._waiting = 0
 
-    @contextlib.contextmanager
-    def shared(self):
+    def acquire_shared(self) -> None:
         with self._cond:
             self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
             self._shared += 1
+
+    def release_shared(self) -> None:
+        with self._cond:
+            self._shared -= 1
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self):
+        self.acquire_shared()
         try:
             yield
         finally:
-            with self._cond:
-                self._shared -= 1
-                self._cond.notify_all()
+            self.release_shared()
 
     @contextlib.contextmanager
     def exclusive(self):
@@ -105,6 +112,8 @@ class LmdbTxn:
 
     def _put(self, table: Table, key: bytes, value, *, overwrite: bool) -> bool:
         db = self._writable(table)
+        if value is None:  # py-lmdb would store it as an empty value
+            raise UsageError("a storage value must be a C-contiguous bytes-like object, not None")
         try:
             return self._txn.put(check_key(key), value, db=db, overwrite=overwrite)
         except (BufferError, ValueError, TypeError) as exc:  # py-lmdb takes C-contiguous buffers only
@@ -112,7 +121,7 @@ class LmdbTxn:
 
     def delete(self, table: Table, key: bytes) -> bool:
         db = self._dbs[table]
-        return False if db is None else self._txn.delete(key, db=db)
+        return False if db is None else self._txn.delete(check_key(key), db=db)
 
     def _writable(self, table: Table):
         db = self._dbs[table]

@@ -88,7 +88,7 @@ class MemoryTxn:
         return True
 
     def delete(self, table: Table, key: bytes) -> bool:
-        key = bytes(key)
+        key = bytes(check_key(key))
         if key not in self._data(table):
             return False
         del self._mutable(table)[key]
@@ -133,15 +133,16 @@ class MemoryBackend:
             backend.refs += 1
             return ReadOnlyBackend(backend) if readonly else backend
 
-    def __init__(self, name: str, *, readonly: bool = False):
+    def __init__(self, name: str):
         self.path = SCHEME + name
-        self.readonly = readonly
+        self.readonly = False  # a read-only open gets a ReadOnlyBackend view
         self.refs = 0
         self._tables = {table: _Table({}) for table in ALL_TABLES}
         self._generation = 0
         self._write_mutex = threading.RLock()
         self._lock = threading.Lock()  # guards the swap of tables and generation
         self._writer = False
+        self._writing = threading.local()  # .active: this thread is inside write(fn)
 
     @contextlib.contextmanager
     def read(self):
@@ -150,12 +151,16 @@ class MemoryBackend:
         yield txn
 
     def write(self, fn, *args):
-        if self.readonly:
-            raise UsageError(f"store {self.path} is open read-only")
+        if getattr(self._writing, "active", False):  # its commit would be lost under the outer one
+            raise UsageError("write() inside write(): use the transaction fn was given")
         with self._write_mutex:
             with self._lock:
                 txn = MemoryTxn(self._tables, self._generation + 1, write=True)
-            result = fn(txn, *args)  # raising leaves the committed tables untouched
+            self._writing.active = True
+            try:
+                result = fn(txn, *args)  # raising leaves the committed tables untouched
+            finally:
+                self._writing.active = False
             if txn.changed:
                 with self._lock:
                     self._tables = txn.committed_tables()
@@ -170,8 +175,6 @@ class MemoryBackend:
         return None  # memory is reserved by the allocation itself
 
     def acquire_writer(self, timeout: float | None = None) -> bool:
-        if self.readonly:
-            raise UsageError(f"store {self.path} is open read-only")
         check_timeout(timeout)
         with self._lock:
             taken, self._writer = not self._writer, True
@@ -203,10 +206,16 @@ class MemoryBackend:
             self.refs -= 1
             if self.refs <= 0:
                 self._writer = False
+        self._writing = threading.local()  # .active: this thread is inside write(fn)
 
 
 def _value(value) -> bytes:
-    view = memoryview(value)
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise UsageError(
+            f"a storage value must be a C-contiguous bytes-like object, not {type(value).__name__}"
+        ) from None
     if not view.c_contiguous:  # refused as the LMDB engine refuses it
         raise UsageError("a storage value must be a C-contiguous bytes-like object")
     return view.tobytes()

@@ -754,6 +754,41 @@ class BackendContract:
             with backend.read() as newer:
                 assert bytes(newer.get(Table.STEPS, b"k")) == b"v"
 
+    def test_a_write_inside_a_write_is_refused_and_the_outer_commits_nothing(self, backend):
+        def outer(txn):
+            txn.put(Table.STEPS, b"outer", b"1")
+            backend.write(lambda inner: inner.put(Table.STEPS, b"inner", b"2"))
+
+        with pytest.raises(castore.UsageError, match="inside write"):
+            backend.write(outer)
+        with backend.read() as txn:
+            assert txn.count(Table.STEPS) == 0
+        backend.write(lambda txn: txn.put(Table.STEPS, b"after", b"3"))  # the engine is usable after
+        with backend.read() as txn:
+            assert keys(txn, Table.STEPS) == [b"after"]
+
+    def test_bad_keys_and_values_in_delete_and_put_are_usage_errors(self, backend):
+        with pytest.raises(castore.UsageError, match="1 to 511 bytes"):
+            backend.write(lambda txn: txn.delete(Table.STEPS, b""))
+        for value in ("text", 7, None):
+            with pytest.raises(castore.UsageError, match="bytes-like"):
+                backend.write(lambda txn, value=value: txn.put(Table.STEPS, b"k", value))
+        with backend.read() as txn:
+            assert txn.count(Table.STEPS) == 0
+
+    def test_snapshots_of_one_thread_may_end_in_any_order(self, backend):
+        backend.write(lambda txn: txn.put(Table.STEPS, b"k", b"v"))
+        outer_cm, inner_cm = backend.read(), backend.read()
+        outer = outer_cm.__enter__()
+        inner = inner_cm.__enter__()
+        outer_cm.__exit__(None, None, None)  # the outer one ends first
+        assert bytes(inner.get(Table.STEPS, b"k")) == b"v"
+        inner_cm.__exit__(None, None, None)
+        del outer
+        backend.write(lambda txn: txn.put(Table.STEPS, b"k", b"w"))
+        with backend.read() as txn:
+            assert bytes(txn.get(Table.STEPS, b"k")) == b"w"
+
     def test_nested_reads_in_one_thread(self, backend):
         backend.write(lambda txn: txn.put(Table.STEPS, b"k", b"v"))
         with backend.read() as outer:
@@ -1273,15 +1308,6 @@ class TestMemoryBackend(BackendContract):
 
     def backend_url(self, location):
         return memory.SCHEME + location
-
-    def test_constructed_read_only_store_refuses_writes(self, location):
-        readonly = MemoryBackend(location, readonly=True)
-        with pytest.raises(castore.UsageError):
-            readonly.write(lambda txn: None)
-        with pytest.raises(castore.UsageError):
-            readonly.acquire_writer()
-        with readonly.read() as txn:
-            assert txn.count(Table.STEPS) == 0
 
     def test_discard_forgets_the_store(self, backend, opener, location):
         backend.write(lambda txn: txn.put(Table.STEPS, b"k", b"v"))
