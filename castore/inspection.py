@@ -10,7 +10,7 @@ from .errors import FormatError, UsageError
 from .format.config import CONFIG_KEY
 from .format.schema import Table
 from .format.sealing import unpack_untrusted
-from .storage.base import Backend
+from .storage.base import Backend, ReadOnlyBackend
 from .storage.lmdb_engine import LmdbBackend
 
 
@@ -64,9 +64,10 @@ class StoreInspector:
         return self._lmdb().last_page()
 
     def _lmdb(self) -> LmdbBackend:
-        if not isinstance(self._backend, LmdbBackend):
+        backend = self._backend.shared if isinstance(self._backend, ReadOnlyBackend) else self._backend
+        if not isinstance(backend, LmdbBackend):
             raise UsageError(f"{self._backend.path} is not an LMDB store")
-        return self._backend
+        return backend
 
     def holding_writes(self):
         """A context manager that stalls every write of this process (to test waits)."""

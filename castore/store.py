@@ -80,14 +80,14 @@ class Store:
         if chunk_bytes is not None and not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise UsageError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
         self.path = os.fspath(path)
-        self.readonly = readonly
+        self._readonly = readonly
         self.verify_reads = verify  # the default of load(verify=...)
-        self.allow_pickle = allow_pickle
+        self._allow_pickle = allow_pickle
         if check_tracking is None:
             check_tracking = os.environ.get("CASTORE_CHECK_TRACKING", "").lower() in ("1", "true", "yes")
-        self.check_tracking = check_tracking
-        self.max_pending = max_pending
-        self.branch = check_branch(branch)
+        self._check_tracking = check_tracking
+        self._max_pending = max_pending
+        self._branch_name = check_branch(branch)
         keep = policy_of(keep)
         self._closed = False
         self._backend = open_backend(
@@ -96,11 +96,11 @@ class Store:
         try:
             config = catalog.open_config(self._backend, chunk_bytes or DEFAULT_CHUNK_BYTES, self.path)
             self._check_chunk_bytes(chunk_bytes, config.chunk_bytes)
-            self.chunk_bytes, self._format = config.chunk_bytes, config.format
+            self._chunk_bytes, self._format = config.chunk_bytes, config.format
         except BaseException:
             self._backend.close()
             raise
-        self.workers = workers or os.cpu_count() or 1
+        self._workers = workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="castore-hash")
         self._writer = writer_state(self._backend)
         self._chunks = ChunkStore(self._backend)
@@ -156,8 +156,21 @@ class Store:
 
     @property
     def keep(self):
-        """The retention policy applied after each commit (None: keep every step)."""
+        """The retention policy applied after each commit (None: keep every step); settable."""
         return self._maintainer.keep
+
+    @keep.setter
+    def keep(self, keep) -> None:
+        self._maintainer.keep = policy_of(keep)
+
+    # Settings fixed at open (the collaborators were built with them): read-only.
+    readonly = property(lambda self: self._readonly, doc="Opened with ``readonly=True``.")
+    allow_pickle = property(lambda self: self._allow_pickle, doc="Pickled leaves may be saved and loaded.")
+    check_tracking = property(lambda self: self._check_tracking, doc="Check mode: reused chunks re-hashed.")
+    max_pending = property(lambda self: self._max_pending, doc="Async saves in flight at most.")
+    branch = property(lambda self: self._branch_name, doc="The branch this store saves to and lists.")
+    chunk_bytes = property(lambda self: self._chunk_bytes, doc="The store's target chunk size.")
+    workers = property(lambda self: self._workers, doc="Threads hashing and verifying chunks.")
 
     @property
     def backend(self) -> Backend:
@@ -336,7 +349,7 @@ class Store:
         transaction beside a writer.
         """
         self._check_open()
-        return verify_.verify(self._backend, self._pool, sample=sample, seed=seed)
+        return verify_.verify(self._chunks, self._pool, sample=sample, seed=seed)
 
     # -- listing --------------------------------------------------------------------------------
 

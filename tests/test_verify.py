@@ -241,3 +241,18 @@ def test_damage_on_one_branch_names_that_branch(store_path):
         report = store.verify()
     assert report.affected_steps == [("exp", 2)]
     assert "branch exp" in str(report.problems[0])
+
+
+def test_a_damaged_counters_record_is_reported_and_the_next_save_recounts(tmp_path):
+    with Store(tmp_path / "store") as store:
+        store.save(0, {"w": np.arange(300_000)})
+        store.backend.write(lambda txn: txn.put(Table.META, b"counters", b"\x01\x02\x03"))  # 3 bytes, not 16
+        report = store.verify()
+        assert [p.kind for p in report.problems] == ["store"] and "counters" in str(report.problems[0])
+        with pytest.raises(castore.CorruptDataError, match="counters"):
+            store.stats()
+        store.save(1, {"w": np.arange(300_001)})  # a damaged aggregate does not stop saves
+        held = store.inspect().items(Table.CHUNKS) | store.inspect().items(Table.PAGES)
+        stats = store.stats()
+        assert stats.chunks == len(held) and stats.stored_bytes == sum(map(len, held.values()))
+        assert store.verify().ok

@@ -63,4 +63,5 @@ def decode_counters(raw) -> tuple[int, int]:
 
 
 def encode_counters(chunks: int, nbytes: int) -> bytes:
-    return max(chunks, 0).to_bytes(8, "big") + max(nbytes, 0).to_bytes(8, "big")
+    """The counters record; both counts must be in [0, 2**64)."""
+    return chunks.to_bytes(8, "big") + nbytes.to_bytes(8, "big")

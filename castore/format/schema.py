@@ -37,6 +37,9 @@ TABLES = {
 #: every table a store of the current format has, in the order engines create them
 ALL_TABLES = TABLES[STORE_FORMAT]
 
+#: the tables every format has: a store lacking one is damaged, not old
+REQUIRED_TABLES = TABLES[1]
+
 
 def missing_tables(version: int) -> tuple[Table, ...]:
     """Tables a store of format ``version`` lacks: they read as empty until the writer

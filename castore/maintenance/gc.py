@@ -33,7 +33,7 @@ from ..format.ids import split_ids
 from ..format.keys import MAIN, branch_of
 from ..format.manifest import Manifest, decode_manifest, iter_blobs
 from ..format.schema import Table
-from ..storage.base import ReadTxn, WriteTxn
+from ..storage.base import Backend, ReadTxn, WriteTxn
 from ..storage.chunks import PAGE_MALFORMED, ChunkStore, PageWalker
 
 DELETE_BATCH = 4096  # ids deleted per transaction
@@ -96,12 +96,12 @@ def plan(chunks: ChunkStore, txn: ReadTxn, pinned: AbstractSet[bytes] = frozense
     )
 
 
-def execute(chunks: ChunkStore, gc_plan: GcPlan) -> None:
+def execute(backend: Backend, chunks: ChunkStore, gc_plan: GcPlan) -> None:
     """Free what ``gc_plan`` lists, in batches; crash-safe (see the module docstring)."""
     for table, ids in ((Table.CHUNKS, gc_plan.chunks), (Table.PAGES, gc_plan.pages)):
         for start in range(0, len(ids), DELETE_BATCH):
-            chunks.backend.write(_delete_ids, chunks, table, ids[start : start + DELETE_BATCH])
-    chunks.backend.write(_delete_entries, gc_plan)
+            backend.write(_delete_ids, chunks, table, ids[start : start + DELETE_BATCH])
+    backend.write(_delete_entries, gc_plan)
 
 
 def _delete_ids(txn: WriteTxn, chunks: ChunkStore, table: Table, ids) -> None:
@@ -192,7 +192,7 @@ def account(chunks: ChunkStore, txn: ReadTxn) -> list[StepAccount]:
     return accounts
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     """Totals of a store."""
 

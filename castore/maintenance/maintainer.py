@@ -99,7 +99,7 @@ class Maintainer:
         if plan is None or plan.generation != self._backend.generation():
             plan = self._plan_gc()
         if not plan.is_empty:
-            gc_.execute(self._chunks, plan)
+            gc_.execute(self._backend, self._chunks, plan)
         return plan
 
     def compact(self) -> tuple[int, int]:

@@ -46,10 +46,29 @@ class SaveHandle:
         """Wait for the save to end, without raising its error."""
         self._future.exception(timeout)  # returns the error (kept for result()) or times out
 
-    def _unseen_error(self) -> BaseException | None:
+    def unseen_error(self) -> BaseException | None:
+        """The error of a finished save that nobody has been shown, else None."""
         if self._seen or not self._future.done():
             return None
         return self._future.exception()
+
+    def claim_error(self) -> BaseException | None:
+        """The unseen error, which from now on counts as seen (raised by the caller)."""
+        error = self.unseen_error()
+        self._seen = True
+        return error
+
+    # -- what the worker does with it ---------------------------------------------------------
+
+    def start(self) -> bool:
+        """Mark the save running; False if it was cancelled."""
+        return self._future.set_running_or_notify_cancel()
+
+    def finish(self, result) -> None:
+        self._future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        self._future.set_exception(error)
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
@@ -95,11 +114,9 @@ class Background:
         Later unseen errors stay for the next call: each is raised once.
         """
         with self._lock:
-            failed = next((h for h in self._handles if h._unseen_error() is not None), None)
-            if failed is not None:
-                failed._seen = True
-            self._handles = collections.deque(h for h in self._handles if not h.done() or h._unseen_error() is not None)
-        error = None if failed is None else failed._future.exception()
+            failed = next((h for h in self._handles if h.unseen_error() is not None), None)
+            error = None if failed is None else failed.claim_error()
+            self._handles = collections.deque(h for h in self._handles if not h.done() or h.unseen_error() is not None)
         if error is not None:
             raise error
 
@@ -114,13 +131,13 @@ class Background:
     def _run(self) -> None:
         while True:
             handle, fn, args = self._queue.get()
-            if not handle._future.set_running_or_notify_cancel():
+            if not handle.start():
                 continue
             try:
-                handle._future.set_result(fn(*args))
+                handle.finish(fn(*args))
             except BaseException as exc:  # kept for the handle / next wait
                 log.debug("background save of step %s failed: %r", handle.step, exc)
-                handle._future.set_exception(exc)
+                handle.fail(exc)
 
 
 _LIVE: weakref.WeakSet[Background] = weakref.WeakSet()
@@ -133,7 +150,7 @@ def _wait_at_exit() -> None:
         except BaseException:
             pass
         for handle in list(background._handles):
-            error = handle._unseen_error()
+            error = handle.unseen_error()
             if error is not None:
                 log.error("background save of step %s failed and nobody waited for it: %s", handle.step, error)
 

@@ -138,13 +138,9 @@ class Capture:
         self.pending.append(blob)
         return blob
 
-    def _usable(self, baseline: Baseline | None, nbytes: int, chunk_nbytes: int) -> bool:
-        return (
-            baseline is not None
-            and baseline.session is self.session
-            and baseline.nbytes == nbytes
-            and baseline.chunk_nbytes == chunk_nbytes
-        )
+    def _usable(self, baseline: Baseline, nbytes: int, chunk_nbytes: int) -> bool:
+        """Whether ``baseline`` names this leaf's chunks, as cut now, in this session."""
+        return baseline.session is self.session and baseline.nbytes == nbytes and baseline.chunk_nbytes == chunk_nbytes
 
     def _tracked(self, views, nbytes, chunk_nbytes, row_nbytes, path, tracked: TrackedArray) -> PendingBlob:
         epoch, baseline, changed_rows = tracked.capture()

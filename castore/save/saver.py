@@ -36,7 +36,7 @@ from .pipeline import SaveJob, drop_journal
 log = logging.getLogger("castore.save")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class SaveResult:
     """What one save did."""
 
@@ -128,7 +128,7 @@ class Saver:
             return self._write(self._capture(step, tree, overwrite, metrics, copy=False))
 
     def save_async(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None) -> SaveHandle:
-        background = self._saver()
+        background = self._background_worker()
         while True:
             while background.in_flight() >= background.max_pending:
                 background.wait(raise_errors=False)  # bound memory; not holding the save lock
@@ -153,7 +153,7 @@ class Saver:
         if self._background is not None:
             self._background.raise_failed()
 
-    def _saver(self) -> Background:
+    def _background_worker(self) -> Background:
         if self._background is None:
             self._background = Background(self._where, self._max_pending)
         return self._background

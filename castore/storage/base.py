@@ -4,7 +4,7 @@ A store is a set of tables (:class:`~castore.format.schema.Table`), each an orde
 byte keys to byte values.  An engine gives snapshots to read (:meth:`Backend.read`) and
 atomic multi-table writes (:meth:`Backend.write`), plus the few things a single-writer,
 many-reader store needs: a writer lock, a generation number, room for a write.  Engines
-know nothing of manifests, chunks or formats; ``castore.storage.lmdb`` (the default) and
+know nothing of manifests, chunks or formats; ``castore.storage.lmdb_engine`` (the default) and
 ``castore.storage.memory`` implement this, and ``tests/storage/`` holds the contract
 suite both pass.
 """
@@ -97,7 +97,9 @@ class Backend(Protocol):
         the engine cannot commit (full disk); nothing is committed then.  A thread may
         write while it holds a :meth:`read` snapshot, but the LMDB engine cannot grow its
         map then (a resize waits for every snapshot of the process) and raises
-        :class:`UsageError` instead of waiting forever: end snapshots before large writes.
+        :class:`UsageError` instead of waiting forever.  A write from *another* thread
+        (a save's writer thread) that must grow the map waits until every snapshot of this
+        process has ended: do not hold a snapshot while waiting for a save.
         """
 
     def generation(self) -> int:
@@ -139,11 +141,6 @@ class Backend(Protocol):
         """Pair of every open; the last close releases the writer lock and the engine."""
 
 
-def copy_table_items(txn: ReadTxn, table: Table, start: bytes = b"", stop: bytes | None = None):
-    """``[(key, value)]`` of a range as bytes, safe to use after writing in the same txn."""
-    return [(bytes(k), bytes(v)) for k, v in txn.scan(table, start, stop)]
-
-
 def check_key(key) -> bytes:
     """A key as bytes, 1 to :data:`MAX_KEY_BYTES` long; else :class:`UsageError`."""
     if not 0 < len(key) <= MAX_KEY_BYTES:
@@ -160,6 +157,11 @@ class ReadOnlyBackend:
     def __init__(self, backend):
         self._backend = backend
         self.path = backend.path
+
+    @property
+    def shared(self):
+        """The writable backend this view reads through."""
+        return self._backend
 
     @property
     def refs(self) -> int:

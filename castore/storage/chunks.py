@@ -10,6 +10,7 @@ caller holds, so a caller can make a chunk write atomic with other records.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..format.manifest import Blob, ChunkedBlob, PagedBlob, page_ids_in
 from ..format.schema import Table
 from .base import Backend, Buffer, ReadTxn, WriteTxn
 
-CHUNK_TABLES = (Table.CHUNKS, Table.PAGES)
+log = logging.getLogger("castore.storage")
 
 #: why a page could not be used: absent, bytes not matching its id, or not a page at all
 PAGE_MISSING, PAGE_CORRUPT, PAGE_MALFORMED = "page-missing", "page-corrupt", "page-malformed"
@@ -130,8 +131,26 @@ class ChunkStore:
     def _add_counters(self, txn: WriteTxn, chunks: int, nbytes: int) -> None:
         if not chunks and not nbytes:
             return
-        have_chunks, have_bytes = self.counters(txn)
-        txn.put(Table.META, journal.COUNTERS_KEY, journal.encode_counters(have_chunks + chunks, have_bytes + nbytes))
+        try:
+            have_chunks, have_bytes = self.counters(txn)
+        except CorruptDataError as exc:  # a damaged record must not stop every save: count anew
+            log.warning("%s: %s; recounting the chunks and pages", self.backend.path, exc)
+            have_chunks, have_bytes = self.recount(txn)
+            chunks = nbytes = 0  # the recount sees this transaction's own puts and deletes
+        total_chunks, total_bytes = have_chunks + chunks, have_bytes + nbytes
+        if total_chunks < 0 or total_bytes < 0:  # counters that drifted (a bug): count anew
+            log.warning("%s: meta/counters went negative; recounting the chunks and pages", self.backend.path)
+            total_chunks, total_bytes = self.recount(txn)
+        txn.put(Table.META, journal.COUNTERS_KEY, journal.encode_counters(total_chunks, total_bytes))
+
+    def recount(self, txn: ReadTxn) -> tuple[int, int]:
+        """``(chunks and pages held, their bytes)`` counted from the tables (a full scan)."""
+        count = nbytes = 0
+        for table in (Table.CHUNKS, Table.PAGES):
+            for _, value in txn.scan(table):
+                count += 1
+                nbytes += len(value)
+        return count, nbytes
 
 
 @dataclass(slots=True)

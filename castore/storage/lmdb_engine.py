@@ -144,10 +144,7 @@ class LmdbBackend:
         its writer lock (a flock belongs to the open file, which the parent still has), but a
         child living on after the parent must not hold it."""
         self._writer.drop_inherited()
-        if self._file.data_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._file.data_fd)
-            self._file.data_fd = None
+        self._file.drop_inherited_fd()
 
     def _let_go_inherited(self) -> None:
         """In a forked child: close the parent's environment as far as this process goes.
@@ -157,7 +154,7 @@ class LmdbBackend:
         pages under the parent's reader.  Raises :class:`UsageError` otherwise.
         """
         self.drop_inherited_fds()
-        if self._file.env is None:
+        if not self._file.is_open:
             return
         if not self._lock.is_idle():
             raise UsageError(
@@ -165,8 +162,7 @@ class LmdbBackend:
                 "child cannot let go of the parent's LMDB environment safely; fork while no thread "
                 "uses the store, or start the child with the 'spawn' method"
             )
-        self._file.env.close()  # aborts nothing (no transaction); LMDB frees only this process's slots
-        self._file.env = None
+        self._file.close_env()  # aborts nothing (no transaction); LMDB frees only this process's slots
 
     # -- transactions ---------------------------------------------------------------------
 
@@ -357,12 +353,12 @@ class LmdbBackend:
         Waits until no transaction of this process is open, since one begun before a
         table exists cannot use it.
         """
-        if all(db is not None for db in self._file.dbs.values()):
+        if self._file.has_every_table():
             return
         self._refuse_resize_inside_a_snapshot()  # reopening the tables waits for every snapshot
         self._reserve(0)
         with self._write_mutex, self._lock.exclusive():
-            self._file.dbs = self._file.open_tables(writer=True, reserve=self._reserve)
+            self._file.create_missing_tables(reserve=self._reserve)
 
     def clear_stale_readers(self) -> int:
         """Free the reader slots of processes that died inside a read transaction; how many.

@@ -10,6 +10,7 @@ locks; nothing here is thread-safe by itself.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 import lmdb
 
 from ..errors import CorruptDataError, FormatError, StoreBusyError, UsageError
-from ..format.schema import ALL_TABLES, TABLES, Table
+from ..format.schema import ALL_TABLES, REQUIRED_TABLES, Table
 
 log = logging.getLogger("castore.storage")
 MAX_READERS = 256
@@ -140,7 +141,7 @@ class LmdbFile:
             else:  # created by an older castore killed before the config was written
                 fresh = txn.stat(found[Table.META])["entries"] == 0
             for table, db in found.items():
-                if db is None and (fresh or (writer and table not in TABLES[1])):
+                if db is None and (fresh or (writer and table not in REQUIRED_TABLES)):
                     found[table] = self.env.open_db(table.value.encode(), txn=txn, create=True)
             txn.commit()  # writes nothing when nothing was created
         except BaseException:
@@ -150,7 +151,7 @@ class LmdbFile:
 
     def _checked(self, found: dict) -> dict:
         for table, db in found.items():
-            if db is None and table in TABLES[1]:
+            if db is None and table in REQUIRED_TABLES:
                 if table is Table.META:
                     raise FormatError(f"{self.path} is not a castore store (no meta database)")
                 raise FormatError(f"store {self.path} lacks its {table.value!r} database")
@@ -163,6 +164,30 @@ class LmdbFile:
                 return self.env.begin(write=write, buffers=True)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
+
+    def create_missing_tables(self, *, reserve) -> None:
+        """Create the tables an older format lacks (the writer's job; see open_tables)."""
+        self.dbs = self.open_tables(writer=True, reserve=reserve)
+
+    def has_every_table(self) -> bool:
+        return all(db is not None for db in self.dbs.values())
+
+    @property
+    def is_open(self) -> bool:
+        return self.env is not None
+
+    def drop_inherited_fd(self) -> None:
+        """In a forked child: close our copy of the data file's descriptor."""
+        if self.data_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.data_fd)
+            self.data_fd = None
+
+    def close_env(self) -> None:
+        """Close the environment alone (a forked child letting go of its parent's)."""
+        if self.env is not None:
+            self.env.close()
+            self.env = None
 
     def close(self) -> None:
         if self.data_fd is not None:
