@@ -13,6 +13,7 @@ import time
 import msgpack
 
 from .errors import CorruptDataError, FormatError, StepNotFoundError, UsageError
+from .format.chunker import DEFAULT_CHUNK_BYTES
 from .format.config import CONFIG_KEY, StoreConfig, migrate, new_config, parse_config
 from .format.keys import (
     BRANCH_MARK,
@@ -231,16 +232,23 @@ def locate(txn: ReadTxn, step: int | str | None, branch: str, where: str) -> byt
     return step_key(latest, branch)
 
 
-def open_config(backend: Backend, chunk_bytes: int, where: str) -> StoreConfig:
-    """The store's config, written first (with ``chunk_bytes``) if the store is new."""
+def open_config(backend: Backend, chunk_bytes: int | None, where: str) -> StoreConfig:
+    """The store's config, written first (with ``chunk_bytes``, or the default) if the store
+    is new; :class:`UsageError` if ``chunk_bytes`` is given and differs from the store's."""
     with backend.read() as txn:
         raw = txn.get(Table.META, CONFIG_KEY)
         config = None if raw is None else bytes(raw)
     if config is None:
         if backend.readonly:
             raise FormatError(f"{where} is not a castore store (no config record)")
-        config = backend.write(_create_config, chunk_bytes, where)
-    return parse_config(config, where)
+        config = backend.write(_create_config, chunk_bytes or DEFAULT_CHUNK_BYTES, where)
+    parsed = parse_config(config, where)
+    if chunk_bytes is not None and chunk_bytes != parsed.chunk_bytes:
+        raise UsageError(
+            f"store {where} was created with chunk_bytes={parsed.chunk_bytes}; "
+            f"it cannot be opened with chunk_bytes={chunk_bytes} (omit the argument)"
+        )
+    return parsed
 
 
 def _create_config(txn: WriteTxn, chunk_bytes: int, where: str) -> bytes:

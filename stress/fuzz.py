@@ -20,9 +20,8 @@ import atheris
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 with atheris.instrument_imports():
-    import castore.config
-
     import castore.format.codec
+    import castore.format.config
     import castore.format.manifest  # noqa: F401
 
 from test_fuzz import MANIFESTS, load_manifest, parse, read_metrics

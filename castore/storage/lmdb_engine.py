@@ -13,6 +13,9 @@ Guarantees, beyond those of :class:`~castore.storage.base.Backend`:
   (``posix_fallocate``), and a full disk raises :class:`SaveError` before anything is written;
 * taking the writer lock frees the reader slots of killed readers and recovers a commit a
   killed writer wrote but did not publish.
+
+Past ~400 lines on purpose: the locking that keeps map resizes, snapshots, writes and
+fork() apart is one argument, and reads best in one file.
 """
 
 from __future__ import annotations
