@@ -232,16 +232,17 @@ def locate(txn: ReadTxn, step: int | str | None, branch: str, where: str) -> byt
     return step_key(latest, branch)
 
 
-def open_config(backend: Backend, chunk_bytes: int | None, where: str) -> StoreConfig:
-    """The store's config, written first (with ``chunk_bytes``, or the default) if the store
-    is new; :class:`UsageError` if ``chunk_bytes`` is given and differs from the store's."""
+def open_config(backend: Backend, chunk_bytes: int | None, where: str, compression: str = "auto") -> StoreConfig:
+    """The store's config, written first (with ``chunk_bytes``, or the default, and
+    ``compression``) if the store is new; :class:`UsageError` if ``chunk_bytes`` is given
+    and differs from the store's."""
     with backend.read() as txn:
         raw = txn.get(Table.META, CONFIG_KEY)
         config = None if raw is None else bytes(raw)
     if config is None:
         if backend.readonly:
             raise FormatError(f"{where} is not a castore store (no config record)")
-        config = backend.write(_create_config, chunk_bytes or DEFAULT_CHUNK_BYTES, where)
+        config = backend.write(_create_config, chunk_bytes or DEFAULT_CHUNK_BYTES, compression, where)
     parsed = parse_config(config, where)
     if chunk_bytes is not None and chunk_bytes != parsed.chunk_bytes:
         raise UsageError(
@@ -251,13 +252,13 @@ def open_config(backend: Backend, chunk_bytes: int | None, where: str) -> StoreC
     return parsed
 
 
-def _create_config(txn: WriteTxn, chunk_bytes: int, where: str) -> bytes:
+def _create_config(txn: WriteTxn, chunk_bytes: int, compression: str, where: str) -> bytes:
     existing = txn.get(Table.META, CONFIG_KEY)
     if existing is not None:  # another opener created it first
         return bytes(existing)
     if txn.count(Table.STEPS):
         raise FormatError(f"{where} holds steps but no config record")
-    config = new_config(chunk_bytes)
+    config = new_config(chunk_bytes, compression)
     txn.put(Table.META, CONFIG_KEY, config)
     return config
 

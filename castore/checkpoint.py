@@ -34,7 +34,8 @@ class Checkpoint:
 
     ``Checkpoint(path)`` opens (or creates) the store at ``path``.  Keyword arguments go
     to :class:`Store`: ``keep`` (an int N keeps the last N steps, or ``castore.Keep(...)``),
-    ``verify``, ``allow_pickle``, ``chunk_bytes``, ``readonly``, ``max_pending``,
+    ``compression`` (``"auto"``, ``"none"``, ``"zstd:LEVEL"``), ``verify``, ``allow_pickle``,
+    ``chunk_bytes``, ``readonly``, ``max_pending``,
     ``check_tracking``, ``branch`` (default ``"main"``: the line of steps this checkpoint
     saves to and lists).
 

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import catalog
 from .errors import UsageError
 from .format.chunker import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from .format.compression import Compression
 from .format.keys import MAIN, branch_of, check_branch, check_step, step_key, step_of
 from .format.manifest import Manifest
 from .format.schema import STORE_FORMAT, Table
@@ -54,6 +55,12 @@ class Store:
     :class:`UnsafeFilesystemError` unless ``allow_network_fs=True``: LMDB's map and locks
     are not safe there.
 
+    ``compression`` says how new chunks are stored: ``"auto"`` (a trial per leaf decides;
+    real observations shrink ~10x, float weights are stored raw), ``"none"``, or
+    ``"zstd"`` / ``"zstd:LEVEL"``.  A new store records it (default ``"auto"``); an open
+    without it uses the recorded setting.  Chunk ids hash the raw bytes, so stores of
+    mixed settings deduplicate and verify alike.
+
     A store holds branches, each its own sequence of steps; a ``Store`` works on one
     (``branch``, default ``"main"``): ``save``, ``delete`` and ``retain`` act on it, and
     ``steps``, ``latest``, ``tags`` and ``resolve`` default to it.  Tags name a step of
@@ -67,6 +74,7 @@ class Store:
         create: bool = True,
         readonly: bool = False,
         chunk_bytes: int | None = None,
+        compression: str | None = None,
         verify: bool = True,
         allow_pickle: bool = False,
         workers: int | None = None,
@@ -81,6 +89,7 @@ class Store:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
         if chunk_bytes is not None and not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise UsageError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}]")
+        setting = None if compression is None else Compression.parse(compression)  # UsageError early
         self.path = os.fspath(path)
         self._readonly = readonly
         self.verify_reads = verify  # the default of load(verify=...)
@@ -96,8 +105,9 @@ class Store:
             self.path, create=create, readonly=readonly, allow_network_fs=allow_network_fs, lock_timeout=lock_timeout
         )
         try:
-            config = catalog.open_config(self._backend, chunk_bytes, self.path)
+            config = catalog.open_config(self._backend, chunk_bytes, self.path, setting.name if setting else "auto")
             self._chunk_bytes, self._format = config.chunk_bytes, config.format
+            self._compression = setting or Compression.parse(config.compression)
         except BaseException:
             self._backend.close()
             raise
@@ -114,6 +124,7 @@ class Store:
             pool=self._pool,
             workers=self.workers,
             chunk_bytes=self.chunk_bytes,
+            compression=self._compression,
             branch=self.branch,
             where=where,
             allow_pickle=allow_pickle,
@@ -172,6 +183,9 @@ class Store:
     branch = property(lambda self: self._branch_name, doc="The branch this store saves to and lists.")
     chunk_bytes = property(lambda self: self._chunk_bytes, doc="The store's target chunk size.")
     workers = property(lambda self: self._workers, doc="Threads hashing and verifying chunks.")
+    compression = property(
+        lambda self: self._compression.name, doc="How new chunks are stored: 'auto', 'none' or 'zstd:LEVEL'."
+    )
 
     @property
     def backend(self) -> Backend:

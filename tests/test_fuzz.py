@@ -488,7 +488,7 @@ def parse(raw):
     assert type(chunk_bytes) is int and type(version) is int
     current = config.migrate(raw)
     if current is not None:
-        assert config.parse_config(current, "fuzz") == config.StoreConfig(chunk_bytes, STORE_FORMAT)
+        assert config.parse_config(current, "fuzz") == config.StoreConfig(chunk_bytes, STORE_FORMAT, parsed.compression)
     return chunk_bytes, version
 
 

@@ -1,5 +1,6 @@
-"""The store's config record (``meta/config``): format version, hash, chunk size; and the
-one migration path from older formats (pure: bytes in, bytes out)."""
+"""The store's config record (``meta/config``): format version, hash, chunk size, the
+compression of new chunks; and the one migration path from older formats (pure: bytes in,
+bytes out)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass
 
 import msgpack
 
-from ..errors import FormatError
+from ..errors import FormatError, UsageError
 from .chunker import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from .compression import Compression
 from .ids import HASH_NAME
 from .manifest import PAGE_IDS
 from .schema import STORE_FORMAT
@@ -24,9 +26,10 @@ class StoreConfig:
 
     chunk_bytes: int  #: target chunk size of new leaves
     format: int  #: the store format version the record was written at
+    compression: str = "none"  #: how new chunks are stored unless an open says otherwise
 
 
-def new_config(chunk_bytes: int) -> bytes:
+def new_config(chunk_bytes: int, compression: str = "auto") -> bytes:
     """The config record of a new store at the current format."""
     return msgpack.packb(
         {
@@ -34,6 +37,7 @@ def new_config(chunk_bytes: int) -> bytes:
             "hash": HASH_NAME,
             "chunk_bytes": chunk_bytes,
             "page_ids": PAGE_IDS,
+            "compression": Compression.parse(compression).name,
             "created": time.time(),
         },
         use_bin_type=True,
@@ -43,15 +47,18 @@ def new_config(chunk_bytes: int) -> bytes:
 def migrate(raw: bytes) -> bytes | None:
     """The config record brought to the current format, or None if it is current already.
 
-    Formats 1 and 2 differ from 3 only in what the writer may put in the store from now on:
+    Formats 1 to 3 differ from 4 only in what the writer may put in the store from now on:
     format 2 added the trash, journal, stepinfo and tags tables (an engine creates the
-    missing ones, :func:`castore.format.schema.missing_tables`), format 3 branch step keys.
-    No existing record is rewritten, so migration is the config record alone.
+    missing ones, :func:`castore.format.schema.missing_tables`), format 3 branch step keys,
+    format 4 encoded chunk values.  No existing record is rewritten, so migration is the
+    config record alone; a migrated store keeps storing chunks raw (``compression`` "none")
+    unless an open asks for compression.
     """
     config = msgpack.unpackb(bytes(raw), raw=False)
     if config.get("format", 0) >= STORE_FORMAT:
         return None
     config["format"] = STORE_FORMAT
+    config.setdefault("compression", "none")
     return msgpack.packb(config, use_bin_type=True)
 
 
@@ -78,4 +85,11 @@ def parse_config(raw: bytes, path: str) -> StoreConfig:
         raise FormatError(f"{path}: config chunk_bytes {chunk_bytes!r} is out of range")
     if config.get("page_ids") != PAGE_IDS:
         raise FormatError(f"{path}: config page_ids {config.get('page_ids')!r} is not {PAGE_IDS}")
-    return StoreConfig(chunk_bytes, version)
+    compression = config.get("compression", "none")
+    try:
+        compression = Compression.parse(compression).name if isinstance(compression, str) else None
+    except UsageError:
+        compression = None
+    if compression is None:
+        raise FormatError(f"{path}: config compression {config.get('compression')!r} is unknown")
+    return StoreConfig(chunk_bytes, version, compression)

@@ -15,7 +15,7 @@ class Table(enum.StrEnum):
     """A named table of a store; its value is the table's name on disk."""
 
     META = "meta"  #: ``config`` (the store's config record) and ``counters``
-    CHUNKS = "chunks"  #: chunk id -> chunk bytes
+    CHUNKS = "chunks"  #: chunk id -> chunk bytes, raw or encoded (format 4)
     PAGES = "pages"  #: page id -> chunk-list page (concatenated chunk ids)
     STEPS = "steps"  #: step key -> sealed manifest
     TRASH = "trash"  #: time + step key -> manifest of a deleted step (GC's input)
@@ -25,13 +25,15 @@ class Table(enum.StrEnum):
 
 
 #: the current store format (config ``format``)
-STORE_FORMAT = 3
+STORE_FORMAT = 4
 
-#: the tables of each format version; format 3 changed keys, not tables
+#: the tables of each format version; format 3 changed keys and format 4 chunk values
+#: (per-chunk codecs, ``castore.format.compression``), not tables
 TABLES = {
     1: (Table.META, Table.CHUNKS, Table.PAGES, Table.STEPS),
     2: tuple(Table),
     3: tuple(Table),
+    4: tuple(Table),
 }
 
 #: every table a store of the current format has, in the order engines create them

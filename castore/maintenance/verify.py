@@ -18,13 +18,15 @@ says exactly which steps would fail to load.  Cost: reading and hashing the chec
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 
 from .. import catalog
 from ..errors import CastoreError, CorruptDataError, UsageError
 from ..format import codec
 from ..format.chunker import chunk_count
-from ..format.ids import ID_BYTES, chunk_id, short, split_ids
+from ..format.compression import is_encoded
+from ..format.ids import ID_BYTES, short, split_ids
 from ..format.keys import MAIN, branch_of, step_of
 from ..format.manifest import decode_manifest, iter_blobs
 from ..format.schema import Table
@@ -115,6 +117,7 @@ class _Checker:
         self.lengths: dict[bytes, int] = {}  # chunk id -> length its blobs imply
         self.bad_chunks: dict[bytes, str] = {}  # chunk id -> problem kind
         self.damaged = False  # some paged blob has an unusable page or a wrong chunk count
+        self._scratch = threading.local()  # a decode buffer per pool thread
 
     def run(self, txn: ReadTxn) -> None:
         self.walker = PageWalker(txn, check_pages=True)
@@ -181,19 +184,28 @@ class _Checker:
     def _check_chunk(self, cid: bytes, length: int, view, group: list) -> None:
         if view is None:
             self.bad_chunks[cid] = "chunk-missing"
-        elif len(view) != length:
+        elif len(view) != length and not is_encoded(view):
             self.bad_chunks[cid] = "chunk-corrupt"
         elif (int.from_bytes(cid[:8], "big") ^ self.salt) < self.threshold:
-            group.append((cid, view))
+            group.append((cid, length, view))
             if len(group) == VERIFY_BATCH:
                 self._hash(group)
                 group.clear()
 
     def _hash(self, group) -> None:
-        for (cid, view), intact in zip(group, self.pool.map(lambda item: chunk_id(item[1]) == item[0], group)):
+        """Decode (into a scratch buffer per thread) and hash each chunk of ``group``."""
+        scratch = self._scratch
+
+        def intact(item) -> bool:
+            cid, length, view = item
+            if not hasattr(scratch, "buffer"):
+                scratch.buffer = bytearray()
+            return self.chunks.intact(view, cid, length, scratch.buffer)
+
+        for (cid, length, _), ok in zip(group, self.pool.map(intact, group)):
             self.hashed_chunks += 1
-            self.hashed_bytes += len(view)
-            if not intact:
+            self.hashed_bytes += length
+            if not ok:
                 self.bad_chunks[cid] = "chunk-corrupt"
 
     def _locate_damage(self, branch: str, step: int, manifest) -> None:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import SaveError
 from ..format import journal
 from ..format.chunker import chunk_slices
+from ..format.compression import LeafChoices, stored_value
 from ..format.ids import ID_BYTES, chunk_id
 from ..format.keys import prefix_stop
 from ..format.manifest import INLINE_IDS, PAGE_IDS, ChunkedBlob, PagedBlob
@@ -108,8 +109,8 @@ class ChunkSink:
     def _put_batch(self, txn: WriteTxn, batch: list, attempts: list):
         attempts.append(1)
         if len(attempts) > 1:  # a retry after map growth: the buffers must still match
-            for _, cid, view in batch:
-                if chunk_id(view) != cid:
+            for table, cid, view in batch:  # encoded values are bytes of ours: cannot change
+                if table is Table.CHUNKS and not isinstance(view, bytes) and chunk_id(view) != cid:
                     raise SaveError("a buffer changed while it was being saved; save again")
         count = self.chunks.put_many(txn, batch)
         if count.new:  # until the manifest commits, GC may free these if the save never does
@@ -123,17 +124,21 @@ def drop_journal(txn: WriteTxn, token: bytes) -> None:
         txn.delete(Table.JOURNAL, key)
 
 
-def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor, workers: int) -> None:
-    """Hash the captured chunks of ``blob`` on the pool and queue them for writing.
+def write_blob(
+    blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor, workers: int, choices: LeafChoices | None = None
+) -> None:
+    """Hash (and encode, as ``choices`` says) the captured chunks of ``blob`` on the pool
+    and queue them for writing.
 
     Sets ``blob.resolved`` to its ChunkedBlob (or PagedBlob, whose chunk-list pages are
     queued too) and ``blob.new_ids`` to every chunk id in order.
     """
     todo = sorted(blob.buffers)
     buffers = [blob.buffers[i] for i in todo]
-    ids = _hash_in_order(buffers, pool, workers)
-    for index, cid, buffer in zip(todo, ids, buffers):  # ids arrive in order as hashing proceeds
-        sink.put(Table.CHUNKS, cid, buffer)
+    level = choices.level_for(blob.path, buffers[0]) if choices is not None and buffers else None
+    done = _hash_in_order(buffers, pool, workers, level)
+    for index, (cid, value) in zip(todo, done):  # ids arrive in order as hashing proceeds
+        sink.put(Table.CHUNKS, cid, value)
         blob.ids[index] = cid
     packed = b"".join(blob.ids)
     blob.new_ids = packed
@@ -146,23 +151,28 @@ def write_blob(blob: PendingBlob, sink: ChunkSink, pool: ThreadPoolExecutor, wor
 def hash_chunks(buffer, chunk_nbytes: int, pool: ThreadPoolExecutor, workers: int) -> list[bytes]:
     """Chunk ids of a flat buffer as a save computes them (for benchmarks and tools)."""
     views = [buffer[a:b] for a, b in chunk_slices(len(buffer), chunk_nbytes)]
-    return list(_hash_in_order(views, pool, workers))
+    return [cid for cid, _ in _hash_in_order(views, pool, workers, None)]
 
 
-def _hash_in_order(buffers: list, pool: ThreadPoolExecutor, workers: int):
-    """Yield the ids of ``buffers`` in order, hashed on the pool up to ``HASH_GROUP`` per task.
+def _hash_in_order(buffers: list, pool: ThreadPoolExecutor, workers: int, level: int | None):
+    """Yield ``(id, value to store)`` of ``buffers`` in order, hashed and encoded (at zstd
+    ``level``; None: stored raw) on the pool, up to ``HASH_GROUP`` per task.
 
     Groups keep the pool's per-task cost (~20 us) small against hashing a 1 MiB chunk
     (~130 us), while ids still arrive early enough for the writer to overlap; a leaf of few
     chunks is still spread over every thread.
     """
+
+    def one(buffer) -> tuple[bytes, object]:
+        return chunk_id(buffer), stored_value(buffer, level)
+
     if len(buffers) <= 1:
-        yield from map(chunk_id, buffers)
+        yield from map(one, buffers)
         return
     group = max(1, min(HASH_GROUP, len(buffers) // max(workers, 1)))
     groups = [buffers[i : i + group] for i in range(0, len(buffers), group)]
-    for ids in pool.map(lambda group: [chunk_id(b) for b in group], groups):
-        yield from ids
+    for done in pool.map(lambda group: [one(b) for b in group], groups):
+        yield from done
 
 
 def _write_pages(packed: bytes, sink: ChunkSink) -> bytes:
@@ -179,8 +189,16 @@ def _write_pages(packed: bytes, sink: ChunkSink) -> bytes:
 class SaveJob:
     """The write phase of one save: hash what capture found changed, queue it, commit."""
 
-    def __init__(self, chunks: ChunkStore, pool: ThreadPoolExecutor, capture: Capture, staging: Staging):
+    def __init__(
+        self,
+        chunks: ChunkStore,
+        pool: ThreadPoolExecutor,
+        capture: Capture,
+        staging: Staging,
+        choices: LeafChoices | None = None,
+    ):
         self.chunks = chunks
+        self.choices = choices
         self.pool = pool
         self.capture = capture
         self.staging = staging
@@ -212,7 +230,7 @@ class SaveJob:
     def _write_captured(self) -> None:
         pending = self.capture.pending
         for blob in pending[self._written :]:
-            write_blob(blob, self.sink, self.pool, self.capture.workers)
+            write_blob(blob, self.sink, self.pool, self.capture.workers, self.choices)
         self._written = len(pending)
 
     def _release(self) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .. import catalog
 from ..errors import StepExistsError, UsageError
 from ..format import codec
+from ..format.compression import Compression, LeafChoices
 from ..format.keys import check_step, step_key
 from ..format.manifest import Manifest, encode_manifest
 from ..format.schema import Table
@@ -93,6 +94,7 @@ class Saver:
         pool,
         workers: int,
         chunk_bytes: int,
+        compression: Compression,
         branch: str,
         where: str,
         allow_pickle: bool,
@@ -107,6 +109,7 @@ class Saver:
         self._pool = pool
         self._workers = workers
         self._chunk_bytes = chunk_bytes
+        self._choices = LeafChoices(compression)  # auto mode's per-leaf decisions
         self._branch = branch
         self._where = where
         self._allow_pickle = allow_pickle
@@ -222,7 +225,7 @@ class Saver:
             pool=self._pool,
             workers=self._workers,
         )
-        job = SaveJob(self._chunks, self._pool, capture, self._staging)
+        job = SaveJob(self._chunks, self._pool, capture, self._staging, self._choices)
         encoder = codec.Encoder(capture, allow_pickle=self._allow_pickle, on_shard=None if copy else job.flush)
         try:
             components = tuple((name, encoder.component(value, name)) for name, value in tree.items())

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import ChunkCorruptError, ChunkMissingError, CorruptDataError
 from ..format import journal
 from ..format.chunker import chunk_count
+from ..format.compression import decode_into, is_encoded
 from ..format.ids import ID_BYTES, chunk_id, short, split_ids
 from ..format.manifest import Blob, ChunkedBlob, PagedBlob, page_ids_in
 from ..format.schema import Table
@@ -72,7 +73,8 @@ class ChunkStore:
     ) -> None:
         """Fill the flat uint8 array ``out`` with a chunked blob's bytes.
 
-        Every chunk's length is checked, and with ``verify`` its BLAKE3 (on ``pool``).
+        Chunks are decoded straight into ``out`` (on ``pool`` when there are several), each
+        to exactly its length; with ``verify`` the decoded bytes' BLAKE3 is checked.
         Raises :class:`ChunkMissingError` / :class:`ChunkCorruptError` with ``context``
         (step, component, path) and the chunk id.
         """
@@ -87,19 +89,35 @@ class ChunkStore:
                 raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
             views.append((index, cid, view))
 
+        dest = memoryview(out)  # type: ignore[arg-type]  # numpy arrays are buffers
+
         def fill(item) -> None:
             index, cid, view = item
             start = index * stride
-            stop = min(start + stride, blob.nbytes)
-            if len(view) != stop - start or (verify and chunk_id(view) != cid):
+            target = dest[start : min(start + stride, blob.nbytes)]
+            if not _decode(view, target, cid, verify, context):
                 raise ChunkCorruptError("chunk bytes do not match its id", chunk_id=short(cid), **context)
-            out[start:stop] = np.frombuffer(view, np.uint8)
 
         if len(views) == 1:
             fill(views[0])
         else:
             for _ in pool.map(fill, views):
                 pass
+
+    def intact(self, value, cid: bytes, nbytes: int, scratch: bytearray | None = None) -> bool:
+        """True if the stored ``value`` decodes to ``nbytes`` bytes whose BLAKE3 is ``cid``.
+
+        An encoded value is decoded into ``scratch`` (grown as needed; one per thread).
+        """
+        if not is_encoded(value):
+            return len(value) == nbytes and chunk_id(value) == cid
+        buffer = scratch if scratch is not None else bytearray(nbytes)
+        if len(buffer) < nbytes:
+            buffer.extend(bytes(nbytes - len(buffer)))
+        try:
+            return _decode(value, memoryview(buffer)[:nbytes], cid, True, {})
+        except ChunkCorruptError:
+            return False
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -151,6 +169,26 @@ class ChunkStore:
                 count += 1
                 nbytes += len(value)
         return count, nbytes
+
+
+def _decode(value, target: memoryview, cid: bytes, verify: bool, context: dict) -> bool:
+    """Decode ``value`` into ``target``; False if ``verify`` finds the wrong bytes there.
+
+    A store of format 1-3 holds raw chunks only, and one may begin with the encoded-value
+    header by chance: a value of exactly the raw length that does not decode to the chunk
+    is read as raw bytes before it is judged damaged.
+    """
+    try:
+        decode_into(value, target, context, short(cid))
+        if not verify or chunk_id(target) == cid:
+            return True
+    except ChunkCorruptError:
+        if len(value) != len(target) or not is_encoded(value):
+            raise
+    if len(value) != len(target) or not is_encoded(value):
+        return False
+    target[:] = value
+    return not verify or chunk_id(target) == cid
 
 
 @dataclass(slots=True)
