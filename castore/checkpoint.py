@@ -207,7 +207,8 @@ class Checkpoint:
                 raise UsageError("no components are registered: assign some first, or pass keys=")
         keys = [keys] if isinstance(keys, str) else list(keys)
         branch, step = store.locate(step)  # latest, a tag, or the number itself
-        data = store.load(step, keys=keys, regex=regex, verify=verify, branch=branch)
+        into = None if regex is not None else self._targets(keys)
+        data = store.load(step, keys=keys, regex=regex, verify=verify, branch=branch, into=into)
         if regex is not None:
             data = self._merge_selected(data, regex)
         for name, state in data.items():
@@ -217,6 +218,17 @@ class Checkpoint:
             object.__setattr__(self, "_submitted_head", False)
         log.info("loaded step %d of branch %s (%s) from %s", step, branch, ", ".join(data), store.path)
         return step
+
+    def _targets(self, keys) -> dict | None:
+        """Restore targets of the components that offer them (``load_targets()``)."""
+        into = {}
+        for name in keys:
+            hook = getattr(self._components.get(name), "load_targets", None)
+            if _is_component(self._components.get(name)) and callable(hook):
+                target = hook()
+                if target is not None:
+                    into[name] = target
+        return into or None
 
     def _apply(self, name: str, state) -> None:
         value = self._components.get(name)

@@ -9,6 +9,7 @@ component, leaf path and chunk id.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from . import catalog
 from .errors import SelectionError, StepNotFoundError
@@ -21,6 +22,17 @@ from .storage.chunks import ChunkStore, PageWalker
 log = logging.getLogger("castore.load")
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedLeaf:
+    """A chunked leaf as a load read it: what a later save needs to reuse its chunk ids."""
+
+    path: str  #: ``component/leaf/path``, as a save names the leaf
+    nbytes: int
+    chunk_nbytes: int
+    ids: bytes  #: its chunk ids, concatenated
+    fingerprints: bytes  #: xxh3-128 of each chunk as loaded, concatenated
+
+
 class Loader:
     """Loads of one ``Store``: ``backend`` and ``chunks`` to read, ``pool`` to hash on."""
 
@@ -31,8 +43,23 @@ class Loader:
         self._where = where
         self._allow_pickle = allow_pickle
 
-    def load(self, txn: ReadTxn, key: bytes, keys, regex: str | None, verify: bool) -> dict:
-        """Component name -> state of the step at ``key`` (see :meth:`castore.Store.load`)."""
+    def load(
+        self,
+        txn: ReadTxn,
+        key: bytes,
+        keys,
+        regex: str | None,
+        verify: bool,
+        *,
+        into: dict | None = None,
+        remember: list | None = None,
+    ) -> dict:
+        """Component name -> state of the step at ``key`` (see :meth:`castore.Store.load`).
+
+        ``into`` maps component names to restore targets (see :func:`codec.decode`);
+        with ``remember`` a :class:`LoadedLeaf` is appended for every chunked leaf read.
+        """
+        into = into or {}
         step = step_of(key)
         if not verify:
             log.info("loading %s of %s WITHOUT checking chunk digests (verify=False)", describe_key(key), self._where)
@@ -46,17 +73,30 @@ class Loader:
             if isinstance(node, ShardsNode):
                 result[name] = self._iter_shards(step, name, node, verify)
             else:
-                reader = self.blob_reader(txn, step, name, verify)
-                result[name] = codec.decode(node, reader, "", allow_pickle=self._allow_pickle)
+                read: dict | None = {} if remember is not None else None
+                reader = self.blob_reader(txn, step, name, verify, read)
+                value = codec.decode(node, reader, "", allow_pickle=self._allow_pickle, into=into.get(name))
+                result[name] = value
+                if read:
+                    assert remember is not None
+                    remember.extend(
+                        LoadedLeaf(codec.join(name, path), blob.nbytes, blob.chunk_nbytes, ids, prints)
+                        for path, (blob, ids, prints) in read.items()
+                    )
         return result
 
-    def blob_reader(self, txn: ReadTxn, step: int, component: str, verify: bool):
-        """``read_blob`` for the codec: fill ``out`` with a blob's chunks, each checked."""
+    def blob_reader(self, txn: ReadTxn, step: int, component: str, verify: bool, read: dict | None = None):
+        """``read_blob`` for the codec: fill ``out`` with a blob's chunks, each checked;
+        with ``read``, note ``path -> (blob, ids, fingerprints)`` of each blob there."""
         walker = PageWalker(txn, check_pages=verify)
 
         def read_blob(blob: Blob, out, path: str) -> None:
             context = {"step": step, "component": component, "path": path}
-            self._chunks.read_blob(txn, walker, blob, out, verify=verify, pool=self._pool, context=context)
+            ids, prints = self._chunks.read_blob(
+                txn, walker, blob, out, verify=verify, pool=self._pool, context=context, fingerprints=read is not None
+            )
+            if read is not None:
+                read[path] = (blob, ids, prints)
 
         return read_blob
 

@@ -156,8 +156,16 @@ class RingBuffer:
             "fields": dict(self._fields),
         }
 
+    def load_targets(self) -> dict | None:
+        """Restore targets (see :meth:`castore.Store.load`): this buffer's own field arrays,
+        so a load fills them in place instead of holding a second copy of the buffer."""
+        if not self._fields:
+            return None
+        return {"fields": dict(self._fields)}
+
     def load(self, state: dict) -> None:
-        """Adopt a saved state (the loaded arrays are used as they are, not copied)."""
+        """Adopt a saved state: arrays of this buffer's fields that a load filled in place
+        are kept, other loaded arrays are used as they are (not copied)."""
         try:
             capacity, fields = int(state["capacity"]), state["fields"]
             head, size, added = int(state["head"]), int(state["size"]), int(state["added"])
@@ -170,6 +178,11 @@ class RingBuffer:
             )
         tracked = {}
         for name, array in fields.items():
+            if type(array) is TrackedArray and array is self._fields.get(name):
+                if array.shape[:1] != (capacity,):
+                    raise UsageError(f"saved field {name!r} has shape {array.shape}, not {capacity} rows")
+                tracked[name] = array  # filled in place by the load
+                continue
             array = np.asarray(array)
             if array.shape[:1] != (capacity,):
                 raise UsageError(f"saved field {name!r} has shape {array.shape}, not {capacity} rows")

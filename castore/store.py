@@ -438,6 +438,7 @@ class Store:
         *,
         verify: bool | None = None,
         branch: str | None = None,
+        into: dict | None = None,
     ) -> dict:
         """Read a step (default: latest) as component name -> state.
 
@@ -447,11 +448,27 @@ class Store:
         only those leaves are read.  A sharded component comes back as an iterator that
         reads one shard at a time.  Raises StepNotFoundError, SelectionError (regex
         matched nothing), IntegrityError (missing or damaged chunk).
+
+        ``into`` restores in place: ``{component: target}``, where a target is a tree shaped
+        like the component's state whose numpy arrays (or TrackedArrays) are filled where
+        shape and dtype match, and come back as themselves (no second copy of the state in
+        memory).  If the load fails, a target may hold part of the step.
+
+        A store open for writing remembers the chunk ids (and fingerprints) of what a full
+        load read: the next save of this store hashes and writes only the chunks that
+        changed since, tracked arrays or not.
         """
         self._check_open()
         verify = self.verify_reads if verify is None else verify
+        if into is not None and (type(into) is not dict or regex is not None):
+            raise UsageError("into= is a dict {component: target tree}, and cannot be combined with regex=")
+        remember: list | None = None if self.readonly or regex is not None else []
         with self._backend.read() as txn:
-            return self._loader.load(txn, self._locate(txn, step, branch), keys, regex, verify)
+            key = self._locate(txn, step, branch)
+            result = self._loader.load(txn, key, keys, regex, verify, into=into, remember=remember)
+        if remember:
+            self._saver.adopt_loaded(remember)
+        return result
 
     def inspect(self) -> StoreInspector:
         """A read-only view of the store's tables and writer state, for tests and tools."""

@@ -237,7 +237,18 @@ def _read_bytes(blob: Blob, read_blob: ReadBlob, path: str) -> bytes:
     return out.tobytes()
 
 
-def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str) -> np.ndarray:
+def _fillable(into, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
+    """The array of a restore target ``into`` (an ndarray or a TrackedArray) if the leaf
+    can be decoded straight into it: same shape and dtype, C-contiguous and writable."""
+    array = into.raw if type(into) is TrackedArray else into
+    if type(array) is not np.ndarray or array.shape != shape or array.dtype != dtype:
+        return None
+    if not array.flags.c_contiguous or not array.flags.writeable:
+        return None
+    return array
+
+
+def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str, into=None):
     dtype = dtype_from_name(node.dtype)
     # numpy refuses a shape whose non-zero dimensions times the item size overflow, even
     # when another dimension is 0 and the array holds no byte
@@ -248,6 +259,15 @@ def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str) -> np.ndarray:
     have = len(blob.data) if isinstance(blob, InlineBlob) else blob.nbytes
     if have != nbytes:
         raise CorruptDataError(f"at {path!r}: array of {nbytes} bytes has a blob of {have}")
+    target = None if into is None else _fillable(into, tuple(node.shape), dtype)
+    if target is not None:  # a restore in place: the target comes back, filled
+        if type(into) is TrackedArray:
+            into.forget()  # its baseline named the chunks of what it held before
+        if isinstance(blob, InlineBlob):
+            target.reshape(-1).view(np.uint8)[:] = np.frombuffer(blob.data, np.uint8)
+        elif nbytes:
+            read_blob(blob, target.reshape(-1).view(np.uint8), path)
+        return into
     if isinstance(blob, InlineBlob):
         return np.frombuffer(blob.data, dtype).reshape(node.shape).copy()
     try:
@@ -265,12 +285,17 @@ def _scalar_from(node: ScalarLeaf, path: str) -> np.generic:
     return np.frombuffer(node.data, dtype)[0]
 
 
-def decode(node: Node, read_blob: ReadBlob, path: str, *, allow_pickle: bool = False):
-    """Rebuild the value of ``node``; shards come back as a list (see ``iter_shards``)."""
+def decode(node: Node, read_blob: ReadBlob, path: str, *, allow_pickle: bool = False, into=None):
+    """Rebuild the value of ``node``; shards come back as a list (see ``iter_shards``).
+
+    ``into`` is a restore target: a tree shaped like the value whose array leaves (numpy
+    arrays or :class:`TrackedArray`) are filled in place where shape and dtype match and
+    come back as themselves; other leaves are decoded into new arrays as usual.
+    """
     if isinstance(node, ValueLeaf):
         return node.value
     if isinstance(node, ArrayLeaf):
-        return _array_from(node, read_blob, path)
+        return _array_from(node, read_blob, path, into)
     if isinstance(node, ScalarLeaf):
         return _scalar_from(node, path)
     if isinstance(node, BytesLeaf):
@@ -280,9 +305,16 @@ def decode(node: Node, read_blob: ReadBlob, path: str, *, allow_pickle: bool = F
             raise UnsupportedValueError(path, "leaf is pickled; load with allow_pickle=True if you trust this store")
         return pickle.loads(_read_bytes(node.blob, read_blob, path))
     if isinstance(node, DictNode):
-        return {k: decode(v, read_blob, join(path, k), allow_pickle=allow_pickle) for k, v in node.items}
+        named: dict = into if type(into) is dict else {}
+        return {
+            k: decode(v, read_blob, join(path, k), allow_pickle=allow_pickle, into=named.get(k)) for k, v in node.items
+        }
     if isinstance(node, SeqNode):
-        items = [decode(v, read_blob, join(path, i), allow_pickle=allow_pickle) for i, v in enumerate(node.items)]
+        inside = into if type(into) in (list, tuple) and len(into) == len(node.items) else [None] * len(node.items)
+        items = [
+            decode(v, read_blob, join(path, i), allow_pickle=allow_pickle, into=t)
+            for i, (v, t) in enumerate(zip(node.items, inside))
+        ]
         return tuple(items) if node.is_tuple else items
     return [decode(v, read_blob, join(path, i), allow_pickle=allow_pickle) for i, v in enumerate(node.shards)]
 

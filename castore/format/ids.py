@@ -1,11 +1,19 @@
-"""Chunk ids: the BLAKE3-256 digest of a chunk's raw bytes."""
+"""Chunk ids: the BLAKE3-256 digest of a chunk's raw bytes; and chunk fingerprints, the
+xxh3-128 change detectors that are never ids."""
 
 from __future__ import annotations
 
 import blake3
+import xxhash
 
 HASH_NAME = "blake3-256"
 ID_BYTES = 32
+FP_BYTES = 16
+
+
+def fingerprint(view) -> bytes:
+    """xxh3-128 of a chunk (~30 GB/s): detects a change, never names content."""
+    return xxhash.xxh3_128_digest(view)
 
 
 def chunk_id(data) -> bytes:

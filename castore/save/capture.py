@@ -21,20 +21,13 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-import xxhash
 
 from ..errors import TrackingError
 from ..format.chunker import chunk_nbytes_for, chunk_slices
-from ..format.ids import ID_BYTES, chunk_id
+from ..format.ids import FP_BYTES, ID_BYTES, chunk_id, fingerprint
 from ..tracking import Baseline, TrackedArray
 
-FP_BYTES = 16
 PARALLEL_FINGERPRINT_CHUNKS = 64  # below this, one thread fingerprints a leaf faster
-
-
-def fingerprint(view) -> bytes:
-    """xxh3-128 of a chunk: a change detector, never an id."""
-    return xxhash.xxh3_128_digest(view)
 
 
 @dataclass(eq=False, slots=True)
@@ -106,6 +99,7 @@ class Capture:
         staging: Staging,
         pool,
         workers: int = 1,
+        confirm=None,
     ):
         self.session = session  # baselines are valid only for the same store writer session
         self.baselines = baselines
@@ -115,6 +109,9 @@ class Capture:
         self.staging = staging
         self.pool = pool
         self.workers = workers  # threads in ``pool``
+        # confirm(path, baseline) -> the baseline in this session, or None: for baselines a
+        # load left, which name chunks that must be checked present before reuse
+        self.confirm = confirm
         self.pending: list[PendingBlob] = []
         self.changed_bytes = 0
         self.reused_chunks = 0  #: chunks whose id came from a baseline (not hashed, not written)
@@ -149,13 +146,18 @@ class Capture:
             dirty = np.zeros(count, bool)
             dirty[_chunks_of_rows(changed_rows, row_nbytes or nbytes, chunk_nbytes)] = True
             ids = [None if dirty[i] else baseline.ids[i * ID_BYTES : (i + 1) * ID_BYTES] for i in range(count)]
-        else:
-            ids = [None] * count
-        return PendingBlob(path, nbytes, chunk_nbytes, ids, {}, None, tracked, epoch)
+            return PendingBlob(path, nbytes, chunk_nbytes, ids, {}, None, tracked, epoch)
+        # no baseline of its own yet (a new array, or one a load filled): the leaf's path
+        # baseline, if a load or an untracked save left one, still names unchanged chunks
+        blob = self._fingerprinted(views, nbytes, chunk_nbytes, path)
+        blob.tracked, blob.epoch = tracked, epoch
+        return blob
 
     def _fingerprinted(self, views, nbytes, chunk_nbytes, path) -> PendingBlob:
         prints = self._fingerprints(views)
         baseline = self.baselines.get(path)
+        if baseline is not None and baseline.session is not self.session and self.confirm is not None:
+            baseline = self.confirm(path, baseline)
         count = len(views)
         if baseline is not None and self._usable(baseline, nbytes, chunk_nbytes) and baseline.fingerprints is not None:
             now = np.frombuffer(prints, np.uint8).reshape(count, FP_BYTES)

@@ -30,6 +30,7 @@ from ..format.schema import Table
 from ..format.sealing import unseal
 from ..storage.base import Backend, WriteTxn
 from ..storage.chunks import ChunkStore
+from ..tracking import Baseline
 from .background import Background, SaveHandle
 from .capture import Capture, PendingBlob, Staging
 from .pipeline import SaveJob, drop_journal
@@ -119,6 +120,7 @@ class Saver:
         self._continue_from: int | None = None
         self._lock = threading.RLock()  # saves (capture, submit) vs. maintenance
         self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
+        self._loaded = object()  # the session of baselines a load left, until a save confirms them
         self._staging = Staging()
         self._background: Background | None = None
         writer.add_holder(self)
@@ -224,6 +226,7 @@ class Saver:
             staging=self._staging,
             pool=self._pool,
             workers=self._workers,
+            confirm=lambda path, baseline: self._confirm_loaded(path, baseline, session),
         )
         job = SaveJob(self._chunks, self._pool, capture, self._staging, self._choices)
         encoder = codec.Encoder(capture, allow_pickle=self._allow_pickle, on_shard=None if copy else job.flush)
@@ -302,8 +305,44 @@ class Saver:
             if blob.tracked is not None:
                 blob.tracked.committed(baseline)
                 self._writer.add_holder(blob.tracked)  # GC must keep what it may reuse
+                self._baselines.pop(blob.path, None)  # the array's own baseline rules now
             else:
                 self._baselines[blob.path] = baseline
+
+    # -- resuming without re-hashing -------------------------------------------------------------
+
+    def adopt_loaded(self, leaves) -> None:
+        """Remember the chunk ids and fingerprints of leaves a load read (``LoadedLeaf``),
+        so the next save of unchanged chunks neither hashes nor writes them.
+
+        A leaf with a baseline of the current writer session keeps it (a load to look at
+        an old step does not undo what the last save knows; fingerprints compare bytes, so
+        either baseline is correct).  The others get baselines of no session yet: a save
+        confirms each, holding the writer lock, before reusing any of its ids
+        (:meth:`_confirm_loaded`).
+        """
+        session = self._writer.session
+        with self._lock:
+            for leaf in leaves:
+                have = self._baselines.get(leaf.path)
+                if have is not None and session is not None and have.session is session:
+                    continue
+                self._baselines[leaf.path] = Baseline(
+                    self._loaded, leaf.nbytes, leaf.chunk_nbytes, leaf.ids, leaf.fingerprints, 0
+                )
+
+    def _confirm_loaded(self, path: str, baseline: Baseline, session) -> Baseline | None:
+        """A load's baseline, as of ``session``, for one save, if all its chunks are still
+        stored (another writer may have collected them since the load); else forgotten."""
+        if baseline.session is not self._loaded:
+            return baseline
+        with self._backend.read() as txn:
+            present = self._chunks.has_all(txn, baseline.ids)
+        if not present:
+            self._baselines.pop(path, None)
+            return None
+        # for this save only: GC waits for it, and its commit replaces the baseline anyway
+        return dataclasses.replace(baseline, session=session)
 
     def _is_same_as_committed(self, manifest: Manifest) -> bool:
         """True if ``manifest.step`` exists with the same content; raises if it differs."""

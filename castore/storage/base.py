@@ -52,6 +52,11 @@ class ReadTxn(Protocol):
     def count(self, table: Table) -> int:
         """How many keys the table holds."""
 
+    def release(self, value: Buffer) -> None:
+        """A hint: the caller has copied ``value`` (returned by this transaction) and will
+        not read it again; an engine may drop it from the process's memory.  The value
+        stays valid (reading it again costs a page fault)."""
+
 
 class WriteTxn(ReadTxn, Protocol):
     """A transaction that sees its own writes; they become visible all at once on commit."""

@@ -19,7 +19,7 @@ from ..errors import ChunkCorruptError, ChunkMissingError, CorruptDataError
 from ..format import journal
 from ..format.chunker import chunk_count
 from ..format.compression import decode_into, is_encoded
-from ..format.ids import ID_BYTES, chunk_id, short, split_ids
+from ..format.ids import ID_BYTES, chunk_id, fingerprint, short, split_ids
 from ..format.manifest import Blob, ChunkedBlob, PagedBlob, page_ids_in
 from ..format.schema import Table
 from .base import Backend, Buffer, ReadTxn, WriteTxn
@@ -55,6 +55,11 @@ class ChunkStore:
         """The stored bytes of each id (None where absent), valid until ``txn`` ends."""
         return [txn.get(table, cid) for cid in ids]
 
+    def has_all(self, txn: ReadTxn, ids: bytes) -> bool:
+        """True if every chunk of the concatenated ``ids`` is stored (a lookup each; the
+        values themselves are not read)."""
+        return all(txn.get(Table.CHUNKS, cid) is not None for cid in split_ids(ids))
+
     def sizes(self, txn: ReadTxn, table: Table, ids) -> dict[bytes, int]:
         """``{id: stored bytes}`` of the ids present (one lookup each)."""
         out = {}
@@ -69,12 +74,23 @@ class ChunkStore:
         return journal.decode_counters(txn.get(Table.META, journal.COUNTERS_KEY))
 
     def read_blob(
-        self, txn: ReadTxn, walker: PageWalker, blob: Blob, out: np.ndarray, *, verify: bool, pool, context: dict
-    ) -> None:
-        """Fill the flat uint8 array ``out`` with a chunked blob's bytes.
+        self,
+        txn: ReadTxn,
+        walker: PageWalker,
+        blob: Blob,
+        out: np.ndarray,
+        *,
+        verify: bool,
+        pool,
+        context: dict,
+        fingerprints: bool = False,
+    ) -> tuple[bytes, bytes | None]:
+        """Fill the flat uint8 array ``out`` with a chunked blob's bytes; returns its chunk
+        ids (concatenated) and, if asked, the chunks' fingerprints (for a later save).
 
         Chunks are decoded straight into ``out`` (on ``pool`` when there are several), each
-        to exactly its length; with ``verify`` the decoded bytes' BLAKE3 is checked.
+        to exactly its length, and their stored bytes released from memory at once
+        (:meth:`ReadTxn.release`); with ``verify`` the decoded bytes' BLAKE3 is checked.
         Raises :class:`ChunkMissingError` / :class:`ChunkCorruptError` with ``context``
         (step, component, path) and the chunk id.
         """
@@ -90,6 +106,7 @@ class ChunkStore:
             views.append((index, cid, view))
 
         dest = memoryview(out)  # type: ignore[arg-type]  # numpy arrays are buffers
+        prints: list = [b""] * len(views) if fingerprints else []
 
         def fill(item) -> None:
             index, cid, view = item
@@ -97,12 +114,16 @@ class ChunkStore:
             target = dest[start : min(start + stride, blob.nbytes)]
             if not _decode(view, target, cid, verify, context):
                 raise ChunkCorruptError("chunk bytes do not match its id", chunk_id=short(cid), **context)
+            txn.release(view)
+            if fingerprints:
+                prints[index] = fingerprint(target)
 
         if len(views) == 1:
             fill(views[0])
         else:
             for _ in pool.map(fill, views):
                 pass
+        return ids, b"".join(prints) if fingerprints else None
 
     def intact(self, value, cid: bytes, nbytes: int, scratch: bytearray | None = None) -> bool:
         """True if the stored ``value`` decodes to ``nbytes`` bytes whose BLAKE3 is ``cid``.

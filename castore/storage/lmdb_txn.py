@@ -4,11 +4,48 @@ the lock that keeps map resizes away from open transactions."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
+import sys
 import threading
+
+import numpy as np
 
 from ..errors import UsageError
 from ..format.schema import Table
 from .base import MAX_KEY_BYTES, check_key
+
+RELEASE_MIN_BYTES = 64 << 10  #: smaller values are not worth a system call
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4  # Linux
+
+
+def _load_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _load_madvise()
+
+
+def _release_pages(value) -> None:
+    """``madvise(MADV_DONTNEED)`` the whole pages inside ``value``'s memory."""
+    try:
+        address = np.frombuffer(value, np.uint8).ctypes.data
+    except (TypeError, ValueError):
+        return
+    start = -(-address // _PAGE) * _PAGE
+    stop = (address + len(value)) // _PAGE * _PAGE
+    if stop > start and _madvise is not None:
+        _madvise(start, stop - start, _MADV_DONTNEED)  # a failure only leaves the pages mapped
 
 
 class SharedLock:
@@ -103,6 +140,17 @@ class LmdbTxn:
     def count(self, table: Table) -> int:
         db = self._dbs[table]
         return 0 if db is None else self._txn.stat(db)["entries"]
+
+    def release(self, value) -> None:
+        """Unmap the whole pages of a large value read from the map (``madvise``).
+
+        A value read through the map is file pages in this process's RSS: a restore that
+        decodes 10 GB of chunks into arrays would otherwise also hold 10 GB of map pages.
+        The map is shared, so the pages stay in the page cache (a later read refaults them)
+        and a writable map's dirty pages are kept, not lost.
+        """
+        if _madvise is not None and len(value) >= RELEASE_MIN_BYTES:
+            _release_pages(value)
 
     def put(self, table: Table, key: bytes, value) -> None:
         self._put(table, key, value, overwrite=True)

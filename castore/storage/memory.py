@@ -67,6 +67,9 @@ class MemoryTxn:
             if key in data:
                 yield key, data[key]
 
+    def release(self, value) -> None:
+        """Nothing to drop: values are this process's own bytes."""
+
     def count(self, table: Table) -> int:
         return len(self._data(table))
 
