@@ -11,6 +11,8 @@ import importlib.util
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import lmdb
@@ -19,14 +21,21 @@ import pytest
 from conftest import assert_tree_equal
 
 import castore
-from castore.format.schema import STORE_FORMAT
+from castore.format import codec, compression
+from castore.format import config as config_module
+from castore.format.ids import chunk_id, split_ids
+from castore.format.manifest import PagedBlob
+from castore.format.schema import STORE_FORMAT, Table
+from castore.storage.chunks import PageWalker
 
 DATA = Path(__file__).parent / "data"
 _spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")
 golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(golden)
 
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3, 4)
+REPO = DATA.parent.parent
+LAST_FORMAT3 = "061472b"  #: castore 0.4.0, the last commit that reads only up to format 3
 
 
 def copy_golden(version: int, dest: Path) -> Path:
@@ -59,17 +68,24 @@ def set_config_format(path: Path, version: int) -> None:
         env.close()
 
 
-def loaded(store: castore.Store, step: int) -> dict:
+def loaded(store: castore.Store, step: int, branch: str | None = None) -> dict:
     """``store.load(step)`` with the sharded component read out of its iterator."""
-    state = store.load(step, verify=True)
+    state = store.load(step, verify=True, branch=branch)
     state[golden.SHARDED] = list(state[golden.SHARDED])
     return state
 
 
 def assert_golden_steps(store: castore.Store, version: int) -> None:
+    """Every step of every branch of the golden store of ``version`` loads bit-exact."""
     assert store.steps() == list(golden.STEPS)
     for step in golden.STEPS:
         assert_tree_equal(loaded(store, step), golden.state(version, step))
+    if version >= 3:
+        name, forked, new_step = golden.BRANCH
+        assert store.branches() == ["main", name]
+        assert store.steps(branch=name) == [forked, new_step]
+        assert_tree_equal(loaded(store, forked, name), golden.state(version, forked))
+        assert_tree_equal(loaded(store, new_step, name), golden.state(version, new_step))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -172,7 +188,7 @@ def test_a_store_of_an_unknown_later_format_is_refused(tmp_path, readonly):
     assert config_of(path)["format"] == 99  # refused before anything was written
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", VERSIONS)
 def test_saving_a_loaded_golden_step_again_is_a_no_op(tmp_path, version):
     """Resuming: the same state under its step commits nothing, though old manifests are unsealed."""
     path = copy_golden(version, tmp_path / "store")
@@ -182,3 +198,155 @@ def test_saving_a_loaded_golden_step_again_is_a_no_op(tmp_path, version):
         state[golden.SHARDED] = iter(state[golden.SHARDED])  # saved from an iterator: shards
         result = store.save(step, state)
         assert result.manifest_bytes == 0 and store.steps()[-1] == step
+
+
+def test_the_format3_store_keeps_its_branch_tags_and_metrics(tmp_path):
+    path = copy_golden(3, tmp_path / "store")
+    name, _, new_step = golden.BRANCH
+    with castore.Store(path, readonly=True) as store:
+        assert store.tags() == {golden.TAG[0]: golden.TAG[1]}
+        assert store.tags(branch=name) == {golden.BRANCH_TAG[0]: golden.BRANCH_TAG[1]}
+        assert store.locate(golden.BRANCH_TAG[0]) == (name, new_step)  # a tag names a branch's step
+        assert store.metrics(new_step, branch=name) == golden.metrics(new_step)
+        assert store.compression == "none"  # a format-3 config has no setting: chunks are raw
+        assert store.verify().ok
+
+
+def test_a_writer_upgrades_the_format3_store_to_format4_by_its_config_alone(tmp_path):
+    path = copy_golden(3, tmp_path / "store")
+    before = config_of(path)
+    with castore.Store(path, readonly=True) as store:
+        chunks_before = store.inspect().items(Table.CHUNKS)
+    name, _, branch_step = golden.BRANCH
+    new_step = golden.STEPS[-1] + 100
+    new_state = golden.state(4, new_step)  # with the compressible video component
+    with castore.Store(path) as store:
+        assert store.compression == "none"  # a migrated store keeps storing chunks raw
+        store.save(new_step, dict(new_state, **{golden.SHARDED: iter(new_state[golden.SHARDED])}))
+        assert store.stats().stored_bytes > 0
+    after = config_of(path)
+    assert after["format"] == 4 and after["compression"] == "none"
+    assert dict(after, format=3, compression=None) == dict(before, compression=None)  # nothing else changed
+    with castore.Store(path, readonly=True) as store:
+        chunks = store.inspect().items(Table.CHUNKS)
+        assert {k: chunks[k] for k in chunks_before} == chunks_before  # no chunk was rewritten
+        # "none": nothing zstd-encoded; only the raw chunk beginning with MAGIC is escaped
+        assert {compression.codec_of(v) for v in chunks.values()} == {None, compression.RAW}
+    # an open with compression="auto" encodes the new compressible chunks; old ones stay raw
+    with castore.Store(path, compression="auto") as store:
+        assert store.compression == "auto"
+        next_step = new_step + 100
+        next_state = golden.state(4, next_step)
+        store.save(next_step, dict(next_state, **{golden.SHARDED: iter(next_state[golden.SHARDED])}))
+        assert store.steps() == [*golden.STEPS, new_step, next_step]
+        for step in golden.STEPS:  # the old raw steps still load
+            assert_tree_equal(loaded(store, step), golden.state(3, step))
+        assert_tree_equal(loaded(store, branch_step, name), golden.state(3, branch_step))
+        assert_tree_equal(loaded(store, new_step), new_state)
+        assert_tree_equal(loaded(store, next_step), next_state)
+        assert store.verify().ok
+        encoded = [k for k, v in store.inspect().items(Table.CHUNKS).items() if compression.codec_of(v) == 1]
+        frame_ids = set(leaf_chunk_ids(store, next_step, "video", "frames"))
+        assert frame_ids and frame_ids <= set(encoded)
+    assert config_of(path)["compression"] == "none"  # an open's setting is not recorded
+    with castore.Store(path) as store:
+        assert store.compression == "none"
+        assert store.steps(branch=name)[-1] == branch_step
+
+
+def leaf_chunk_ids(store: castore.Store, step: int, component: str, path: str, branch: str | None = None) -> list:
+    """The chunk ids of one leaf of a step, in order (through its chunk-list pages)."""
+    node = dict(store.manifest(step, branch=branch).components)[component]
+    blob = dict(codec.leaf_nodes(node))[path].blob
+    with store.backend.read() as txn:
+        return split_ids(PageWalker(txn, check_pages=True).ids(blob, {}))
+
+
+def test_the_format4_store_holds_encoded_escaped_and_raw_chunks(tmp_path):
+    path = copy_golden(4, tmp_path / "store")
+    with castore.Store(path, readonly=True) as store:
+        assert store.compression == "auto"  # recorded when the store was created
+        values = store.inspect().items(Table.CHUNKS)
+        for step in golden.STEPS:
+            node = dict(store.manifest(step).components)["video"]
+            assert isinstance(dict(codec.leaf_nodes(node))["frames"].blob, PagedBlob)  # ids in pages
+            frames = leaf_chunk_ids(store, step, "video", "frames")
+            assert len(frames) == 72 and {compression.codec_of(values[c]) for c in frames} == {compression.ZSTD}
+            (noise,) = leaf_chunk_ids(store, step, "video", "noise")
+            assert values[noise][: len(golden.MAGIC)] == golden.MAGIC == compression.MAGIC
+            assert compression.codec_of(values[noise]) == compression.RAW  # escaped, not taken as a header
+            assert len(values[noise]) == compression.HEADER_BYTES + 4 + 3000
+            for cid in leaf_chunk_ids(store, step, "video", "weights"):  # random floats: stored raw
+                assert compression.codec_of(values[cid]) is None and len(values[cid]) == 4096
+            # the stored value of an encoded chunk is smaller than its raw bytes
+            assert sum(len(values[c]) for c in frames) < 72 * 4096 // 2
+        for cid, value in values.items():  # every id hashes the raw bytes, whatever is stored
+            assert chunk_id(_raw(value)) == cid
+        assert store.verify().ok
+        stats = store.stats()
+        assert stats.stored_bytes < stats.logical_bytes
+
+
+def _raw(value: bytes) -> bytes:
+    if not compression.is_encoded(value):
+        return value
+    out = bytearray(int.from_bytes(value[5:9], "little"))  # the raw length of the header
+    compression.decode_into(value, memoryview(out), {}, "")
+    return bytes(out)
+
+
+def test_the_format4_store_keeps_its_branch_tags_and_metrics(tmp_path):
+    path = copy_golden(4, tmp_path / "store")
+    name, _, new_step = golden.BRANCH
+    with castore.Store(path, readonly=True) as store:
+        assert store.tags() == {golden.TAG[0]: golden.TAG[1]}
+        assert store.tags(branch=name) == {golden.BRANCH_TAG[0]: golden.BRANCH_TAG[1]}
+        for step in golden.STEPS:
+            assert store.metrics(step) == golden.metrics(step)
+    with castore.Store(path) as store:
+        assert store.plan_gc().steps == (golden.DELETED_STEP,)
+        store.gc()
+        assert_golden_steps(store, 4)
+        assert store.verify().ok
+    assert config_of(path) == config_of(DATA / "store-v4")  # a format-4 store is not migrated
+
+
+def test_a_format3_reader_refuses_a_format4_store(tmp_path, monkeypatch):
+    """What castore 0.4.0 does with a format-4 store: its config check says upgrade."""
+    path = copy_golden(4, tmp_path / "store")
+    monkeypatch.setattr(config_module, "STORE_FORMAT", 3)  # the check of a reader up to format 3
+    for readonly in (True, False):
+        with pytest.raises(castore.FormatError, match=r"format 4\b.*reads up to 3.*upgrade castore"):
+            castore.Store(path, readonly=readonly)
+    assert config_of(path)["format"] == 4
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_castore_0_4_0_itself_refuses_a_format4_store(tmp_path):
+    """The real format-3 reader (commit 061472b, from this repository's history) refuses."""
+    old = tmp_path / "castore-0.4.0"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", LAST_FORMAT3, "castore"], capture_output=True, check=False
+    )
+    if archive.returncode:
+        pytest.skip(f"commit {LAST_FORMAT3} is not in this clone")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    path = copy_golden(4, tmp_path / "store")
+    script = (
+        "import sys, castore\n"
+        "assert castore.__version__ == '0.4.0', castore.__file__\n"
+        "for readonly in (True, False):\n"
+        "    try:\n"
+        "        castore.Store(sys.argv[1], readonly=readonly)\n"
+        "    except castore.FormatError as exc:\n"
+        "        print(exc)\n"
+        "    else:\n"
+        "        sys.exit('opened')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(old))
+    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env, cwd=old, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all("format 4" in line and "upgrade castore" in line for line in lines)
+    assert config_of(path)["format"] == 4

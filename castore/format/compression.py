@@ -97,10 +97,22 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return found
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
-    found = getattr(_local, "decompressor", None)
+def _decompressor(nbytes: int) -> zstandard.ZstdDecompressor:
+    """A decompressor per thread that refuses a frame whose window exceeds ``nbytes``
+    rounded up to a power of two (at least 1 KiB, zstd's least).
+
+    zstd's streaming decoder allocates the window a frame declares (up to 128 MiB by
+    default) before it writes a byte, so an unbounded one would let a hostile value
+    reserve far more than its chunk.  Our frames never need more: they record their
+    content size, so zstd fits their window to the chunk.
+    """
+    window = max(1 << 10, 1 << (nbytes - 1).bit_length()) if nbytes > 1 else 1 << 10
+    cache = getattr(_local, "decompressors", None)
+    if cache is None:
+        cache = _local.decompressors = {}
+    found = cache.get(window)
     if found is None:
-        found = _local.decompressor = zstandard.ZstdDecompressor()
+        found = cache[window] = zstandard.ZstdDecompressor(max_window_size=window)
     return found
 
 
@@ -175,7 +187,7 @@ def decode_into(value, out: memoryview, context: dict, chunk: str) -> None:
     if codec != ZSTD:
         raise ChunkCorruptError(f"chunk has unknown codec {codec}", chunk_id=chunk, **context)
     try:
-        reader = _decompressor().stream_reader(payload, read_across_frames=False)
+        reader = _decompressor(expected).stream_reader(payload, read_across_frames=False)
         filled = 0
         while filled < expected:
             got = reader.readinto(out[filled:])

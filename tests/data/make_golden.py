@@ -15,6 +15,18 @@ chunks per pool task", the commit just before dbb1a7f introduced format 2)::
     git worktree add /tmp/castore-v2 38f830a
     PYTHONPATH=/tmp/castore-v2 .venv/bin/python tests/data/make_golden.py 2 tests/data/store-v2
 
+``store-v3/`` (store format 3) was written by commit 061472b (castore 0.4.0, the last
+commit before format 4)::
+
+    git worktree add /tmp/castore-v3 061472b
+    PYTHONPATH=/tmp/castore-v3 .venv/bin/python tests/data/make_golden.py 3 tests/data/store-v3
+
+``store-v4/`` (store format 4) was written by commit 149083b (castore 0.5.0, "Format 4:
+per-chunk zstd compression, auto mode per leaf"), with the default ``compression="auto"``::
+
+    git worktree add /tmp/castore-v4 149083b
+    PYTHONPATH=/tmp/castore-v4 .venv/bin/python tests/data/make_golden.py 4 tests/data/store-v4
+
 Content (``chunk_bytes`` 4096, the smallest castore allows, so small arrays span chunks):
 
 * steps :data:`STEPS`, each ``state(version, step)``: components ``agent`` (nested dicts
@@ -25,9 +37,16 @@ Content (``chunk_bytes`` 4096, the smallest castore allows, so small arrays span
   sharded component (saved from a generator, one more shard each step);
 * format 1 only: ``table``, 66 rows of 4000 bytes in every step: 66 chunks, more than a
   manifest lists inline, so its ids live in chunk-list pages;
-* format 2 only: metrics ``{"loss", "return"}`` on every step, tag ``"best"`` on step 100,
-  and step 150 saved then deleted without garbage collection (its manifest is in
-  ``trash``, its chunks are garbage).
+* format 2 and later: metrics ``{"loss", "return"}`` on every step, tag ``"best"`` on
+  step 100, and step 150 saved then deleted without garbage collection (its manifest is in
+  ``trash``, its chunks are garbage);
+* format 3 and later: branch :data:`BRANCH` ``"explore"`` forked from main's step 100,
+  then step 120 saved on it (with metrics), tag ``"explore-best"`` on that step;
+* format 4 only, component ``video`` in every step (of every branch): ``frames``, 72 rows
+  of 4096 sparse bytes (mostly zero: auto mode stores them zstd-encoded; 72 chunks, so
+  chunk-list pages), ``noise``, bytes that begin with the encoded-value MAGIC then random
+  bytes (stored raw, hence escaped), and ``weights``, random float32 of 3 chunks
+  (stored raw).  The other random leaves are stored raw too.
 
 Every number comes from PCG64's raw output (fixed by the algorithm, unlike numpy's
 distribution methods), turned into floats by exact arithmetic and casts, so the expected
@@ -52,7 +71,10 @@ import numpy as np
 CHUNK_BYTES = 4096
 STEPS = (0, 100, 200)
 DELETED_STEP = 150  #: format 2: saved, then deleted (left in the trash)
-TAG = ("best", 100)  #: format 2
+TAG = ("best", 100)  #: format 2 and later
+BRANCH = ("explore", 100, 120)  #: format 3 and later: the branch, the main step forked, its new step
+BRANCH_TAG = ("explore-best", 120)  #: format 3 and later: a tag on the branch's new step
+MAGIC = b"\x89CZ\x1a"  #: format 4's encoded-value header (castore.format.compression.MAGIC)
 SHARDED = "replay"  #: the component saved from a generator; loads as an iterator
 
 
@@ -127,6 +149,14 @@ def state(version: int, step: int) -> dict:
     }
     if version == 1:
         tree["table"] = byte_rows(7, 66, 4000)
+    if version >= 4:
+        tree["video"] = {
+            # sparse bytes (~5% 255s): zstd shrinks them ~5x; 72 chunks of one row each
+            "frames": ((uniform(k * 100 + 10, 72 * 4096) < 0.05).astype(np.uint8) * 255).reshape(72, 4096),
+            # random bytes after MAGIC: incompressible, so stored raw, i.e. escaped
+            "noise": MAGIC + bytes(byte_rows(k * 100 + 11, 1, 3000)[0]),
+            "weights": signed(k * 100 + 12, (3, 1024), np.float32),  # 3 chunks, stored raw
+        }
     return tree
 
 
@@ -152,6 +182,13 @@ def _write(version: int, path: str) -> str:
                 store.save(step, saved(step), metrics=metrics(step))
             store.delete(DELETED_STEP)
             store.tag(*TAG)
+        if version >= 3:
+            name, forked, new_step = BRANCH
+            store.fork(name, forked)
+    if version >= 3:
+        with castore.Store(path, branch=name) as store:
+            store.save(new_step, saved(new_step), metrics=metrics(new_step))
+            store.tag(*BRANCH_TAG)
     return os.path.dirname(castore.__file__)
 
 
@@ -173,7 +210,7 @@ def main(argv=None) -> None:
     import lmdb
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("version", type=int, choices=(1, 2))
+    parser.add_argument("version", type=int, choices=(1, 2, 3, 4))
     parser.add_argument("out", help="directory to (re)create, e.g. tests/data/store-v1")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
