@@ -17,10 +17,11 @@ to more (a decompression bomb) or to less is a :class:`ChunkCorruptError`.
 Which chunks to encode is a :class:`Compression` setting: ``"none"``, a named codec and
 level (``"zstd"``, ``"zstd:3"``), or ``"auto"``: a trial on a sample of each leaf decides
 whether that leaf's chunks are encoded, remembered per leaf and tried again now and then
-(:class:`LeafChoices`).  zstd was chosen by measurement (``docs/benchmarks.md``): on real
-64x64 frames level 1 compresses ~11x at ~1.2 GB/s per thread and decodes at ~2 GB/s per
-thread, as fast as lz4 there and much smaller; on float32 weights no codec we measured
-(zstd, lz4, blosc2 with byte-shuffle) saved more than ~15%.
+(:class:`LeafChoices`).  zstd was chosen by measurement (``docs/benchmarks.md``): on
+real 64x64 Crafter frames of random play, level 3 stores them at 7.1x (level 1: 6.4x, 5:
+7.6x, zlib 6: 8.7x) at ~530 MB/s per thread (level 1: ~670, 5: ~290, zlib: ~90) and
+decodes at ~1.5-2 GB/s per thread; lz4 was no faster there and far larger; on float32
+weights no codec we tried (zstd, lz4, blosc2 with byte-shuffle) saved more than ~15%.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ MIN_SAVING = 1 / 16
 #: auto mode encodes a leaf only if a trial shrinks its sample to at most this fraction:
 #: below ~1.25x, encoding costs more save time than the bytes it saves (float32 weights)
 AUTO_MAX_FRACTION = 0.8
-AUTO_LEVEL = 1  #: zstd level of auto mode: ~2-3x faster than level 3, a few % larger
+AUTO_LEVEL = 3  #: zstd level of auto mode (zstd's default): ~10% smaller than level 1, ~20% slower
 TRIAL_BYTES = 256 << 10  #: bytes of a leaf's first changed chunk a trial compresses
 RETRY_SAVES = 64  #: auto mode tries a leaf again after this many saves of it
 ZSTD_LEVELS = range(-7, 23)
@@ -74,7 +75,7 @@ class Compression:
         if isinstance(value, str) and (value == "zstd" or value.startswith("zstd:")):
             _, _, level_text = value.partition(":")
             try:
-                level = int(level_text) if level_text else 3
+                level = int(level_text) if value != "zstd" else 3
             except ValueError:
                 level = None
             if level is None or level not in ZSTD_LEVELS or level == 0:
