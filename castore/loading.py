@@ -73,32 +73,21 @@ class Loader:
             if isinstance(node, ShardsNode):
                 result[name] = self._iter_shards(step, name, node, verify)
             else:
-                read: dict | None = {} if remember is not None else None
-                reader = self.blob_reader(txn, step, name, verify, read)
-                value = codec.decode(node, reader, "", allow_pickle=self._allow_pickle, into=into.get(name))
-                result[name] = value
-                if read:
-                    assert remember is not None
+                reader = self.blob_reader(txn, step, name, verify, remember is not None)
+                result[name] = codec.decode(node, reader, "", allow_pickle=self._allow_pickle, into=into.get(name))
+                read = reader.finish()
+                if remember is not None:
                     remember.extend(
-                        LoadedLeaf(codec.join(name, path), blob.nbytes, blob.chunk_nbytes, ids, prints)
+                        LoadedLeaf(codec.join(name, path), blob.nbytes, blob.chunk_nbytes, ids, prints or b"")
                         for path, (blob, ids, prints) in read.items()
                     )
         return result
 
-    def blob_reader(self, txn: ReadTxn, step: int, component: str, verify: bool, read: dict | None = None):
-        """``read_blob`` for the codec: fill ``out`` with a blob's chunks, each checked;
-        with ``read``, note ``path -> (blob, ids, fingerprints)`` of each blob there."""
-        walker = PageWalker(txn, check_pages=verify)
-
-        def read_blob(blob: Blob, out, path: str) -> None:
-            context = {"step": step, "component": component, "path": path}
-            ids, prints = self._chunks.read_blob(
-                txn, walker, blob, out, verify=verify, pool=self._pool, context=context, fingerprints=read is not None
-            )
-            if read is not None:
-                read[path] = (blob, ids, prints)
-
-        return read_blob
+    def blob_reader(self, txn: ReadTxn, step: int, component: str, verify: bool, remember: bool = False):
+        """A :class:`BlobReader` for the codec over ``txn``; call its ``finish()``."""
+        return BlobReader(
+            self._chunks, txn, PageWalker(txn, check_pages=verify), self._pool, step, component, verify, remember
+        )
 
     def _select_components(self, manifest: Manifest, keys) -> list[str]:
         if keys is None:
@@ -120,6 +109,7 @@ class Loader:
             reader = self.blob_reader(txn, manifest.step, name, verify)
             chosen = codec.select(node, regex)
             result[name] = {p: codec.decode(n, reader, p, allow_pickle=self._allow_pickle) for p, n in chosen}
+            reader.finish()
             if not chosen:
                 available += [f"{name}:{p}" for p, _ in codec.leaf_nodes(node)][:20]
         if not any(result.values()):
@@ -134,4 +124,42 @@ class Loader:
             with self._backend.read() as txn:
                 reader = self.blob_reader(txn, step, name, verify)
                 value = codec.decode(shard, reader, str(index), allow_pickle=self._allow_pickle)
+                reader.finish()
             yield value
+
+
+class BlobReader:
+    """``read_blob`` for the codec within one snapshot: deferred reads (arrays) are queued
+    and run together by :meth:`finish` on every thread of the pool, so a state of many
+    small leaves decodes on all cores as one of a few large ones does."""
+
+    def __init__(self, chunks: ChunkStore, txn: ReadTxn, walker: PageWalker, pool, step, component, verify, remember):
+        self._chunks, self._txn, self._walker, self._pool = chunks, txn, walker, pool
+        self._step, self._component, self._verify, self._remember = step, component, verify, remember
+        self._reads: dict[str, tuple] = {}  # path -> (blob, BlobRead)
+        self._queued: list = []
+
+    def __call__(self, blob: Blob, out, path: str, *, deferred: bool = False) -> None:
+        context = {"step": self._step, "component": self._component, "path": path}
+        read = self._chunks.blob_read(
+            self._txn, self._walker, blob, out, verify=self._verify, context=context, fingerprints=self._remember
+        )
+        self._reads[path] = (blob, read)
+        if deferred:
+            self._queued += read.tasks
+        else:
+            self._run(read.tasks)
+
+    def finish(self) -> dict:
+        """Run the queued reads; returns ``path -> (blob, ids, fingerprints)`` of every blob."""
+        queued, self._queued = self._queued, []
+        self._run(queued)
+        return {path: (blob, *read.result()) for path, (blob, read) in self._reads.items()}
+
+    def _run(self, tasks: list) -> None:
+        if len(tasks) <= 1:
+            for task in tasks:
+                task()
+            return
+        for _ in self._pool.map(lambda task: task(), tasks):
+            pass

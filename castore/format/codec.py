@@ -14,7 +14,7 @@ import math
 import pickle
 import re
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -63,8 +63,13 @@ class MakeBlob(Protocol):
     ) -> Any: ...
 
 
-#: ``read_blob(blob, out, path)`` fills the writable flat uint8 array ``out``.
-ReadBlob = Callable[[Blob, np.ndarray, str], None]
+class ReadBlob(Protocol):
+    """Fills the writable flat uint8 array ``out`` with a blob's bytes.  With ``deferred``
+    it may instead queue the work and fill ``out`` any time before the reader's owner
+    finishes the load (arrays: filled on every core at once); without, ``out`` is filled
+    when the call returns (bytes leaves, which are copied at once)."""
+
+    def __call__(self, blob: Blob, out: np.ndarray, path: str, *, deferred: bool = False) -> None: ...
 
 
 def join(path: str, key) -> str:
@@ -266,7 +271,7 @@ def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str, into=None):
         if isinstance(blob, InlineBlob):
             target.reshape(-1).view(np.uint8)[:] = np.frombuffer(blob.data, np.uint8)
         elif nbytes:
-            read_blob(blob, target.reshape(-1).view(np.uint8), path)
+            read_blob(blob, target.reshape(-1).view(np.uint8), path, deferred=True)
         return into
     if isinstance(blob, InlineBlob):
         return np.frombuffer(blob.data, dtype).reshape(node.shape).copy()
@@ -274,7 +279,7 @@ def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str, into=None):
         out = np.empty(node.shape, dtype)
     except (MemoryError, ValueError) as exc:
         raise CorruptDataError(f"at {path!r}: cannot allocate {nbytes} bytes: {exc}") from None
-    read_blob(blob, out.reshape(-1).view(np.uint8), path)
+    read_blob(blob, out.reshape(-1).view(np.uint8), path, deferred=True)
     return out
 
 

@@ -10,6 +10,7 @@ caller holds, so a caller can make a chunk write atomic with other records.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -28,6 +29,20 @@ log = logging.getLogger("castore.storage")
 
 #: why a page could not be used: absent, bytes not matching its id, or not a page at all
 PAGE_MISSING, PAGE_CORRUPT, PAGE_MALFORMED = "page-missing", "page-corrupt", "page-malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRead:
+    """The reads of one blob (:meth:`ChunkStore.blob_read`): run every task, then ask
+    :meth:`result`."""
+
+    ids: bytes  #: the blob's chunk ids, concatenated
+    tasks: list  #: one zero-argument callable per chunk
+    prints: list | None  #: filled by the tasks with each chunk's fingerprint, if asked
+
+    def result(self) -> tuple[bytes, bytes | None]:
+        """``(chunk ids, fingerprints or None)``, both concatenated, once the tasks ran."""
+        return self.ids, None if self.prints is None else b"".join(self.prints)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,14 +100,36 @@ class ChunkStore:
         context: dict,
         fingerprints: bool = False,
     ) -> tuple[bytes, bytes | None]:
-        """Fill the flat uint8 array ``out`` with a chunked blob's bytes; returns its chunk
-        ids (concatenated) and, if asked, the chunks' fingerprints (for a later save).
+        """Fill the flat uint8 array ``out`` with a chunked blob's bytes (on ``pool`` when
+        there are several chunks); returns what :meth:`BlobRead.result` does."""
+        read = self.blob_read(txn, walker, blob, out, verify=verify, context=context, fingerprints=fingerprints)
+        if len(read.tasks) == 1:
+            read.tasks[0]()
+        else:
+            for _ in pool.map(lambda task: task(), read.tasks):
+                pass
+        return read.result()
 
-        Chunks are decoded straight into ``out`` (on ``pool`` when there are several), each
-        to exactly its length, and their stored bytes released from memory at once
-        (:meth:`ReadTxn.release`); with ``verify`` the decoded bytes' BLAKE3 is checked.
-        Raises :class:`ChunkMissingError` / :class:`ChunkCorruptError` with ``context``
-        (step, component, path) and the chunk id.
+    def blob_read(
+        self,
+        txn: ReadTxn,
+        walker: PageWalker,
+        blob: Blob,
+        out: np.ndarray,
+        *,
+        verify: bool,
+        context: dict,
+        fingerprints: bool = False,
+    ) -> BlobRead:
+        """The reads that fill the flat uint8 array ``out`` with a chunked blob's bytes:
+        one task per chunk, to run on any thread while ``txn`` is open.
+
+        Each task decodes its chunk straight into ``out``, to exactly its length, releases
+        its stored bytes from memory at once (:meth:`ReadTxn.release`) and, with
+        ``verify``, checks the decoded bytes' BLAKE3.  Pages are walked and chunks looked
+        up here, so a missing one raises before any task runs.  Raises
+        :class:`ChunkMissingError` / :class:`ChunkCorruptError` with ``context`` (step,
+        component, path) and the chunk id.
         """
         if not isinstance(blob, (ChunkedBlob, PagedBlob)):
             raise CorruptDataError(f"unexpected blob {type(blob).__name__} at {context}")
@@ -118,12 +155,7 @@ class ChunkStore:
             if fingerprints:
                 prints[index] = fingerprint(target)
 
-        if len(views) == 1:
-            fill(views[0])
-        else:
-            for _ in pool.map(fill, views):
-                pass
-        return ids, b"".join(prints) if fingerprints else None
+        return BlobRead(ids, [functools.partial(fill, item) for item in views], prints if fingerprints else None)
 
     def intact(self, value, cid: bytes, nbytes: int, scratch: bytearray | None = None) -> bool:
         """True if the stored ``value`` decodes to ``nbytes`` bytes whose BLAKE3 is ``cid``.
