@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import castore
-from castore.maintenance.retention import Keep, StepInfo, policy_of
+from castore.maintenance.retention import Keep, KeptIndex, StepInfo, policy_of
 
 
 def infos(steps, created=None, metrics=None, tagged=()):
@@ -137,3 +137,55 @@ def test_explicit_retain_with_a_policy_and_bad_metrics(tmp_path):
             store.retain()  # no policy on this store
         with pytest.raises(castore.UsageError):
             store.tag("12")  # a tag cannot look like a step number
+
+
+# --- the incremental pass (KeptIndex) agrees with a full selection ---------------------------------
+
+policies = st.builds(
+    lambda last, every, interval, best, mode: Keep(
+        last=last, every=every, interval=interval, best=best, metric="r" if best else None, mode=mode
+    ),
+    last=st.none() | st.integers(1, 6),
+    every=st.none() | st.integers(1, 12),
+    interval=st.none() | st.sampled_from([1.0, 2.5, 7.0]),
+    best=st.none() | st.integers(1, 4),
+    mode=st.sampled_from(["max", "min"]),
+)
+appends = st.lists(
+    st.tuples(
+        st.integers(1, 4),  # step gap
+        st.one_of(st.floats(0.0, 3.0), st.just(-1.0)),  # time gap; -1: the clock went back
+        st.none() | st.sampled_from([0.0, 1.0, 2.0, -3.5, 7.25, float("nan")]),  # metric "r"
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(policy=policies, initial=st.integers(0, 12), tagged=st.sets(st.integers(0, 30), max_size=3), saves=appends)
+def test_the_incremental_pass_deletes_exactly_what_a_full_selection_deletes(policy, initial, tagged, saves):
+    steps = [StepInfo(s, float(s // 2), {"r": float(s % 5)}, s in tagged) for s in range(0, 2 * initial, 2)]
+    index, doomed = KeptIndex.select(policy, steps)
+    kept = {s.step: s for s in steps if s.step not in doomed}
+    step, created = (steps[-1].step if steps else 0), (steps[-1].created if steps else 0.0)
+    fast = 0
+    for gap, dt, metric in saves:
+        step, created = step + gap, created + dt
+        new = StepInfo(step, created, {} if metric is None else {"r": metric}, False)
+        expected = set(kept) | {step}
+        expected -= policy.select([*kept.values(), new])
+        planned = index.plan_append(new)
+        if planned is None:  # not an append it can decide (a clock that went back): a full pass
+            index, full = KeptIndex.select(policy, [*kept.values(), new])
+            assert set(full) == expected
+        else:
+            fast += 1
+            assert set(planned) == expected and planned == sorted(planned)
+            index.append(new, planned)
+        kept[step] = new
+        for gone in expected:
+            del kept[gone]
+        assert index.infos == dict(sorted(kept.items()))
+    if policy.interval is None:
+        assert fast == len(saves)  # without times to follow, every save is an append
