@@ -37,6 +37,7 @@ class LmdbFile:
         self.has_reader_lock = True
         self.env: Any = None  # an lmdb.Environment while open
         self.data_fd: int | None = None  # for posix_fallocate (writable opens)
+        self.allocated_to = 0  # bytes of the data file known allocated on disk, since data_fd was opened
         self.dbs: dict[Table, object | None] = {}
 
     # -- opening --------------------------------------------------------------------------
@@ -52,6 +53,7 @@ class LmdbFile:
         try:
             if not self.readonly:
                 self.data_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR)
+                self.allocated_to = 0
             self.dbs = self.open_tables(writer=writer, reserve=reserve)
         except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
             self.close()
