@@ -1,4 +1,4 @@
-"""The catalog: the config record, steps, branches, tags, the trash and metrics, as
+"""The catalog: the config record, steps, branches, tags, the trash and stepinfo, as
 functions of a storage transaction.
 
 The store calls them inside its own transactions so that, e.g., a manifest leaves
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-
-import msgpack
 
 from .errors import CorruptDataError, FormatError, StepNotFoundError, UsageError
 from .format.chunker import DEFAULT_CHUNK_BYTES
@@ -32,7 +30,7 @@ from .format.keys import (
 )
 from .format.manifest import Manifest, decode_manifest
 from .format.schema import Table
-from .format.sealing import seal, unpack_untrusted, unseal
+from .format.stepinfo import StepRecord, decode_stepinfo, encode_stepinfo
 from .storage.base import Backend, ReadTxn, WriteTxn
 
 
@@ -162,11 +160,9 @@ def trash_manifest(txn: WriteTxn, key: bytes, raw) -> None:
     txn.delete(Table.STEPINFO, key)
 
 
-def put_metrics(txn: WriteTxn, key: bytes, metrics: dict | None) -> None:
-    if metrics:
-        txn.put(Table.STEPINFO, key, seal(msgpack.packb({"metrics": metrics}, use_bin_type=True)))
-    else:
-        txn.delete(Table.STEPINFO, key)
+def put_stepinfo(txn: WriteTxn, key: bytes, created: float, metrics: dict | None) -> None:
+    """Write the stepinfo record of step key ``key`` (every committed step has one)."""
+    txn.put(Table.STEPINFO, key, encode_stepinfo(created, metrics))
 
 
 def check_metrics(metrics) -> dict | None:
@@ -187,18 +183,19 @@ def check_metrics(metrics) -> dict | None:
     return out
 
 
-def read_metrics(txn: ReadTxn, key: bytes) -> dict:
+def read_stepinfo(txn: ReadTxn, key: bytes) -> StepRecord:
+    """The stepinfo record of step key ``key``; ``created`` is None where the record lacks
+    it (written before format 4) or is absent (format 2 and 3 wrote one only with metrics).
+    Raises :class:`CorruptDataError` for a damaged record."""
     raw = txn.get(Table.STEPINFO, key)
     if raw is None:
-        return {}
-    try:
-        record = unpack_untrusted(unseal(raw, f"metrics record of step {step_of(key)}"))
-        metrics = record["metrics"]
-        if not isinstance(metrics, dict):
-            raise TypeError("metrics is not a map")
-        return {str(k): float(v) for k, v in metrics.items()}
-    except (msgpack.UnpackException, ValueError, TypeError, KeyError) as exc:
-        raise CorruptDataError(f"step {step_of(key)}: metrics record is malformed: {exc}") from None
+        return StepRecord(None)
+    return decode_stepinfo(raw, f"metrics record of step {step_of(key)}")
+
+
+def read_metrics(txn: ReadTxn, key: bytes) -> dict:
+    """The metrics saved with step key ``key`` (empty if none)."""
+    return read_stepinfo(txn, key).metrics
 
 
 def tags(txn: ReadTxn) -> dict[str, bytes]:

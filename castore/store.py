@@ -130,7 +130,9 @@ class Store:
             allow_pickle=allow_pickle,
             check_tracking=check_tracking,
             max_pending=max_pending,
-            after_commit=lambda: self._maintainer.retain_after_commit(),  # built just below
+            # the maintainer is built just below (it needs the saver as its gate)
+            retain_in_commit=lambda *args: self._maintainer.retain_in_commit(*args),
+            after_commit=lambda retained, new_bytes: self._maintainer.after_commit(retained, new_bytes),
         )
         self._loader = Loader(self._backend, self._chunks, pool=self._pool, where=self.path, allow_pickle=allow_pickle)
         self._maintainer = Maintainer(
@@ -154,6 +156,7 @@ class Store:
             return
         try:
             self._saver.close()
+            self._maintainer.close()  # collects what amortized GC left behind
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)

@@ -4,7 +4,7 @@ with SIGKILL at random instants, and what must hold after every kill.
 The writer (:func:`run_child`, a subprocess) opens a ``Checkpoint(keep=KEEP)`` and runs a
 script of operations its parent chose:
 
-* ``save``: a blocking save of the next step (retention and GC run after the commit);
+* ``save``: a blocking save of the next step (retention in its commit, then GC when due);
 * ``async``: ``save(block=False)``, the saved arrays scribbled over at once (the save must
   hold them as they were), the next state computed meanwhile, then the handle's result;
 * ``rollback``: ``load(step=k)`` of an earlier step, then a save (blocking or not) of step

@@ -1,7 +1,7 @@
 """Crash safety: SIGKILL a writer process at random instants, and saves that fail midway.
 
 The writer (``kill_harness.run_child``) does what a training run does to its store: blocking
-and async saves with a ``keep=`` policy (retention and GC after each commit), explicit
+and async saves with a ``keep=`` policy (retention in each commit, amortized GC), explicit
 ``gc()``, ``retain()`` and ``compact()``, rollbacks (``load(step=k)`` then a save: the later
 steps move to ``main-abandoned-k``) and deleting abandoned branches.  After every kill the
 store must open, ``verify()`` must report nothing, the steps of every branch must be exactly
@@ -9,7 +9,9 @@ what the operation cut short may have left (nothing lost, no half step), each lo
 bit-exact, and the next save must work.  ``make stress`` runs the same harness for 1,000
 kills.  One kill is aimed at a single instant: between LMDB writing a commit's meta page
 and publishing it to the processes that hold the store open; a restarted writer must
-resume from that commit.
+resume from that commit.  A loop of small saves, each one transaction (chunks, manifest,
+retention), is killed at random instants too: its steps must be exactly what the policy
+keeps of the steps committed.
 
 The kill instants come from ``random.Random`` seeded by ``CASTORE_CRASH_SEED`` (printed
 with every failure), so a failing schedule can be replayed::
@@ -23,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,6 +37,7 @@ from kill_harness import KEEP, Harness, Op, committed, outcomes, retained, shape
 from workload import SMALL, Child, assert_state_equal, fingerprint, state_for
 
 import castore
+from castore.maintenance.retention import StepInfo
 
 SEED = int(os.environ.get("CASTORE_CRASH_SEED", "20240611"))
 #: sizes -> kills: many cheap kills with the small state, a few with the 23 MB one
@@ -316,3 +320,66 @@ def test_workload_is_deterministic_and_steps_differ():
     assert fingerprint(small) == fingerprint(state_for(5, epoch=3, sizes=SMALL))
     assert fingerprint(small) != fingerprint(state_for(5, epoch=4, sizes=SMALL))
     assert 2 << 20 <= workload.state_nbytes(small) <= 10 << 20
+
+
+# --- small saves: chunks, manifest and retention in one transaction -------------------------------
+
+#: A training loop of small saves: each is one transaction (its chunks, manifest, stepinfo
+#: record and retention's deletes), with a collection every few saves.  ``--batch-bytes``
+#: makes every chunk its own journaled batch instead.
+ONE_TRANSACTION_SAVES = r"""
+import sys
+import numpy as np
+import castore, castore.maintenance.maintainer, castore.save.pipeline
+path, seed, batch_bytes = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+castore.maintenance.maintainer.GC_MIN_ENTRIES = 3
+if batch_bytes:
+    castore.save.pipeline.BATCH_BYTES = batch_bytes
+with castore.Store(path, keep=castore.Keep(last=3, every=4)) as store:
+    latest = store.latest()
+    step = 0 if latest is None else latest + 1
+    print("open", step, flush=True)
+    while True:
+        store.save(step, {"w": np.full(1024, step, np.float32), "fixed": np.arange(2048, dtype=np.float32)},
+                   metrics={"loss": 1.0 / (step + 1)})
+        print("committed", step, flush=True)
+        step += 1
+"""
+
+ONE_TRANSACTION_KILLS = 16
+
+
+def small_state(step: int) -> dict:
+    return {"w": np.full(1024, step, np.float32), "fixed": np.arange(2048, dtype=np.float32)}
+
+
+def test_sigkill_during_one_transaction_saves_leaves_each_step_retained_and_no_lost_garbage(tmp_path):
+    """After a kill anywhere in a loop of small saves: the steps are exactly what the policy
+    keeps of steps 0..latest (retention commits with each step, never apart from it), each
+    loads bit-exact, ``verify()`` is clean, and every chunk no step names is garbage a
+    collection finds (after ``gc()`` the store holds one chunk per step plus the shared one)."""
+    rng = np.random.default_rng(SEED)
+    path = tmp_path / "store"
+    policy = castore.Keep(last=3, every=4)
+    last_committed = -1
+    for kill in range(ONE_TRANSACTION_KILLS):
+        batch_bytes = 4096 if kill % 4 == 3 else 0
+        with Child("saves", path, SEED + kill, batch_bytes, script=ONE_TRANSACTION_SAVES) as child:
+            child.expect("open", 60)
+            child.expect("committed", 60)
+            time.sleep(rng.uniform(0.0, 0.25))  # a small save is mostly its commit: most kills land in one
+            assert child.kill() == -signal.SIGKILL, child.describe()
+            printed = [int(w[1]) for w in child.words("committed")]
+        last_committed = max([last_committed, *printed])
+        with castore.Store(path) as store:
+            report = store.verify()
+            assert report.ok, f"kill {kill}: {report.problems}"
+            latest = store.latest()
+            assert latest in (last_committed, last_committed + 1), (kill, latest, last_committed)  # killed printing
+            infos = [StepInfo(s, 0.0, {}, False) for s in range(latest + 1)]
+            assert store.steps() == sorted(policy.select(infos)), f"kill {kill}: not retained with its commit"
+            for step in store.steps():
+                assert_state_equal(store.load(step, verify=True), small_state(step), f"<step {step}>")
+            store.gc()
+            assert store.stats().chunks == len(store.steps()) + 1, f"kill {kill}: garbage no collection finds"
+            last_committed = latest

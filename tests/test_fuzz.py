@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import faulthandler
 import json
+import math
 import os
 import random
 import signal
@@ -62,6 +63,8 @@ from castore.format.manifest import (
     unseal,
 )
 from castore.format.schema import STORE_FORMAT
+from castore.format.sealing import SEAL_BYTES
+from castore.format.stepinfo import encode_stepinfo
 from castore.maintenance.retention import Keep, StepInfo
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,7 +180,7 @@ def mutate(data: bytes, ops) -> bytes:
 # --- manifests, through the codec ----------------------------------------------------------------
 
 
-def fake_read_blob(blob, out, path):
+def fake_read_blob(blob, out, path, *, deferred=False):
     """A store holding zero-filled chunks of small blobs (not of large ones: no huge writes)."""
     if out.nbytes != blob.nbytes:
         raise AssertionError(f"codec allocated {out.nbytes} bytes for a blob of {blob.nbytes}")
@@ -545,12 +548,14 @@ class FakeTxn:
 
 
 def read_metrics(raw):
-    metrics = catalog.read_metrics(FakeTxn(raw), step_key(3))
-    assert all(type(k) is str and type(v) is float for k, v in metrics.items())
-    return metrics
+    record = catalog.read_stepinfo(FakeTxn(raw), step_key(3))
+    assert record.created is None or (type(record.created) is float and math.isfinite(record.created))
+    assert all(type(k) is str and type(v) is float for k, v in record.metrics.items())
+    return record.metrics
 
 
 METRICS = msgpack.packb({"metrics": {"loss": 0.5, "acc": 1.0}}, use_bin_type=True)
+STEPINFO = encode_stepinfo(1.7e9, {"loss": 0.5})
 
 
 @fuzz(600)
@@ -558,9 +563,12 @@ METRICS = msgpack.packb({"metrics": {"loss": 0.5, "acc": 1.0}}, use_bin_type=Tru
     raw=st.one_of(
         st.binary(max_size=200),
         mutations.map(lambda ops: mutate(METRICS, ops)),
+        mutations.map(lambda ops: mutate(STEPINFO, ops)),
+        mutations.map(lambda ops: mutate(STEPINFO[SEAL_BYTES:], ops)),
         st.one_of(st.dictionaries(st.text(max_size=3), anything, max_size=3), anything).map(
             lambda m: msgpack.packb({"metrics": m}, use_bin_type=True)
         ),
+        anything.map(lambda c: msgpack.packb({"created": c, "metrics": {}}, use_bin_type=True)),
         anything.map(lambda r: msgpack.packb(r, use_bin_type=True)),
     )
 )

@@ -36,6 +36,7 @@ from workload import Child, assert_state_equal, fingerprint
 
 import castore
 import castore.maintenance.gc
+import castore.maintenance.maintainer
 import castore.save.pipeline
 from castore import Keep
 from castore.format.manifest import ChunkedBlob, PagedBlob, decode_manifest, iter_blobs
@@ -574,18 +575,38 @@ def test_chunks_of_a_failed_sharded_save_are_journaled_and_collected(tmp_path):
         assert_no_garbage(store)
 
 
-def test_chunks_of_a_save_refused_as_step_exists_are_collected(tmp_path):
+def test_a_save_refused_as_step_exists_commits_none_of_its_last_batch(tmp_path):
+    first = {"w": rows(40, 64)}
+    other = {"w": np.concatenate([rows(41, 16), first["w"][16:]])}  # 4 new chunks, 12 shared
+    with castore.Store(tmp_path / "store", chunk_bytes=CHUNK) as store:
+        store.save(1, first)
+        held = set(db_items(store, "chunks"))
+        generation = store.backend.generation()
+        with pytest.raises(castore.StepExistsError):
+            store.save(1, other)  # found to differ only once its chunks were hashed
+        # The one batch was to be committed with the manifest: nothing was, not even garbage.
+        assert store.backend.generation() == generation
+        assert set(db_items(store, "chunks")) == held and journal_ids(store) == {}
+        assert_state_equal(store.load(1, verify=True), first)
+        assert_no_garbage(store)
+
+
+def test_chunks_of_earlier_batches_of_a_save_refused_as_step_exists_are_collected(tmp_path, monkeypatch):
+    monkeypatch.setattr(castore.save.pipeline, "BATCH_BYTES", 3 * CHUNK)  # a batch per three chunks
     first = {"w": rows(40, 64)}
     other = {"w": np.concatenate([rows(41, 16), first["w"][16:]])}  # 4 new chunks, 12 shared
     with castore.Store(tmp_path / "store", chunk_bytes=CHUNK) as store:
         store.save(1, first)
         held = set(db_items(store, "chunks"))
         with pytest.raises(castore.StepExistsError):
-            store.save(1, other)  # found to differ only after its chunks were written
+            store.save(1, other)
         new = state_ids(other)[0] - held
-        assert len(new) == 4 and set(db_items(store, "chunks")) == held | new
-        assert assert_garbage_is_journaled(store) == new
-        assert set(store.gc().chunks) == new
+        assert len(new) == 4
+        # Every batch but the last was committed (journaled): those chunks are garbage now.
+        committed = set(db_items(store, "chunks")) - held
+        assert committed and committed < new
+        assert assert_garbage_is_journaled(store) == committed
+        assert set(store.gc().chunks) == committed
         assert set(db_items(store, "chunks")) == held
         assert_state_equal(store.load(1, verify=True), first)
         assert_no_garbage(store)
@@ -843,6 +864,68 @@ def test_sigkill_during_gc_at_random_instants_loses_no_kept_chunk(tmp_path):
     assert mid >= 8, f"only {mid} kills landed inside a collection: {summary}"
 
 
+# --- amortized collection after saves ---------------------------------------------------------------------
+
+
+def amortized_state(step: int) -> dict:
+    return {"w": np.full(1024, step, np.float32), "fixed": np.arange(1024, dtype=np.float32)}
+
+
+@pytest.mark.parametrize("engine", ["lmdb", "memory"])
+def test_saves_collect_once_enough_garbage_waits_and_gc_frees_the_rest(tmp_path, monkeypatch, engine):
+    monkeypatch.setattr(castore.maintenance.maintainer, "GC_MIN_ENTRIES", 4)
+    monkeypatch.setattr(castore.maintenance.maintainer, "GC_KEPT_SHARE", 0.25)
+    path = tmp_path / "store" if engine == "lmdb" else f"memory://amortized-{os.getpid()}"
+    try:
+        with castore.Store(path, keep=Keep(last=40)) as store:
+            trash, chunks = [], []
+            for step in range(120):
+                store.save(step, amortized_state(step))
+                trash.append(store.inspect().count(Table.TRASH))
+                chunks.append(store.stats().chunks)
+            # past 40 steps each save trashes one; the threshold is max(4, 40 / 4) = 10 entries
+            assert max(trash) == 9 and trash[-20:].count(0) == 2
+            assert max(chunks) <= 40 + 9 + 1  # kept steps, at most 9 waiting, the shared chunk
+            # nothing kept was freed, and what is left is findable: gc() frees all of it
+            for step in store.steps():
+                assert_state_equal(store.load(step, verify=True), amortized_state(step))
+            left = store.plan_gc()
+            assert len(left.steps) == trash[-1] and set(store.gc().chunks) == set(left.chunks)
+            assert_no_garbage(store, pinned=store.inspect().pinned_ids())
+    finally:
+        if engine == "memory":
+            memory.discard(f"amortized-{os.getpid()}")
+
+
+def test_saves_that_write_many_bytes_collect_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(castore.maintenance.maintainer, "GC_WRITTEN_BYTES", 8192)  # two saves' chunks
+    with castore.Store(tmp_path / "store", keep=Keep(last=2), compression="none") as store:  # bytes as written
+        trash = []
+        for step in range(12):
+            store.save(step, amortized_state(step))
+            trash.append(store.inspect().count(Table.TRASH))
+        assert max(trash) == 1 and trash[2:].count(0) == 5  # every other save collects
+
+
+def test_closing_retaining_and_compacting_collect_what_saves_left(tmp_path):
+    path = tmp_path / "store"
+    with castore.Store(path, keep=Keep(last=1)) as store:
+        for step in range(5):
+            store.save(step, amortized_state(step))
+        assert len(store.plan_gc().steps) == 4  # fewer than GC_MIN_ENTRIES: left for later
+    with castore.Store(path) as store:  # closing collected them
+        assert store.plan_gc().is_empty and store.steps() == [4]
+        for step in range(5, 8):
+            store.save(step, amortized_state(step))
+        assert store.retain(Keep(last=1)) == [4, 5, 6] and store.plan_gc().is_empty
+    with castore.Store(path, keep=Keep(last=1)) as store:
+        for step in range(8, 11):
+            store.save(step, amortized_state(step))
+        store.compact()
+        assert store.plan_gc().is_empty and store.steps() == [10]
+        assert_no_garbage(store)
+
+
 # --- 5. plateau ---------------------------------------------------------------------------------------------
 
 
@@ -884,6 +967,9 @@ def test_store_size_plateaus_with_a_ring_buffer_and_keep(tmp_path):
         for series, name in ((file_bytes, "file bytes"), (used_pages, "LMDB pages in use")):
             early, late = max(series[30:60]), max(series[60:110])
             assert late <= early * 1.05, f"{name} still grow: max {early} over saves 30..60, {late} after"
+        # amortized GC leaves the garbage of fewer than GC_MIN_ENTRIES deleted steps; gc() frees it
+        assert len(cp.store.plan_gc().steps) < castore.maintenance.maintainer.GC_MIN_ENTRIES
+        cp.store.gc()
         assert_no_garbage(cp.store, pinned=cp.store.inspect().pinned_ids())
         live = sum(db_items(cp.store, "chunks").values())
         assert live < 3 * (capacity * 260 + weights.nbytes), f"{live} bytes held for 3 steps"

@@ -19,7 +19,9 @@ pass over the chunks.
 Crash safety: execution deletes chunks first, then pages, then the trash and journal
 entries, in batches of committed transactions.  A kill between batches leaves the trash
 and journal entries in place, so the next GC finds what is left; no batch ever deletes a
-live id.  Callers hold the writer lock with no save being captured or in flight.
+live id.  A plan of at most ``DELETE_BATCH`` ids is executed in one transaction instead
+(atomic: all of it or none).  Callers hold the writer lock with no save being captured
+or in flight.
 """
 
 from __future__ import annotations
@@ -98,10 +100,19 @@ def plan(chunks: ChunkStore, txn: ReadTxn, pinned: AbstractSet[bytes] = frozense
 
 def execute(backend: Backend, chunks: ChunkStore, gc_plan: GcPlan) -> None:
     """Free what ``gc_plan`` lists, in batches; crash-safe (see the module docstring)."""
+    if len(gc_plan.chunks) + len(gc_plan.pages) <= DELETE_BATCH:  # the common, small collection
+        backend.write(_delete_all, chunks, gc_plan)
+        return
     for table, ids in ((Table.CHUNKS, gc_plan.chunks), (Table.PAGES, gc_plan.pages)):
         for start in range(0, len(ids), DELETE_BATCH):
             backend.write(_delete_ids, chunks, table, ids[start : start + DELETE_BATCH])
     backend.write(_delete_entries, gc_plan)
+
+
+def _delete_all(txn: WriteTxn, chunks: ChunkStore, gc_plan: GcPlan) -> None:
+    chunks.delete_many(txn, Table.CHUNKS, gc_plan.chunks)
+    chunks.delete_many(txn, Table.PAGES, gc_plan.pages)
+    _delete_entries(txn, gc_plan)
 
 
 def _delete_ids(txn: WriteTxn, chunks: ChunkStore, table: Table, ids) -> None:

@@ -4,6 +4,21 @@ deletes, tags and branches, for one ``Store`` (one branch).
 Everything that frees chunks runs *quiesced* (writer lock held, no save being captured,
 none in flight) through the saver's gate, and never frees ids a save may reuse (the
 writer state's pins; see :mod:`castore.save.session`).
+
+A save's cost must not grow with the steps kept, so after a commit:
+
+* retention runs *inside* the transaction that commits the manifest
+  (:meth:`Maintainer.retain_in_commit`), from the :class:`~castore.maintenance.retainer.Retainer`'s
+  index of the kept steps: while nobody else wrote, a pass decides the few steps the new
+  one can displace and deletes those, never reading the kept steps.  After another write
+  (a tag, a GC, another ``Store`` of this process) the index is rebuilt from the
+  ``stepinfo`` records, a few dozen bytes a step;
+* garbage collection is amortized: it reads every kept manifest, so a save collects only
+  once the trash and journal hold :data:`GC_MIN_ENTRIES` entries or :data:`GC_KEPT_SHARE`
+  of the steps kept, whichever is more, or its saves wrote :data:`GC_WRITTEN_BYTES` since
+  the last collection.  Freed space comes back a little later; nothing kept is ever freed
+  and garbage is never lost (it stays findable in the trash and journal).  ``gc()``,
+  ``retain()``, ``compact()`` and closing a store whose saves left garbage collect it all.
 """
 
 from __future__ import annotations
@@ -15,12 +30,19 @@ from typing import Protocol
 from .. import catalog
 from ..errors import StepNotFoundError, UsageError
 from ..format.keys import check_branch, check_step, step_key, step_of, tag_key
-from ..format.manifest import decode_manifest
 from ..format.schema import Table
-from ..storage.base import Backend, ReadTxn, WriteTxn
+from ..storage.base import Backend, WriteTxn
 from ..storage.chunks import ChunkStore
 from . import gc as gc_
+from .retainer import Pass, Retainer
 from .retention import Keep, StepInfo, policy_of
+
+#: after a save, collect once the trash and journal hold at least this many entries...
+GC_MIN_ENTRIES = 16
+#: ... or this share of the steps kept (of every branch: a collection reads them all) ...
+GC_KEPT_SHARE = 0.25
+#: ... or once this store's saves wrote this many chunk bytes since the last collection
+GC_WRITTEN_BYTES = 64 << 20
 
 
 class SaveGate(Protocol):
@@ -52,6 +74,9 @@ class Maintainer:
         self._branch = branch
         self._path = path
         self.keep = keep
+        self._retainer = Retainer(branch, path)
+        self._written = 0  # chunk bytes this store's saves wrote since the last collection
+        self._owes_gc = False  # a save left garbage for a later collection
 
     # -- retention and garbage collection ----------------------------------------------------
 
@@ -60,27 +85,57 @@ class Maintainer:
         if policy is None:
             raise UsageError("no retention policy: pass keep= here or to the Store")
         with self._gate.quiesced():
-            doomed = self._delete_unkept(policy)
+            done = self._backend.write(self._retainer.full, policy)
+            self._retainer.committed(done)
             self._execute_gc(None)
-            return doomed
+            return list(done.doomed)
 
-    def retain_after_commit(self) -> None:
-        """Apply ``keep`` after a commit, unless a save is being captured or is queued."""
+    def retain_in_commit(
+        self, txn: WriteTxn, step: int, created: float, metrics: dict | None, moved: bool
+    ) -> Pass | None:
+        """Apply ``keep`` in the transaction that commits ``step`` of this branch.
+
+        The saver calls it after putting the step's manifest and stepinfo record into
+        ``txn``; ``moved`` says the transaction also moved or replaced steps (a rollback,
+        an overwrite).  Returns what to hand to :meth:`after_commit` once the transaction
+        committed.  Writes only through ``txn``, so it may be re-run with the transaction.
+        """
+        if self.keep is None:
+            return None
+        new = StepInfo(step, created, metrics or {}, False)  # a new step has no tag yet
+        return self._retainer.in_commit(txn, self.keep, new, moved=moved)
+
+    def after_commit(self, done: Pass | None, new_bytes: int) -> None:
+        """After a save's commit: remember what retention left, collect if garbage is due.
+
+        Collects only when nothing else is being saved (saves being captured or queued
+        may reuse ids from baselines older than this commit); the last of them does it.
+        """
+        if done is not None:
+            self._retainer.committed(done)
         if self.keep is None:
             return
+        self._written += new_bytes
         with self._gate.quiet_after_commit() as quiet:
-            if quiet and self._delete_unkept(self.keep):
+            if quiet and self._is_gc_due():
                 self._execute_gc(None)
 
-    def _delete_unkept(self, policy: Keep) -> list[int]:
-        """Move the steps ``policy`` does not keep to the trash; returns them."""
+    def _is_gc_due(self) -> bool:
         with self._backend.read() as txn:
-            infos = step_infos(txn, self._branch)
-        doomed = sorted({i.step for i in infos} - policy.select(infos))
-        if doomed:
-            keys = [step_key(step, self._branch) for step in doomed]
-            self._backend.write(catalog.delete_steps, keys, self._path)
-        return doomed
+            pending = txn.count(Table.TRASH) + txn.count(Table.JOURNAL)
+            kept = txn.count(Table.STEPS)
+        self._owes_gc = pending > 0
+        due = max(GC_MIN_ENTRIES, GC_KEPT_SHARE * kept)
+        return self._owes_gc and (pending >= due or self._written >= GC_WRITTEN_BYTES)
+
+    def close(self) -> None:
+        """Collect the garbage this store's saves left for later (when this process is the
+        writer and no save is in flight: the saver has waited for them)."""
+        if not self._owes_gc or not self._backend.is_writer():
+            return
+        with self._gate.quiet_after_commit() as quiet:
+            if quiet:
+                self._execute_gc(None)
 
     def plan_gc(self) -> gc_.GcPlan:
         with self._gate.quiesced():
@@ -99,7 +154,13 @@ class Maintainer:
         if plan is None or plan.generation != self._backend.generation():
             plan = self._plan_gc()
         if not plan.is_empty:
-            gc_.execute(self._backend, self._chunks, plan)
+            # Other writes of this process are held off, so the retention index knows that
+            # these commits changed no step, stepinfo record or tag (no rebuild after a GC).
+            with self._backend.exclusive_writes():
+                before = self._backend.generation()
+                gc_.execute(self._backend, self._chunks, plan)
+                self._retainer.unchanged(before, self._backend.generation())
+        self._written, self._owes_gc = 0, False
         return plan
 
     def compact(self) -> tuple[int, int]:
@@ -172,14 +233,3 @@ class Maintainer:
             raise StepNotFoundError(f"no branch {name!r} in {self._path}")
         catalog.delete_steps(txn, [step_key(step, name) for step in steps], self._path)
         return steps
-
-
-def step_infos(txn: ReadTxn, branch: str) -> list[StepInfo]:
-    """What retention needs to know of every step of ``branch``."""
-    tagged = set(catalog.tags(txn).values())
-    infos = []
-    for step, raw in catalog.branch_manifests(txn, branch):
-        key = step_key(step, branch)
-        created = decode_manifest(raw).created
-        infos.append(StepInfo(step, created, catalog.read_metrics(txn, key), key in tagged))
-    return infos

@@ -1,9 +1,12 @@
 """The write phase of a save: hash changed chunks in parallel, put them in batched transactions.
 
 Hash threads (BLAKE3 releases the GIL) run ahead of one writer thread that puts chunks
-with put-if-absent and commits every ``BATCH_BYTES``, so hashing overlaps writing.
-Chunks are committed before the manifest that names them, so a crash leaves at most
-unreferenced chunks (listed in the journal for GC), never a step naming a missing chunk.
+with put-if-absent and commits every ``BATCH_BYTES``, so hashing overlaps writing.  The
+last batch is not committed by the writer thread: it is handed to the transaction that
+commits the manifest (:meth:`SaveJob.put_last_batch`), so a save that fits one batch is
+one commit.  Either way chunks are committed no later than the manifest that names them,
+so a crash leaves at most unreferenced chunks of the batches committed before it (listed
+in the journal for GC), never a step naming a missing chunk.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ..format.keys import prefix_stop
 from ..format.manifest import INLINE_IDS, PAGE_IDS, ChunkedBlob, PagedBlob
 from ..format.schema import Table
 from ..storage.base import WriteTxn
-from ..storage.chunks import ChunkStore
+from ..storage.chunks import ChunkStore, PutCount
 from .capture import Capture, PendingBlob, Staging
 
 BATCH_BYTES = 128 << 20
@@ -31,7 +34,12 @@ _FLUSH, _END = object(), object()
 
 
 class ChunkSink:
-    """Writer thread: puts ``(table, id, view)`` items, commits per batch; counts what was new."""
+    """Writer thread: puts ``(table, id, view)`` items, commits per batch; counts what was new.
+
+    Every batch but the last is committed on the writer thread with a journal entry; the
+    last (what :meth:`finish` leaves) goes into the manifest's transaction, which needs no
+    journal entry for it: those chunks become visible with the manifest or not at all.
+    """
 
     def __init__(self, chunks: ChunkStore):
         self.chunks = chunks
@@ -41,6 +49,8 @@ class ChunkSink:
         self._queue: queue.Queue = queue.Queue(maxsize=4096)
         self._error: BaseException | None = None
         self._aborted = False
+        self._last: list = []  # the batch finish() left for the manifest's transaction
+        self._last_count: PutCount | None = None  # what its latest put did (a re-run overwrites it)
         self._thread = threading.Thread(target=self._run, name="castore-writer", daemon=True)
         self._thread.start()
 
@@ -55,6 +65,12 @@ class ChunkSink:
         self._raise_if_failed()
 
     def finish(self) -> None:
+        """Stop the writer; the items not committed yet are left as :attr:`last_batch`.
+
+        The caller puts them with :meth:`put_last_batch` in the transaction that commits
+        the manifest, or commits them alone with :meth:`commit_last_batch`; their buffers
+        must stay unchanged until then.
+        """
         self._queue.put(_END)
         self._thread.join()
         self._raise_if_failed()
@@ -64,6 +80,40 @@ class ChunkSink:
         self._aborted = True
         self._queue.put(_END)
         self._thread.join()
+        self._last = []
+
+    @property
+    def last_batch(self) -> list:
+        return self._last
+
+    @property
+    def last_batch_bytes(self) -> int:
+        return sum(len(view) for _, _, view in self._last)
+
+    def put_last_batch(self, txn: WriteTxn, attempts: list) -> None:
+        """Put the last batch in ``txn``, the manifest's transaction (no journal entry).
+
+        ``attempts`` is the caller's list, appended to on every run of the transaction's
+        ``fn``: on a re-run the buffers are checked again.  Counted once it committed
+        (:meth:`last_batch_committed`).
+        """
+        if not self._last:
+            return
+        if len(attempts) > 1:
+            _check_unchanged(self._last)
+        self._last_count = self.chunks.put_many(txn, self._last)
+
+    def last_batch_committed(self) -> None:
+        """The transaction holding :meth:`put_last_batch` committed: count it."""
+        if self._last_count is not None:
+            self._count(self._last_count)
+        self._last, self._last_count = [], None
+
+    def commit_last_batch(self) -> None:
+        """Commit the last batch alone, with its journal entry (no manifest is committed)."""
+        batch, self._last = self._last, []
+        self._commit(batch)
+        self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
         if isinstance(self._error, SaveError):
@@ -77,11 +127,13 @@ class ChunkSink:
         while True:
             item = self._queue.get()
             try:
-                if item is _FLUSH or item is _END:
+                if item is _END:
+                    if not self._aborted and self._error is None:
+                        self._last = batch
+                    return
+                if item is _FLUSH:
                     self._commit(batch)
                     batch, size = [], 0
-                    if item is _END:
-                        return
                 else:
                     batch.append(item)
                     size += len(item[2])
@@ -102,6 +154,9 @@ class ChunkSink:
             self._error = exc
             return
         self._batches += 1
+        self._count(count)
+
+    def _count(self, count: PutCount) -> None:
         self.new_chunks += len(count.new)
         self.reused_chunks += count.reused
         self.new_bytes += count.new_bytes
@@ -109,13 +164,19 @@ class ChunkSink:
     def _put_batch(self, txn: WriteTxn, batch: list, attempts: list):
         attempts.append(1)
         if len(attempts) > 1:  # a retry after map growth: the buffers must still match
-            for table, cid, view in batch:  # encoded values are bytes of ours: cannot change
-                if table is Table.CHUNKS and not isinstance(view, bytes) and chunk_id(view) != cid:
-                    raise SaveError("a buffer changed while it was being saved; save again")
+            _check_unchanged(batch)
         count = self.chunks.put_many(txn, batch)
         if count.new:  # until the manifest commits, GC may free these if the save never does
             txn.put(Table.JOURNAL, journal.entry_key(self.token, self._batches), journal.encode_entry(count.new))
         return count
+
+
+def _check_unchanged(batch: list) -> None:
+    """Before a retried put: a live buffer must still hold the bytes its id was hashed from
+    (encoded values and pages are bytes of ours and cannot change)."""
+    for table, cid, view in batch:
+        if table is Table.CHUNKS and not isinstance(view, bytes) and chunk_id(view) != cid:
+            raise SaveError("a buffer changed while it was being saved; save again")
 
 
 def drop_journal(txn: WriteTxn, token: bytes) -> None:
@@ -217,9 +278,31 @@ class SaveJob:
         self.sink.flush()
 
     def finish(self) -> None:
-        """Commit every captured chunk; the blobs are then resolved."""
+        """Write every captured chunk, committing all but the last batch; the blobs are
+        then resolved.  The last batch waits for :meth:`put_last_batch` (or :meth:`done`)."""
         self._write_captured()
         self.sink.finish()
+
+    @property
+    def last_batch_bytes(self) -> int:
+        return 0 if self._sink is None else self._sink.last_batch_bytes
+
+    def put_last_batch(self, txn: WriteTxn, attempts: list) -> None:
+        """Put the chunks :meth:`finish` left in ``txn``, which commits the manifest."""
+        if self._sink is not None:
+            self._sink.put_last_batch(txn, attempts)
+
+    def commit_last_batch(self) -> None:
+        """Commit the chunks :meth:`finish` left on their own (no manifest needs committing:
+        the same state was committed already).  Raises :class:`SaveError`."""
+        if self._sink is not None:
+            self._sink.commit_last_batch()
+
+    def done(self, *, manifest_committed: bool) -> None:
+        """After the manifest's transaction: count the last batch if it committed with it
+        (else it is dropped: nothing of it was committed); release the buffers."""
+        if self._sink is not None and manifest_committed:
+            self._sink.last_batch_committed()
         self._release()
 
     def abort(self) -> None:

@@ -2,8 +2,11 @@
 
 Guarantees:
 
-* a step is visible only once its manifest is committed, which happens after every chunk
-  it names is committed; a reader never sees half a step;
+* a step is visible only once its manifest is committed, in the transaction that also
+  commits the last batch of its chunks (the earlier batches, journaled, commit before);
+  a reader never sees half a step;
+* retention (the store's ``keep``) deletes in that same transaction: a step is never
+  visible without it;
 * chunks are content-addressed (BLAKE3-256 of their bytes) and written once;
 * *the rollback rule*: after :meth:`Saver.continue_from` (a load of step k), the save
   that commits first moves the branch's steps after k to ``<branch>-abandoned-<k>`` in the
@@ -19,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .. import catalog
 from ..errors import StepExistsError, UsageError
@@ -81,8 +85,12 @@ class Saver:
     """Saves of one ``Store`` (one branch).  Collaborators are given, not reached for:
 
     ``take_writer()`` takes the writer lock and returns the writer session token;
-    ``after_commit()`` runs after each commit (retention); ``writer`` is the backend's
-    :class:`~castore.save.session.WriterState`, where the saver registers its baselines.
+    ``retain_in_commit(txn, step, created, metrics, moved)`` runs inside the transaction
+    that commits a manifest, after the manifest and its stepinfo record are in it
+    (retention: it may delete steps in ``txn``, and is re-run with it); its result goes to
+    ``after_commit(result, new_bytes)`` once the transaction committed (garbage collection);
+    ``writer`` is the backend's :class:`~castore.save.session.WriterState`, where the saver
+    registers its baselines.
     """
 
     def __init__(
@@ -101,7 +109,8 @@ class Saver:
         allow_pickle: bool,
         check_tracking: bool,
         max_pending: int,
-        after_commit: Callable[[], None],
+        retain_in_commit: Callable[[WriteTxn, int, float, dict | None, bool], Any],
+        after_commit: Callable[[Any, int], None],
     ):
         self._backend = backend
         self._chunks = chunks
@@ -116,6 +125,7 @@ class Saver:
         self._allow_pickle = allow_pickle
         self._check_tracking = check_tracking
         self._max_pending = max_pending
+        self._retain_in_commit = retain_in_commit
         self._after_commit = after_commit
         self._continue_from: int | None = None
         self._lock = threading.RLock()  # saves (capture, submit) vs. maintenance
@@ -251,7 +261,7 @@ class Saver:
     def _write(self, captured: _Captured) -> SaveResult:
         job = captured.job
         try:
-            data, abandoned_to = self._finish_and_commit(captured)
+            data, abandoned_to, retained = self._finish_and_commit(captured)
         except BaseException:
             self._keep_rollback_pending(captured)
             raise
@@ -262,8 +272,8 @@ class Saver:
                 "steps of branch %r after %d moved to branch %r", self._branch, captured.continue_from, abandoned_to
             )
         self._remember_baselines(job.capture)
-        self._after_commit()
         sink = job.sink
+        self._after_commit(retained, sink.new_bytes)
         return SaveResult(
             step=captured.step,
             logical_bytes=captured.logical_bytes,
@@ -277,21 +287,30 @@ class Saver:
             abandoned_to=abandoned_to,
         )
 
-    def _finish_and_commit(self, captured: _Captured) -> tuple[bytes, str | None]:
-        """Write the chunks, then the manifest; returns it (b"" if the same state was
-        committed already) and the branch later steps moved to."""
+    def _finish_and_commit(self, captured: _Captured) -> tuple[bytes, str | None, Any]:
+        """Write the chunks, then commit the manifest with the last batch of them and
+        retention, in one transaction.  Returns the manifest (b"" if the same state was
+        committed already), the branch later steps moved to, and what retention left."""
+        job = captured.job
         try:
-            captured.job.finish()
+            job.finish()
         except BaseException:
-            captured.job.abort()
+            job.abort()
             raise
-        components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
-        manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
-        if not (captured.overwrite or captured.is_continuation()) and self._is_same_as_committed(manifest):
-            return b"", None  # the same state saved again under its step: nothing to commit
-        data = encode_manifest(manifest)
-        self._backend.reserve(len(data))
-        return data, self._backend.write(self._commit_manifest, captured, data)
+        committed = False
+        try:
+            components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
+            manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
+            if not (captured.overwrite or captured.is_continuation()) and self._is_same_as_committed(manifest):
+                job.commit_last_batch()
+                return b"", None, None  # the same state saved again under its step: nothing to commit
+            data = encode_manifest(manifest)
+            self._backend.reserve(len(data) + job.last_batch_bytes)
+            abandoned_to, retained = self._backend.write(self._commit_manifest, captured, manifest.created, data, [])
+            committed = True
+            return data, abandoned_to, retained
+        finally:
+            job.done(manifest_committed=committed)
 
     def _keep_rollback_pending(self, captured: _Captured) -> None:
         """Nothing committed, so nothing moved: the next save continues from the same step."""
@@ -360,8 +379,17 @@ class Saver:
             f"step {manifest.step} exists in {self._where} with different content; pass overwrite=True to replace it"
         )
 
-    def _commit_manifest(self, txn: WriteTxn, captured: _Captured, data: bytes) -> str | None:
-        """Commit the manifest; returns the branch later steps moved to, if any."""
+    def _commit_manifest(
+        self, txn: WriteTxn, captured: _Captured, created: float, data: bytes, attempts: list
+    ) -> tuple[str | None, Any]:
+        """Commit the last batch of chunks, the manifest and its stepinfo, and retention.
+
+        The chunks go in first: a manifest names only chunks committed before it or in its
+        own transaction.  Returns the branch later steps moved to, if any, and what
+        retention left (for ``after_commit``).  May be re-run (``attempts`` counts runs).
+        """
+        attempts.append(1)
+        captured.job.put_last_batch(txn, attempts)
         key = step_key(captured.step, self._branch)
         abandoned_to = None
         if captured.continue_from is not None:
@@ -374,9 +402,10 @@ class Saver:
                 )
             catalog.trash_manifest(txn, key, old)
         txn.put(Table.STEPS, key, data)
-        catalog.put_metrics(txn, key, captured.metrics)
+        catalog.put_stepinfo(txn, key, created, captured.metrics)
         drop_journal(txn, captured.job.sink.token)  # its chunks are referenced now
-        return abandoned_to
+        moved = abandoned_to is not None or old is not None  # steps changed beyond this one
+        return abandoned_to, self._retain_in_commit(txn, captured.step, created, captured.metrics, moved)
 
     def close(self) -> None:
         """Wait for async saves (errors stay for :meth:`raise_failed`)."""

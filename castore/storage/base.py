@@ -36,7 +36,8 @@ class ReadTxn(Protocol):
 
     @property
     def generation(self) -> int:
-        """The generation this snapshot shows (see :meth:`Backend.generation`)."""
+        """The generation this snapshot shows (see :meth:`Backend.generation`).  In a write
+        transaction, the generation its commit makes: it started from ``generation - 1``."""
 
     def get(self, table: Table, key: bytes) -> Buffer | None:
         """The value of ``key``, or None."""
@@ -108,8 +109,9 @@ class Backend(Protocol):
         """
 
     def generation(self) -> int:
-        """A number that grows with every commit that changes a table (a write that changes
-        nothing may leave it as it was): a plan made at one generation is stale at another."""
+        """A number that grows by one with every commit that changes a table (a write that
+        changes nothing may leave it as it was): a plan made at one generation is stale at
+        another, and the delta across an operation counts the commits it made."""
 
     def reserve(self, nbytes: int) -> None:
         """Make room for a write of about ``nbytes``, or raise :class:`SaveError` (full disk)

@@ -498,6 +498,21 @@ class BackendContract:
                 assert txn.generation == seen[-1]
         assert seen == sorted(set(seen)), seen
 
+    def test_each_commit_adds_one_and_a_write_sees_the_generation_it_makes(self, backend):
+        """What counting commits by generation delta, and a cache valid at one generation,
+        rely on (the save's one-commit test, the retention index)."""
+
+        def put(txn, key):
+            txn.put(Table.STEPS, key, b"v")
+            return txn.generation
+
+        for i in range(5):
+            before = backend.generation()
+            seen = backend.write(put, b"k%d" % i)
+            assert seen == before + 1 == backend.generation()
+            with backend.read() as txn:
+                assert txn.generation == seen
+
     def test_failed_and_empty_writes_never_lower_the_generation(self, backend):
         backend.write(lambda txn: txn.put(Table.STEPS, b"a", b"1"))
         g = backend.generation()
