@@ -18,6 +18,7 @@ from .format.keys import describe_key, step_of
 from .format.manifest import Blob, Manifest, ShardsNode
 from .storage.base import Backend, ReadTxn
 from .storage.chunks import ChunkStore, PageWalker
+from .tracking import TrackedArray
 
 log = logging.getLogger("castore.load")
 
@@ -31,6 +32,7 @@ class LoadedLeaf:
     chunk_nbytes: int
     ids: bytes  #: its chunk ids, concatenated
     fingerprints: bytes  #: xxh3-128 of each chunk as loaded, concatenated
+    tracked: TrackedArray | None = None  #: the restore target it was filled into, if tracked
 
 
 class Loader:
@@ -77,8 +79,11 @@ class Loader:
                 result[name] = codec.decode(node, reader, "", allow_pickle=self._allow_pickle, into=into.get(name))
                 read = reader.finish()
                 if remember is not None:
+                    filled = {p: v for p, v in codec.leaves(result[name]) if type(v) is TrackedArray}
                     remember.extend(
-                        LoadedLeaf(codec.join(name, path), blob.nbytes, blob.chunk_nbytes, ids, prints or b"")
+                        LoadedLeaf(
+                            codec.join(name, path), blob.nbytes, blob.chunk_nbytes, ids, prints or b"", filled.get(path)
+                        )
                         for path, (blob, ids, prints) in read.items()
                     )
         return result

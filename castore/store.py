@@ -469,8 +469,9 @@ class Store:
         with self._backend.read() as txn:
             key = self._locate(txn, step, branch)
             result = self._loader.load(txn, key, keys, regex, verify, into=into, remember=remember)
+            mark = self._chunks.deletion_mark(txn) if remember else None
         if remember:
-            self._saver.adopt_loaded(remember)
+            self._saver.adopt_loaded(remember, mark)
         return result
 
     def inspect(self) -> StoreInspector:

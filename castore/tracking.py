@@ -155,6 +155,14 @@ class TrackedArray:
             if self._baseline is None or baseline.epoch >= self._baseline.epoch:
                 self._baseline = baseline
 
+    def restored(self, make_baseline) -> None:
+        """A load filled this array: its rows as they are now are ``make_baseline(epoch)``'s
+        chunks (rows written from now on are dirty for the next save)."""
+        with self._lock:
+            epoch = self._epoch
+            self._epoch += 1
+            self._baseline = make_baseline(epoch)
+
     def pinned_ids(self, session) -> bytes:
         """The concatenated ids of the baseline if it belongs to ``session`` (GC keeps them)."""
         baseline = self._baseline

@@ -188,3 +188,48 @@ def test_a_read_only_store_remembers_nothing(tmp_path):
     with castore.Store(tmp_path / "s", readonly=True) as store:
         store.load(1)
         assert store.inspect().pinned_ids() == set()
+
+
+def test_a_resume_with_nothing_deleted_since_looks_up_no_chunk(tmp_path, monkeypatch):
+    """The store's deletion count is unchanged since the load, so no id needs a lookup
+    (a lookup faults a whole value into memory: a resume would hold the store twice)."""
+    ck = make_run(tmp_path / "s")
+    ck.save(1)
+    ck.store.close()
+    ck = fresh(tmp_path / "s")
+    ck.load()
+    looked_up = []
+    monkeypatch.setattr(castore.storage.chunks.ChunkStore, "has_all", lambda self, txn, ids: looked_up.append(ids))
+    result = ck.save(2)
+    assert looked_up == [] and result.changed_bytes == 0
+    ck.store.close()
+
+
+def test_a_load_that_fills_a_tracked_array_gives_it_a_baseline(tmp_path):
+    ck = make_run(tmp_path / "s")
+    ck.save(1)
+    ck.store.close()
+    ck = fresh(tmp_path / "s")
+    ck.replay = castore.RingBuffer(ROWS, fields={"obs": ((1024,), np.uint8), "reward": ((), np.float32)})
+    ck.load()
+    obs = ck.replay._fields["obs"]
+    epoch, baseline, changed = obs.capture()  # what the next save's capture will see
+    assert baseline is not None and changed.size == 0
+    ck.store.close()
+
+
+def test_a_resume_from_a_store_older_than_format_4_looks_each_id_up(tmp_path, monkeypatch):
+    """An older castore may collect a format-3 store without counting deletions."""
+    import shutil
+
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "store-v3"), tmp_path / "v3")
+    with castore.Store(tmp_path / "v3") as store:
+        state = store.load(200)
+        calls = []
+        real = castore.storage.chunks.ChunkStore.has_all
+        monkeypatch.setattr(
+            castore.storage.chunks.ChunkStore, "has_all", lambda self, txn, ids: calls.append(1) or real(self, txn, ids)
+        )
+        store.save(300, state)
+        assert calls  # looked up, not trusted
+        assert store.verify().problems == ()

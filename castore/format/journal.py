@@ -19,6 +19,7 @@ from .schema import Table
 
 TOKEN_BYTES = 8  #: random bytes naming one save's entries
 COUNTERS_KEY = b"counters"  #: key of the counters in the ``meta`` table
+DELETIONS_KEY = b"deletions"  #: key of the count of chunk and page deletions ever (format 4)
 DEFERRED_PREFIX = b"gc-defer"  #: key prefix of garbage a later GC must reconsider
 TAGS = {Table.CHUNKS: b"c", Table.PAGES: b"p"}
 _TABLE_OF_TAG = {tag: table for table, tag in TAGS.items()}
@@ -65,3 +66,16 @@ def decode_counters(raw) -> tuple[int, int]:
 def encode_counters(chunks: int, nbytes: int) -> bytes:
     """The counters record; both counts must be in [0, 2**64)."""
     return chunks.to_bytes(8, "big") + nbytes.to_bytes(8, "big")
+
+
+def decode_deletions(raw) -> int:
+    """The ``meta/deletions`` count (u64 BE; absent: 0); raises CorruptDataError."""
+    if raw is None:
+        return 0
+    if len(raw) != 8:
+        raise CorruptDataError(f"meta/deletions is {len(raw)} bytes, not 8")
+    return int.from_bytes(bytes(raw), "big")
+
+
+def encode_deletions(count: int) -> bytes:
+    return count.to_bytes(8, "big")

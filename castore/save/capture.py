@@ -141,6 +141,8 @@ class Capture:
 
     def _tracked(self, views, nbytes, chunk_nbytes, row_nbytes, path, tracked: TrackedArray) -> PendingBlob:
         epoch, baseline, changed_rows = tracked.capture()
+        if baseline is not None and baseline.session is not self.session and self.confirm is not None:
+            baseline = self.confirm(path, baseline)
         count = len(views)
         if baseline is not None and self._usable(baseline, nbytes, chunk_nbytes):
             dirty = np.zeros(count, bool)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -56,6 +57,16 @@ class SaveResult:
     changed_bytes: int = 0  #: bytes of chunks found changed since the last save (hashed)
     capture_seconds: float = 0.0  #: time the caller was blocked capturing (async saves)
     abandoned_to: str | None = None  #: branch the later steps moved to (see ``continue_from``)
+
+
+class LoadedSession:
+    """The session of baselines a load left, until a save confirms them: ``mark`` is the
+    store's deletion count when the load read them (None: unknown)."""
+
+    __slots__ = ("mark",)
+
+    def __init__(self, mark: int | None):
+        self.mark = mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +141,6 @@ class Saver:
         self._continue_from: int | None = None
         self._lock = threading.RLock()  # saves (capture, submit) vs. maintenance
         self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
-        self._loaded = object()  # the session of baselines a load left, until a save confirms them
         self._staging = Staging()
         self._background: Background | None = None
         writer.add_holder(self)
@@ -236,7 +246,7 @@ class Saver:
             staging=self._staging,
             pool=self._pool,
             workers=self._workers,
-            confirm=lambda path, baseline: self._confirm_loaded(path, baseline, session),
+            confirm=functools.partial(self._confirm_loaded, session=session, memo={}),
         )
         job = SaveJob(self._chunks, self._pool, capture, self._staging, self._choices)
         encoder = codec.Encoder(capture, allow_pickle=self._allow_pickle, on_shard=None if copy else job.flush)
@@ -330,35 +340,52 @@ class Saver:
 
     # -- resuming without re-hashing -------------------------------------------------------------
 
-    def adopt_loaded(self, leaves) -> None:
+    def adopt_loaded(self, leaves, mark: int | None) -> None:
         """Remember the chunk ids and fingerprints of leaves a load read (``LoadedLeaf``),
         so the next save of unchanged chunks neither hashes nor writes them.
 
         A leaf with a baseline of the current writer session keeps it (a load to look at
         an old step does not undo what the last save knows; fingerprints compare bytes, so
-        either baseline is correct).  The others get baselines of no session yet: a save
-        confirms each, holding the writer lock, before reusing any of its ids
-        (:meth:`_confirm_loaded`).
+        either baseline is correct).  The others get baselines of a :class:`LoadedSession`:
+        a save confirms each, holding the writer lock, before reusing any of its ids
+        (:meth:`_confirm_loaded`).  A TrackedArray the load filled gets its baseline
+        itself, so the next save reads only the rows written since.  ``mark`` is the
+        store's deletion count as of the load (None: not kept by every writer).
         """
+        loaded = LoadedSession(mark)
         session = self._writer.session
         with self._lock:
             for leaf in leaves:
+
+                def baseline(epoch: int, leaf=leaf) -> Baseline:
+                    return Baseline(loaded, leaf.nbytes, leaf.chunk_nbytes, leaf.ids, leaf.fingerprints, epoch)
+
+                if leaf.tracked is not None:
+                    leaf.tracked.restored(baseline)
+                    continue
                 have = self._baselines.get(leaf.path)
                 if have is not None and session is not None and have.session is session:
                     continue
-                self._baselines[leaf.path] = Baseline(
-                    self._loaded, leaf.nbytes, leaf.chunk_nbytes, leaf.ids, leaf.fingerprints, 0
-                )
+                self._baselines[leaf.path] = baseline(0)
 
-    def _confirm_loaded(self, path: str, baseline: Baseline, session) -> Baseline | None:
+    def _confirm_loaded(self, path: str, baseline: Baseline, session, memo: dict) -> Baseline | None:
         """A load's baseline, as of ``session``, for one save, if all its chunks are still
-        stored (another writer may have collected them since the load); else forgotten."""
-        if baseline.session is not self._loaded:
+        stored (another writer may have collected some since the load); else forgotten.
+
+        Unchanged deletion counts prove it at once; otherwise each id is looked up.
+        ``memo`` holds what this save found out already.
+        """
+        loaded = baseline.session
+        if not isinstance(loaded, LoadedSession):
             return baseline
         with self._backend.read() as txn:
-            present = self._chunks.has_all(txn, baseline.ids)
+            if "deletions" not in memo:
+                memo["deletions"] = self._chunks.deletion_mark(txn)
+            current = memo["deletions"]
+            present = (loaded.mark is not None and loaded.mark == current) or self._chunks.has_all(txn, baseline.ids)
         if not present:
-            self._baselines.pop(path, None)
+            if self._baselines.get(path) is baseline:
+                del self._baselines[path]
             return None
         # for this save only: GC waits for it, and its commit replaces the baseline anyway
         return dataclasses.replace(baseline, session=session)

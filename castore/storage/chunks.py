@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ChunkCorruptError, ChunkMissingError, CorruptDataError
+from ..errors import CastoreError, ChunkCorruptError, ChunkMissingError, CorruptDataError
 from ..format import journal
 from ..format.chunker import chunk_count
 from ..format.compression import decode_into, is_encoded
+from ..format.config import CONFIG_KEY, parse_config
 from ..format.ids import ID_BYTES, chunk_id, fingerprint, short, split_ids
 from ..format.manifest import Blob, ChunkedBlob, PagedBlob, page_ids_in
 from ..format.schema import Table
@@ -71,9 +72,14 @@ class ChunkStore:
         return [txn.get(table, cid) for cid in ids]
 
     def has_all(self, txn: ReadTxn, ids: bytes) -> bool:
-        """True if every chunk of the concatenated ``ids`` is stored (a lookup each; the
-        values themselves are not read)."""
-        return all(txn.get(Table.CHUNKS, cid) is not None for cid in split_ids(ids))
+        """True if every chunk of the concatenated ``ids`` is stored (a lookup each; LMDB
+        faults a value's pages in to return it, so each is released at once)."""
+        for cid in split_ids(ids):
+            value = txn.get(Table.CHUNKS, cid)
+            if value is None:
+                return False
+            txn.release(value)
+        return True
 
     def sizes(self, txn: ReadTxn, table: Table, ids) -> dict[bytes, int]:
         """``{id: stored bytes}`` of the ids present (one lookup each)."""
@@ -197,7 +203,28 @@ class ChunkStore:
                 count += 1
                 txn.delete(table, cid)
         self._add_counters(txn, -count, -nbytes)
+        if count:
+            try:
+                before = self.deletions(txn)
+            except CorruptDataError:  # damaged: a mark nobody recorded, so every mark is stale
+                before = 1 << 62
+            txn.put(Table.META, journal.DELETIONS_KEY, journal.encode_deletions(before + count))
         return count, nbytes
+
+    def deletions(self, txn: ReadTxn) -> int:
+        """How many chunks and pages were ever deleted (``meta/deletions``): unchanged
+        between two snapshots means every chunk stored in the first is still stored."""
+        return journal.decode_deletions(txn.get(Table.META, journal.DELETIONS_KEY))
+
+    def deletion_mark(self, txn: ReadTxn) -> int | None:
+        """:meth:`deletions` if every writer of this store keeps it (format 4), else None."""
+        raw = txn.get(Table.META, CONFIG_KEY)
+        try:
+            if raw is None or parse_config(bytes(raw), self.backend.path).format < 4:
+                return None
+            return self.deletions(txn)
+        except CastoreError:
+            return None
 
     def _add_counters(self, txn: WriteTxn, chunks: int, nbytes: int) -> None:
         if not chunks and not nbytes:
