@@ -18,10 +18,13 @@ Which chunks to encode is a :class:`Compression` setting: ``"none"``, a named co
 level (``"zstd"``, ``"zstd:3"``), or ``"auto"``: a trial on a sample of each leaf decides
 whether that leaf's chunks are encoded, remembered per leaf and tried again now and then
 (:class:`LeafChoices`).  zstd was chosen by measurement (``docs/benchmarks.md``): on
-real 64x64 Crafter frames of random play, level 3 stores them at 7.1x (level 1: 6.4x, 5:
-7.6x, zlib 6: 8.7x) at ~530 MB/s per thread (level 1: ~670, 5: ~290, zlib: ~90) and
-decodes at ~1.5-2 GB/s per thread; lz4 was no faster there and far larger; on float32
-weights no codec we tried (zstd, lz4, blosc2 with byte-shuffle) saved more than ~15%.
+real 64x64 Crafter frames of random play, level 5 stores them at 7.6x (level 1: 6.4x, 3:
+7.1x, 9: 7.7x, zlib 6 as in ``np.savez_compressed``: 8.7x) at ~290 MB/s per thread
+(level 1: ~670, 3: ~530, zlib: ~90) and decodes at ~2 GB/s per thread; in the whole
+benchmark run auto mode at level 5 stores the replay at 8.2x (level 3: 7.7x) for the
+same save time (the encode runs on the hashing threads, beside the writes it shrinks).
+lz4 was no faster on frames and far larger; on float32 weights no codec we tried (zstd,
+lz4, blosc2 with byte-shuffle) saved more than ~15%.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ MIN_SAVING = 1 / 16
 #: auto mode encodes a leaf only if a trial shrinks its sample to at most this fraction:
 #: below ~1.25x, encoding costs more save time than the bytes it saves (float32 weights)
 AUTO_MAX_FRACTION = 0.8
-AUTO_LEVEL = 3  #: zstd level of auto mode (zstd's default): ~10% smaller than level 1, ~20% slower
+AUTO_LEVEL = 5  #: zstd level of auto mode: frames ~6% smaller than level 3 and decoded as fast
 TRIAL_BYTES = 256 << 10  #: bytes of a leaf's first changed chunk a trial compresses
 RETRY_SAVES = 64  #: auto mode tries a leaf again after this many saves of it
 ZSTD_LEVELS = range(-7, 23)
