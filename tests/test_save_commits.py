@@ -150,3 +150,23 @@ def test_a_rerun_manifest_transaction_puts_the_last_batch_again_and_counts_it_on
         assert result.new_chunks == 1024 + 4 and result.new_bytes == rows.nbytes + 4 * 256 * 32  # and the pages
         assert_tree_equal(store.load(1), {"rows": rows})
         assert store.stats().chunks == 1024 + 4 and store.verify().ok  # step 0 is inline
+
+
+def test_small_saves_allocate_disk_blocks_only_when_the_data_outgrows_the_allocated_range(tmp_path, monkeypatch):
+    """posix_fallocate walks the file's extents even over allocated blocks; once a range is
+    allocated (it stays so while the map keeps its size and the file its length), a write
+    inside it makes no call.  In a steady state, LMDB reuses freed pages and the data's end
+    stops moving: saves make no call at all.  (Forgetting a resize here made a writer
+    growing its map die of SIGBUS: test_concurrency's map-growth test.)"""
+    calls = []
+    fallocate = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, at, n: calls.append((at, n)) or fallocate(fd, at, n))
+    with castore.Store(tmp_path / "store", keep=Keep(last=3)) as store:
+        for step in range(200):
+            store.save(step, small(step))
+        growing = len(calls)
+        calls.clear()
+        for step in range(200, 300):
+            store.save(step, small(step))
+        assert growing <= 200 and len(calls) <= 2, (growing, calls)
+        assert store.verify().ok
