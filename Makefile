@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench stress fuzz clean
+.PHONY: demo test lint bench bench-real stress fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/latest.json
 	$(PY) bench/compare.py bench/results/latest.json
 	$(PY) bench/alternatives.py --out bench/results/alternatives.md
+
+# Issue 11's benchmarks on real observations (docs/benchmarks.md): castore against
+# DreamerV3's own writer, np.savez and orbax; restore memory and the first save after a
+# resume.  Renders and caches frames under bench/results/ the first time (~2 min).
+bench-real: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) bench/real_run.py --out bench/results/real_run.md
+	$(PY) bench/resume.py --out bench/results/resume.md
+	$(PY) bench/steady_saves.py
 
 # 1,000 SIGKILLs of a writer at random instants, the store checked after each (~5 min).
 stress: $(STAMP)
