@@ -17,7 +17,7 @@ from .format import codec
 from .format.keys import describe_key, step_of
 from .format.manifest import Blob, Manifest, ShardsNode
 from .storage.base import Backend, ReadTxn
-from .storage.chunks import ChunkStore, PageWalker
+from .storage.chunks import ChunkStore, PageWalker, run_tasks
 from .tracking import TrackedArray
 
 log = logging.getLogger("castore.load")
@@ -162,9 +162,4 @@ class BlobReader:
         return {path: (blob, *read.result()) for path, (blob, read) in self._reads.items()}
 
     def _run(self, tasks: list) -> None:
-        if len(tasks) <= 1:
-            for task in tasks:
-                task()
-            return
-        for _ in self._pool.map(lambda task: task(), tasks):
-            pass
+        run_tasks(self._pool, tasks)

@@ -233,3 +233,52 @@ def test_a_resume_from_a_store_older_than_format_4_looks_each_id_up(tmp_path, mo
         store.save(300, state)
         assert calls  # looked up, not trusted
         assert store.verify().problems == ()
+
+
+def test_a_buffer_filled_from_one_store_and_saved_to_another_is_stored_there(tmp_path):
+    """Neither store ever deleted a chunk: the other store's deletion count proves nothing."""
+    a = make_run(tmp_path / "a")
+    a.save(1)
+    a.store.close()
+    b = fresh(tmp_path / "b")
+    b.replay = castore.RingBuffer(ROWS, fields={"obs": ((1024,), np.uint8), "reward": ((), np.float32)})
+    b.load(tmp_path / "a")
+    b.replay.add({"obs": np.ones((4, 1024), np.uint8), "reward": np.ones(4, np.float32)})
+    b.save(1)
+    b.store.close()
+    with castore.Store(tmp_path / "b") as store:
+        assert store.verify().problems == ()
+        assert (store.load(1)["replay"]["fields"]["obs"][4:] == make_run(tmp_path / "c").replay["obs"][4:]).all()
+
+
+def test_a_load_into_an_array_an_async_save_is_still_writing_leaves_no_stale_baseline(tmp_path):
+    """The async save commits its (older) baseline after the load filled the array: the
+    next save must still see every row as changed."""
+    rng = np.random.default_rng(5)
+    with castore.Store(tmp_path / "w", chunk_bytes=CHUNK) as writer, castore.Store(tmp_path / "r") as other:
+        other.save(1, {"c": {"x": rng.integers(0, 256, (64, 1024), dtype=np.uint8)}})
+        loaded = other.load(1)["c"]["x"]
+        tracked = castore.TrackedArray(np.zeros((64, 1024), np.uint8))
+        writer.save(1, {"c": {"x": tracked}})
+        tracked[0] = 1
+        big = rng.random(4 << 20).astype(np.float32)  # keeps the async save busy for a while
+        handle = writer.save_async(2, {"c": {"x": tracked}, "d": {"y": big}})
+        reader = castore.Store(tmp_path / "r", readonly=True)  # remembers nothing: no restored()
+        reader.load(1, into={"c": {"x": tracked}})
+        reader.close()
+        handle.result()
+        writer.save(3, {"c": {"x": tracked}})
+        np.testing.assert_array_equal(writer.load(3)["c"]["x"], loaded)
+
+
+def test_a_damaged_deletion_count_is_a_typed_problem_not_a_crash(tmp_path):
+    from castore.format import journal
+
+    with castore.Store(tmp_path / "s", keep=1, chunk_bytes=CHUNK) as store:
+        store.save(1, {"c": {"x": np.arange(10_000, dtype=np.int64)}})
+        store.backend.write(lambda txn: txn.put(Table.META, journal.DELETIONS_KEY, b"\xff" * 8))
+        store.save(2, {"c": {"x": np.arange(10_000, dtype=np.int64) + 1}})
+        store.gc()  # deletes chunks: the count is rewritten, not an OverflowError
+        with store.backend.read() as txn:
+            assert store.inspect() is not None
+            assert journal.decode_deletions(txn.get(Table.META, journal.DELETIONS_KEY)) >= 0

@@ -170,3 +170,19 @@ def test_small_saves_allocate_disk_blocks_only_when_the_data_outgrows_the_alloca
             store.save(step, small(step))
         assert growing <= 200 and len(calls) <= 2, (growing, calls)
         assert store.verify().ok
+
+
+def test_a_compacted_store_allocates_disk_blocks_again(tmp_path, monkeypatch):
+    """Compaction writes a new file whose blocks are not allocated: the remembered range
+    must not outlive it (a full disk would be a SIGBUS instead of a SaveError)."""
+    calls = []
+    fallocate = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, at, n: calls.append((at, n)) or fallocate(fd, at, n))
+    with castore.Store(tmp_path / "store", keep=Keep(last=3)) as store:
+        for step in range(50):
+            store.save(step, small(step))
+        store.compact()
+        calls.clear()
+        store.save(50, small(50))
+        assert calls, "no posix_fallocate after compaction"
+        assert store.verify().ok

@@ -267,7 +267,10 @@ def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str, into=None):
     target = None if into is None else _fillable(into, tuple(node.shape), dtype)
     if target is not None:  # a restore in place: the target comes back, filled
         if type(into) is TrackedArray:
-            into.forget()  # its baseline named the chunks of what it held before
+            # its baseline named the chunks of what it held before; marking every row also
+            # voids an older baseline an async save in flight may still commit
+            into.forget()
+            into.mark()
         if isinstance(blob, InlineBlob):
             target.reshape(-1).view(np.uint8)[:] = np.frombuffer(blob.data, np.uint8)
         elif nbytes:

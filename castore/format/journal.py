@@ -74,7 +74,10 @@ def decode_deletions(raw) -> int:
         return 0
     if len(raw) != 8:
         raise CorruptDataError(f"meta/deletions is {len(raw)} bytes, not 8")
-    return int.from_bytes(bytes(raw), "big")
+    count = int.from_bytes(bytes(raw), "big")
+    if count >= 1 << 63:  # no store deletes that much: damage
+        raise CorruptDataError("meta/deletions holds an impossible count")
+    return count
 
 
 def encode_deletions(count: int) -> bytes:

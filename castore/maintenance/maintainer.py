@@ -168,6 +168,7 @@ class Maintainer:
             self._execute_gc(None)
             before = self._backend.file_bytes()
             self._backend.compact()
+            self._retainer = Retainer(self._branch, self._path)  # compaction restarts the generations
             return before, self._backend.file_bytes()
 
     def accounting(self) -> list[gc_.StepAccount]:

@@ -61,12 +61,18 @@ class SaveResult:
 
 class LoadedSession:
     """The session of baselines a load left, until a save confirms them: ``mark`` is the
-    store's deletion count when the load read them (None: unknown)."""
+    deletion count (None: unknown) of the store ``engine`` when the load read them."""
 
-    __slots__ = ("mark",)
+    __slots__ = ("mark", "engine")
 
-    def __init__(self, mark: int | None):
+    def __init__(self, mark: int | None, engine):
         self.mark = mark
+        self.engine = engine
+
+
+def _engine(backend):
+    """The engine under a backend (a read-only view reads through a shared one)."""
+    return getattr(backend, "shared", backend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +358,7 @@ class Saver:
         itself, so the next save reads only the rows written since.  ``mark`` is the
         store's deletion count as of the load (None: not kept by every writer).
         """
-        loaded = LoadedSession(mark)
+        loaded = LoadedSession(mark, _engine(self._backend))
         session = self._writer.session
         with self._lock:
             for leaf in leaves:
@@ -372,7 +378,9 @@ class Saver:
         """A load's baseline, as of ``session``, for one save, if all its chunks are still
         stored (another writer may have collected some since the load); else forgotten.
 
-        Unchanged deletion counts prove it at once; otherwise each id is looked up.
+        An unchanged deletion count of this store proves it at once; otherwise (another
+        store's load, e.g. a TrackedArray filled from one store and saved to another)
+        each id is looked up in this one.
         ``memo`` holds what this save found out already.
         """
         loaded = baseline.session
@@ -382,7 +390,9 @@ class Saver:
             if "deletions" not in memo:
                 memo["deletions"] = self._chunks.deletion_mark(txn)
             current = memo["deletions"]
-            present = (loaded.mark is not None and loaded.mark == current) or self._chunks.has_all(txn, baseline.ids)
+            same_store = loaded.engine is _engine(self._backend)  # a count proves nothing of another store
+            proven = same_store and loaded.mark is not None and loaded.mark == current
+            present = proven or self._chunks.has_all(txn, baseline.ids)
         if not present:
             if self._baselines.get(path) is baseline:
                 del self._baselines[path]

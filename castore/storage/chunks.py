@@ -10,6 +10,7 @@ caller holds, so a caller can make a chunk write atomic with other records.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -30,6 +31,20 @@ log = logging.getLogger("castore.storage")
 
 #: why a page could not be used: absent, bytes not matching its id, or not a page at all
 PAGE_MISSING, PAGE_CORRUPT, PAGE_MALFORMED = "page-missing", "page-corrupt", "page-malformed"
+
+
+def run_tasks(pool, tasks: list) -> None:
+    """Run zero-argument ``tasks`` on ``pool`` (one alone in the caller) and wait for every
+    one to end before raising the first error: a task still running after its read
+    transaction closed would read (and release) memory of a map that may have moved."""
+    if len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    futures = [pool.submit(task) for task in tasks]
+    concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +124,7 @@ class ChunkStore:
         """Fill the flat uint8 array ``out`` with a chunked blob's bytes (on ``pool`` when
         there are several chunks); returns what :meth:`BlobRead.result` does."""
         read = self.blob_read(txn, walker, blob, out, verify=verify, context=context, fingerprints=fingerprints)
-        if len(read.tasks) == 1:
-            read.tasks[0]()
-        else:
-            for _ in pool.map(lambda task: task(), read.tasks):
-                pass
+        run_tasks(pool, read.tasks)
         return read.result()
 
     def blob_read(

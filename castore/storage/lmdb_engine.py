@@ -110,7 +110,7 @@ class LmdbBackend:
         self._reading = threading.local()  # .depth: read() snapshots this thread holds
         self._writing = threading.local()  # .active: this thread is inside write(fn)
         self._file = LmdbFile(path, readonly=readonly)
-        self._allocated_to: tuple = (None, 0, 0)  # (data fd, map size, end) of the last posix_fallocate
+        self._allocated_to: tuple = (None, 0, 0)  # (data file inode, map size, end) of the last posix_fallocate
         self._file.open(INITIAL_MAP_BYTES, writer=False, reserve=self._reserve)
 
     def close(self) -> None:
@@ -298,7 +298,7 @@ class LmdbBackend:
                     f"no room on disk for a write of about {nbytes} bytes to {self.path}, nothing "
                     f"committed: {exc.strerror}; free space and save again"
                 ) from None
-            self._allocated_to = (fd, self._file.map_size(), used + need)
+            self._allocated_to = (os.fstat(fd).st_ino, self._file.map_size(), used + need)
 
     def _allocated(self, fd: int, stop: int) -> bool:
         """True if this process allocated the file's blocks up to ``stop`` since the map
@@ -309,11 +309,9 @@ class LmdbBackend:
         grew with it), so a range allocated before is not allocated again; a map resize
         (LMDB may truncate a writable map's file to the map) or a shorter file forgets it.
         """
-        return (
-            self._allocated_to[:2] == (fd, self._file.map_size())
-            and stop <= self._allocated_to[2]
-            and (os.fstat(fd).st_size >= stop)
-        )
+        stat = os.fstat(fd)  # a compaction replaces the file: a new inode (the fd number may repeat)
+        inode, map_size, allocated = self._allocated_to
+        return (inode, map_size) == (stat.st_ino, self._file.map_size()) and stop <= allocated <= stat.st_size
 
     def _begin(self, *, write: bool):
         """A transaction, or None when another process grew the map (adopt, then retry)."""
