@@ -54,8 +54,8 @@ print(json.dumps(out))
 
 def run(tree: str, mb: int, root: str) -> dict:
     env = dict(os.environ, PYTHONPATH=tree)
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD, str(mb), root], env=env, capture_output=True, text=True, check=True
+    child = subprocess.run(  # cwd: ``python -c`` puts it first on sys.path, before PYTHONPATH
+        [sys.executable, "-c", CHILD, str(mb), root], env=env, cwd=root, capture_output=True, text=True, check=True
     )
     return json.loads(child.stdout.strip().splitlines()[-1])
 
