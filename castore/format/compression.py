@@ -39,7 +39,6 @@ from ..errors import ChunkCorruptError, UsageError
 
 MAGIC = b"\x89CZ\x1a"  #: first bytes of an encoded value (0x89: not text; 0x1a: not a zstd frame)
 RAW, ZSTD = 0, 1  #: codec numbers of an encoded value
-CODEC_NAMES = {RAW: "raw", ZSTD: "zstd"}
 _HEADER = struct.Struct("<4sBI")
 HEADER_BYTES = _HEADER.size  # 9
 
@@ -242,5 +241,6 @@ class LeafChoices:
         return level
 
     def forget(self) -> None:
+        """Drop every leaf's choice: the next save of each tries it again."""
         with self._lock:
             self._choices.clear()

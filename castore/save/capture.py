@@ -2,7 +2,8 @@
 
 Runs in the saving thread, before anything is written.  For each large leaf it decides per
 chunk whether the id is already known from the leaf's *baseline* (the ids the last
-committed save of it stored):
+committed save of it stored, or a load read: those are confirmed still stored first, see
+``Saver._confirm_loaded``):
 
 * a :class:`~castore.tracking.TrackedArray` says which rows changed: chunks without a
   changed row are neither read nor hashed;

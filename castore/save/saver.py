@@ -386,13 +386,14 @@ class Saver:
         loaded = baseline.session
         if not isinstance(loaded, LoadedSession):
             return baseline
-        with self._backend.read() as txn:
-            if "deletions" not in memo:
+        if "deletions" not in memo:  # one read per save: the writer lock keeps it true
+            with self._backend.read() as txn:
                 memo["deletions"] = self._chunks.deletion_mark(txn)
-            current = memo["deletions"]
-            same_store = loaded.engine is _engine(self._backend)  # a count proves nothing of another store
-            proven = same_store and loaded.mark is not None and loaded.mark == current
-            present = proven or self._chunks.has_all(txn, baseline.ids)
+        same_store = loaded.engine is _engine(self._backend)  # a count proves nothing of another store
+        present = same_store and loaded.mark is not None and loaded.mark == memo["deletions"]
+        if not present:
+            with self._backend.read() as txn:
+                present = self._chunks.has_all(txn, baseline.ids)
         if not present:
             if self._baselines.get(path) is baseline:
                 del self._baselines[path]

@@ -109,24 +109,6 @@ class ChunkStore:
         """``(chunks and pages held, their stored bytes)``, from ``meta/counters``."""
         return journal.decode_counters(txn.get(Table.META, journal.COUNTERS_KEY))
 
-    def read_blob(
-        self,
-        txn: ReadTxn,
-        walker: PageWalker,
-        blob: Blob,
-        out: np.ndarray,
-        *,
-        verify: bool,
-        pool,
-        context: dict,
-        fingerprints: bool = False,
-    ) -> tuple[bytes, bytes | None]:
-        """Fill the flat uint8 array ``out`` with a chunked blob's bytes (on ``pool`` when
-        there are several chunks); returns what :meth:`BlobRead.result` does."""
-        read = self.blob_read(txn, walker, blob, out, verify=verify, context=context, fingerprints=fingerprints)
-        run_tasks(pool, read.tasks)
-        return read.result()
-
     def blob_read(
         self,
         txn: ReadTxn,
