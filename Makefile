@@ -9,9 +9,13 @@ STAMP  := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# torch first, pinned: this machine's disk holds its CPU build, while a plain `torch`
+# requirement would download a CUDA build of several GB (the torch extra then asks for
+# nothing more).  The framework extras make their tests run, not skip.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,torch,jax,elements,test-frameworks]'
 	touch $(STAMP)
 
 demo: $(STAMP)

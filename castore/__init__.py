@@ -1,6 +1,6 @@
 """castore: a content-addressed, deduplicating checkpoint store for long training runs."""
 
-from .checkpoint import Checkpoint, Counter, Every
+from .checkpoint import Checkpoint, Counter, Every, load
 from .errors import (
     CastoreError,
     ChunkCorruptError,
@@ -63,4 +63,5 @@ __all__ = [
     "UnsupportedValueError",
     "UsageError",
     "VerifyReport",
+    "load",
 ]

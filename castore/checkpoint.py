@@ -1,39 +1,91 @@
 """The elements-style facade: register components by attribute, save and load them.
 
-``cp.agent = agent`` registers anything with ``save() -> state`` and ``load(state)``;
-any other value is stored as it is and, after a load, the attribute holds the loaded
-value.  ``save()`` may return a generator of shards; ``load`` then gets an iterator.
+``cp.agent = agent`` registers anything with ``save() -> state`` and ``load(state)``, or
+``state_dict()`` and ``load_state_dict(state)`` (a torch module, optimizer or scheduler,
+loaded in place); any other value is stored as it is and, after a load, the attribute
+holds the loaded value.  ``save()`` may return a generator of shards; ``load`` then gets
+an iterator.  The signature and habits are those of ``elements.Checkpoint`` (DreamerV3):
+``Checkpoint(directory, keep=..., step=..., write=...)``, ``save(path, keys)``,
+``load(path, keys)``, ``load_or_save()``, and :func:`load` for ``from_checkpoint``.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
 
 import numpy as np
 
-from .errors import SelectionError, UsageError
+from .errors import SelectionError, StoreNotFoundError, UsageError
 from .format import codec
 from .save.background import SaveHandle
 from .save.saver import SaveResult
 from .store import Store
 from .tracking import TrackedArray
 
-__all__ = ["Checkpoint", "Counter", "Every"]
+__all__ = ["Checkpoint", "Counter", "Every", "load"]
 
 log = logging.getLogger(__name__)
 
 
+def _has(value, *names: str) -> bool:
+    return all(callable(getattr(value, name, None)) for name in names)
+
+
 def _is_component(value) -> bool:
-    return callable(getattr(value, "save", None)) and callable(getattr(value, "load", None))
+    return _has(value, "save", "load") or _has(value, "state_dict", "load_state_dict")
+
+
+def _save_state(value):
+    return value.save() if _has(value, "save", "load") else value.state_dict()
+
+
+def _load_state(value, state) -> None:
+    if _has(value, "save", "load"):
+        value.load(state)
+        return
+    metadata = getattr(value.state_dict(), "_metadata", None)  # a module's layer versions
+    if metadata is not None and isinstance(state, dict):
+        state = collections.OrderedDict(state)
+        state._metadata = metadata
+    value.load_state_dict(state)
+
+
+def _restore_target(value):
+    """Where a load can put a component's arrays: its ``load_targets()``, or the live
+    tensors of a ``state_dict()`` (a torch module's parameters, filled in place)."""
+    if _has(value, "save", "load"):
+        hook = getattr(value, "load_targets", None)
+        return hook() if callable(hook) else None
+    return value.state_dict()
+
+
+def _fspath(path) -> str:
+    """``str``, ``os.PathLike`` and ``elements.Path`` alike."""
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise UsageError(f"a store path is a str or os.PathLike, got {type(path).__name__}") from None
 
 
 class Checkpoint:
     """Components registered as attributes, saved as steps of a :class:`Store`.
 
-    ``Checkpoint(path)`` opens (or creates) the store at ``path``.  Keyword arguments go
-    to :class:`Store`: ``keep`` (an int N keeps the last N steps, or ``castore.Keep(...)``),
+    ``Checkpoint(directory)`` opens (or creates) the store at ``directory`` (a str, any
+    ``os.PathLike``, an ``elements.Path``).  ``Checkpoint()`` has no store of its own:
+    it loads from ``load(path)`` and saves only with ``save(path)``, as elements' does.
+    ``step`` is where save numbers come from (an ``elements.Counter``, a
+    :class:`Counter`, anything ``int()`` takes) unless ``save(step=...)`` says.  With
+    ``write=False`` saves call every component's ``save()`` and write nothing, and the
+    store is opened read-only if it exists (a non-zero host of a multi-host run).
+    Unlike elements (``keep=1``), castore keeps every step unless ``keep`` says
+    otherwise: its saves cost only what changed.  ``map_location`` places loaded torch
+    tensors (see :meth:`Store.load`).
+
+    Keyword arguments go to :class:`Store`: ``keep`` (an int N keeps the last N steps,
+    or ``castore.Keep(...)``),
     ``compression`` (``"auto"``, ``"none"``, ``"zstd:LEVEL"``), ``verify``, ``allow_pickle``,
     ``chunk_bytes``, ``readonly``, ``max_pending``,
     ``check_tracking``, ``branch`` (default ``"main"``: the line of steps this checkpoint
@@ -44,12 +96,29 @@ class Checkpoint:
     when it commits (see :meth:`Store.continue_from`).
     """
 
-    def __init__(self, path: str | os.PathLike, **store_options):
+    def __init__(
+        self,
+        directory: str | os.PathLike | None = None,
+        keep=None,
+        step=None,
+        write: bool = True,
+        *,
+        map_location=None,
+        **store_options,
+    ):
         object.__setattr__(self, "_components", {})
-        object.__setattr__(self, "_store", Store(path, **store_options))
         object.__setattr__(self, "_options", store_options)
+        object.__setattr__(self, "_counter", step)
+        object.__setattr__(self, "_write", bool(write))
+        object.__setattr__(self, "_map_location", map_location)
         object.__setattr__(self, "_last_submitted", None)
         object.__setattr__(self, "_submitted_head", False)  # _last_submitted will be the branch's latest
+        object.__setattr__(self, "_directory", None if directory is None else _fspath(directory))
+        object.__setattr__(self, "_opened", None)
+        if keep is not None:
+            store_options["keep"] = keep
+        if self._directory is not None and self._write:
+            object.__setattr__(self, "_opened", Store(self._directory, **store_options))
 
     # -- components as attributes ---------------------------------------------------------------
 
@@ -77,28 +146,48 @@ class Checkpoint:
         return name in self._components
 
     @property
+    def _store(self) -> Store:
+        """The store of this checkpoint; with ``write=False`` opened read-only when first
+        needed (it may not exist yet)."""
+        if self._opened is None:
+            if self._directory is None:
+                raise UsageError("this Checkpoint has no directory: pass load(path) / save(path), or Checkpoint(dir)")
+            options = dict(self._options, readonly=True, create=False)
+            object.__setattr__(self, "_opened", Store(self._directory, **options))
+        return self._opened
+
+    @property
     def store(self) -> Store:
         return self._store
 
     @property
-    def path(self) -> str:
-        return self._store.path
+    def path(self) -> str | None:
+        return self._directory
 
     # -- saving -------------------------------------------------------------------------------------
 
     def save(
         self,
-        step: int | None = None,
-        *,
+        path: str | os.PathLike | None = None,
         keys=None,
+        *,
+        step: int | None = None,
         overwrite: bool = False,
         block: bool = True,
         metrics: dict | None = None,
-    ) -> SaveResult | SaveHandle:
+    ) -> SaveResult | SaveHandle | None:
         """Save the registered components (or ``keys``) as one step.
 
-        The step number is ``step`` if given, else ``int()`` of the state of a component
-        named ``step``, else one past the latest step (counting saves still in flight).
+        ``path`` (a str or PathLike; an int is taken as ``step``) saves to the store there instead (created if missing) and changes
+        nothing about this checkpoint's own.  With ``keys`` (a partial save) the other
+        registered components are carried over from the branch's latest step, by
+        reference, so every step holds the whole state and ``load_or_save()`` always
+        resumes all of it; if the latest step lacks one of them (or there is none), the
+        partial save is refused with :class:`UsageError`: save the whole state once first.
+
+        The step number is ``step`` if given, else ``int()`` of the checkpoint's
+        ``step=`` counter, else of the state of a component named ``step``, else one past
+        the latest step (counting saves still in flight).
         Saving the same state again under an existing step does nothing; different state
         under it needs ``overwrite=True``.
 
@@ -113,10 +202,27 @@ class Checkpoint:
         ``keep=castore.Keep(best=N, metric=name)``.  With ``keep``, steps the policy does
         not keep are deleted and their chunks freed after the commit.
         """
+        if isinstance(path, int) and not isinstance(path, bool):  # save(7): castore 0.5's spelling
+            if step is not None:
+                raise UsageError("save(path, keys, step=...): pass the step number once")
+            path, step = None, path
         names = self._names(keys)
+        if keys is not None and "step" in self._components and "step" not in names:
+            names.append("step")  # a partial save's step counter is the new one, never carried
         states = {name: self._state_of(name) for name in names}
+        if not self._write:
+            for state in states.values():  # iterate shard generators, as elements does
+                if hasattr(state, "__next__"):
+                    for _ in state:
+                        pass
+            return None
+        if path is not None and _fspath(path) != self._directory:
+            return self._save_elsewhere(path, names, states, step, overwrite, metrics)
         if step is None:
             step = self._step_number(states)
+        carry = [name for name in self._components if name not in states]
+        if carry:
+            return self._save_partial(step, states, carry, overwrite, metrics, block)
         if not block:
             continuing = self._store.continuing_from is not None
             handle = self._store.save_async(step, states, overwrite=overwrite, metrics=metrics)
@@ -133,9 +239,33 @@ class Checkpoint:
         )
         return result
 
+    def _save_elsewhere(self, path, names, states, step, overwrite, metrics) -> SaveResult:
+        with Store(path, **self._options) as other:
+            if step is None:
+                step = self._number_from(states)
+                if step is None:
+                    latest = other.latest()
+                    step = 0 if latest is None else latest + 1
+            return other.save(step, states, overwrite=overwrite, metrics=metrics)
+
+    def _save_partial(self, step, states, carry, overwrite, metrics, block) -> SaveResult | SaveHandle:
+        self._store.wait()  # the step carried from is committed, not in flight
+        latest = self._store.latest()
+        have = set(self._store.manifest(latest).names) if latest is not None else set()
+        missing = [name for name in carry if name not in have]
+        if missing:
+            raise UsageError(
+                f"a partial save (keys={list(states)}) carries the other components from the latest step, "
+                f"which lacks {missing}: save the whole state once first (cp.save())"
+            )
+        handle = self._store.save_async(step, states, overwrite=overwrite, metrics=metrics, carry=(latest, carry))
+        object.__setattr__(self, "_last_submitted", handle.step)
+        return handle if not block else handle.result()
+
     def wait(self) -> None:
         """Wait for background saves; raise the first error no handle has shown yet."""
-        self._store.wait()
+        if self._opened is not None:
+            self._opened.wait()
 
     def _names(self, keys) -> list[str]:
         if keys is None:
@@ -150,17 +280,26 @@ class Checkpoint:
 
     def _state_of(self, name: str):
         value = self._components[name]
-        return value.save() if _is_component(value) else value
+        return _save_state(value) if _is_component(value) else value
+
+    def _number_from(self, states: dict) -> int | None:
+        """The step number the ``step=`` counter or a ``step`` component says, if any."""
+        if self._counter is not None:
+            state, what = self._counter, "the step= counter"
+        elif "step" in self._components:
+            state = states["step"] if "step" in states else self._state_of("step")
+            what = "the 'step' component"
+        else:
+            return None
+        try:
+            return int(state)
+        except (TypeError, ValueError):
+            raise UsageError(f"{what} is {type(state).__name__}, not a number; pass save(step=...)") from None
 
     def _step_number(self, states: dict) -> int:
-        if "step" in states:
-            state = states["step"]
-            try:
-                return int(state)
-            except (TypeError, ValueError):
-                raise UsageError(
-                    f"the 'step' component saved {type(state).__name__}, not a number; pass save(step=...)"
-                ) from None
+        number = self._number_from(states)
+        if number is not None:
+            return number
         if self._store.continuing_from is not None:  # after a rollback: the loaded step's successor
             return self._store.continuing_from + 1
         latest = self._store.latest()
@@ -177,63 +316,85 @@ class Checkpoint:
     def load(
         self,
         path: str | os.PathLike | None = None,
-        *,
-        step: int | None = None,
         keys=None,
+        *,
+        step: int | str | None = None,
         regex: str | None = None,
         verify: bool | None = None,
+        map_location=None,
     ) -> int:
         """Load a step (default: latest) into the registered components; returns the step.
 
         ``step`` is a number of this branch or a tag (of any branch).  ``path`` loads from
-        another store.  ``keys`` picks components (default: every registered one).
-        ``regex`` picks leaves by path (``re.match``); the rest keep their current values.
-        Raises StepNotFoundError, SelectionError, IntegrityError.
+        another store, opened read-only (it may be another run's, being written, or one
+        you cannot write; nothing is created there).  ``keys`` picks components (default:
+        every registered one); a name that is not registered raises
+        :class:`UsageError` and registers nothing.  ``regex`` picks leaves by path
+        (``re.match``); the rest keep their current values.  Raises StepNotFoundError,
+        StoreNotFoundError, SelectionError, IntegrityError.
 
         Loading every registered component of a step of this branch makes the next save
         continue from it: if it is not the branch's latest, the later steps move to an
         automatic branch when that save commits (nothing moves if no save follows).
         """
-        if path is None or os.path.realpath(path) == os.path.realpath(self.path):
-            self._store.wait(raise_errors=False)  # load what was saved; errors stay pending
-            return self._load_from(self._store, step, keys, regex, verify)
-        with Store(path, create=False, allow_pickle=self._options.get("allow_pickle", False)) as other:
-            return self._load_from(other, step, keys, regex, verify)
+        keys = self._load_keys(keys)
+        map_location = self._map_location if map_location is None else map_location
+        if path is None or (
+            self._directory is not None and os.path.realpath(_fspath(path)) == os.path.realpath(self._directory)
+        ):
+            store = self._store
+            store.wait(raise_errors=False)  # load what was saved; errors stay pending
+            return self._load_from(store, step, keys, regex, verify, map_location)
+        with _open_to_read(path, self._options) as other:
+            return self._load_from(other, step, keys, regex, verify, map_location)
 
-    def _load_from(self, store: Store, step, keys, regex, verify) -> int:
+    def _load_keys(self, keys) -> list[str]:
         if keys is None:
             keys = list(self._components)
             if not keys:
-                raise UsageError("no components are registered: assign some first, or pass keys=")
+                raise UsageError("no components are registered: assign some first (cp.agent = agent)")
         keys = [keys] if isinstance(keys, str) else list(keys)
+        unknown = [k for k in keys if k not in self._components]
+        if unknown:
+            raise UsageError(
+                f"components {unknown} are not registered on this Checkpoint: register them first "
+                f"(cp.{unknown[0]} = ...) or use castore.load(path, {{name: fn}})"
+            )
+        return keys
+
+    def _load_from(self, store: Store, step, keys, regex, verify, map_location) -> int:
         branch, step = store.locate(step)  # latest, a tag, or the number itself
         into = None if regex is not None else self._targets(keys)
-        data = store.load(step, keys=keys, regex=regex, verify=verify, branch=branch, into=into)
+        data = store.load(
+            step, keys=keys, regex=regex, verify=verify, branch=branch, into=into, map_location=map_location
+        )
         if regex is not None:
             data = self._merge_selected(data, regex)
         for name, state in data.items():
             self._apply(name, state)
-        if store is self._store and branch == store.branch and regex is None and set(keys) >= set(self._components):
-            store.continue_from(step)
+        if store is self._opened and branch == store.branch and regex is None and set(keys) >= set(self._components):
+            if not store.readonly:
+                store.continue_from(step)
             object.__setattr__(self, "_submitted_head", False)
         log.info("loaded step %d of branch %s (%s) from %s", step, branch, ", ".join(data), store.path)
         return step
 
     def _targets(self, keys) -> dict | None:
-        """Restore targets of the components that offer them (``load_targets()``)."""
+        """Restore targets: what components offer (``load_targets()``, a torch module's
+        tensors), and the current value of plain values (its NamedTuple and dataclass
+        types, its jax shardings, its arrays to fill)."""
         into = {}
         for name in keys:
-            hook = getattr(self._components.get(name), "load_targets", None)
-            if _is_component(self._components.get(name)) and callable(hook):
-                target = hook()
-                if target is not None:
-                    into[name] = target
+            value = self._components[name]
+            target = _restore_target(value) if _is_component(value) else value
+            if target is not None:
+                into[name] = target
         return into or None
 
     def _apply(self, name: str, state) -> None:
-        value = self._components.get(name)
+        value = self._components[name]
         if _is_component(value):
-            value.load(state)
+            _load_state(value, state)
         else:
             self._components[name] = state
 
@@ -259,11 +420,13 @@ class Checkpoint:
             raise SelectionError(f"regex {regex!r} selects leaves that do not fit: " + "; ".join(problems[:50]))
         return {name: state for name, state in merged.items() if data[name]}
 
-    def load_or_save(self) -> int:
-        """Load the latest step if the store has one, else save the current state as a step."""
+    def load_or_save(self) -> int | None:
+        """Load the latest step if the store has one, else save the current state as a
+        step; returns the step (None: a ``write=False`` save)."""
         if self.exists():
             return self.load()
-        return self.save().step
+        result = self.save()
+        return None if result is None else result.step
 
     # -- listing and lifecycle -------------------------------------------------------------------------
 
@@ -311,13 +474,29 @@ class Checkpoint:
     def latest(self) -> int | None:
         return self._store.latest()
 
-    def exists(self, step: int | None = None) -> bool:
-        """Whether the store has any step (or the given one)."""
+    def exists(self, path: str | os.PathLike | int | None = None, *, step: int | None = None) -> bool:
+        """Whether the store (or the store at ``path``) has any step, or ``step``."""
+        if isinstance(path, int) and not isinstance(path, bool):
+            path, step = None, path  # exists(step), the 0.5 spelling
+        if path is not None:
+            try:
+                with _open_to_read(path, self._options) as other:
+                    return other.latest() is not None if step is None else other.has_step(step)
+            except StoreNotFoundError:
+                return False
+        if self._opened is None and self._directory is not None and not self._write:
+            try:
+                self._store  # noqa: B018 - opens it read-only if it exists
+            except StoreNotFoundError:
+                return False
+        elif self._directory is None:
+            return False
         return self._store.latest() is not None if step is None else self._store.has_step(step)
 
     def close(self) -> None:
         """Wait for background saves, then close the store (raising a save error nobody saw)."""
-        self._store.close()
+        if self._opened is not None:
+            self._opened.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -343,40 +522,49 @@ def _mismatch(path: str, have: dict, value) -> str | None:
 
 
 class Every:
-    """``should_save = Every(steps=10_000)`` or ``Every(seconds=900)``: the save_every habit.
+    """``should_save = Every(10_000)`` (steps) or ``Every(seconds=900)``: the save_every habit.
 
-    Calling it with the current step returns True on the first call (unless
-    ``initial=False``) and then each time the step has advanced by ``steps`` or
-    ``seconds`` have passed since it last returned True; with both, whichever comes first.
+    As ``elements.when.Every``: with ``steps``, it fires when the step reaches the next
+    multiple of ``steps`` (whatever the step it is called with first: 0, 120, 210, 300,
+    ... for ``Every(100)`` called every 30 steps); a negative interval fires on every
+    call and 0 never.  The first call fires if ``initial`` and the run is fresh (step 0),
+    but not at a step past 0: after a resume the next save comes at the next multiple,
+    not right after the load.  With ``seconds``, it fires on the first call (if
+    ``initial``) and then when that much time has passed since it last fired; with both,
+    whichever comes first.
     """
 
     def __init__(self, steps: int | None = None, seconds: float | None = None, *, initial: bool = True):
         if steps is None and seconds is None:
             raise UsageError("Every needs steps= or seconds=")
-        if (steps is not None and steps < 0) or (seconds is not None and seconds < 0):
-            raise UsageError("Every intervals must not be negative")
+        if seconds is not None and seconds < 0:
+            raise UsageError("Every(seconds=...) must not be negative")
         self.steps, self.seconds, self.initial = steps, seconds, initial
-        self._last_step: int | None = None
+        self._prev: int | None = None  # the multiple of steps it last fired at (or started from)
         self._last_time: float | None = None
 
     def __call__(self, step: int | None = None) -> bool:
+        if self.steps is not None and self.seconds is None and self.steps < 0:
+            return True
         if self.steps and step is None:
             raise UsageError("Every(steps=...) must be called with the current step")
         now = time.monotonic()
-        if self._last_time is None:
-            self._last_time, self._last_step = now, None if step is None else int(step)
-            return self.initial
+        first = self._last_time is None
         fire = False
-        if self.steps and step is not None:  # not None: checked above
+        if self.steps and step is not None and self.steps > 0:
             step = int(step)
-            if self._last_step is None:
-                self._last_step = step
-            elif step >= self._last_step + self.steps:
-                self._last_step += self.steps * ((step - self._last_step) // self.steps)
+            if self._prev is None:
+                self._prev = step - step % self.steps
+                fire = self.initial and step == 0
+            elif step >= self._prev + self.steps:
+                self._prev += self.steps * ((step - self._prev) // self.steps)
                 fire = True
-        if self.seconds and now >= self._last_time + self.seconds:
-            fire = True
-        if fire:
+        if self.seconds is not None:
+            if first:
+                fire = fire or (self.initial and (not self.steps or step == 0 or self.steps < 0))
+            elif now >= self._last_time + self.seconds:  # type: ignore[operator]
+                fire = True
+        if first or fire:
             self._last_time = now
         return fire
 
@@ -404,3 +592,38 @@ class Counter:
 
     def load(self, value) -> None:
         self.value = int(value)
+
+
+def _open_to_read(path, options: dict) -> Store:
+    """Another store, read-only: it may be written meanwhile, or not be writable by us;
+    nothing is created at ``path``."""
+    keep = {k: v for k, v in options.items() if k in ("allow_pickle", "allow_network_fs", "verify", "workers")}
+    return Store(_fspath(path), create=False, readonly=True, **keep)
+
+
+def load(
+    path: str | os.PathLike,
+    fns: dict,
+    *,
+    step: int | str | None = None,
+    verify: bool | None = None,
+    map_location=None,
+    allow_pickle: bool = False,
+) -> int:
+    """Load components of the store at ``path`` into functions: ``fns`` maps a component
+    name to ``fn(state)`` (DreamerV3's ``from_checkpoint``:
+    ``castore.load(path, {"agent": functools.partial(agent.load, regex=...)})``).
+
+    The store is opened read-only; ``step`` is a number or a tag (default: the latest of
+    branch main).  Returns the step.  Raises StoreNotFoundError, StepNotFoundError (a
+    name the step lacks), IntegrityError.
+    """
+    if not isinstance(fns, dict) or not fns or not all(callable(fn) for fn in fns.values()):
+        raise UsageError("castore.load(path, fns): fns is a non-empty dict {component name: fn(state)}")
+    with _open_to_read(path, {"allow_pickle": allow_pickle}) as store:
+        branch, number = store.locate(step)
+        data = store.load(number, keys=list(fns), verify=verify, branch=branch, map_location=map_location)
+        for name, fn in fns.items():
+            fn(data[name])
+    log.info("loaded step %d (%s) from %s", number, ", ".join(fns), path)
+    return number

@@ -55,6 +55,7 @@ class Loader:
         *,
         into: dict | None = None,
         remember: list | None = None,
+        map_location=None,
     ) -> dict:
         """Component name -> state of the step at ``key`` (see :meth:`castore.Store.load`).
 
@@ -67,16 +68,17 @@ class Loader:
             log.info("loading %s of %s WITHOUT checking chunk digests (verify=False)", describe_key(key), self._where)
         manifest = catalog.manifest(txn, key, self._where)
         names = self._select_components(manifest, keys)
+        options = {"allow_pickle": self._allow_pickle, "map_location": map_location}
         if regex is not None:
-            return self._load_selected(txn, manifest, names, regex, verify)
+            return self._load_selected(txn, manifest, names, regex, verify, options)
         result = {}
         for name in names:
             node = manifest.component(name)
             if isinstance(node, ShardsNode):
-                result[name] = self._iter_shards(step, name, node, verify)
+                result[name] = self._iter_shards(step, name, node, verify, options)
             else:
                 reader = self.blob_reader(txn, step, name, verify, remember is not None)
-                result[name] = codec.decode(node, reader, "", allow_pickle=self._allow_pickle, into=into.get(name))
+                result[name] = codec.decode(node, reader, "", into=into.get(name), **options)
                 read = reader.finish()
                 if remember is not None:
                     filled = {p: v for p, v in codec.leaves(result[name]) if type(v) is TrackedArray}
@@ -107,13 +109,13 @@ class Loader:
             )
         return list(keys)
 
-    def _load_selected(self, txn: ReadTxn, manifest: Manifest, names, regex: str, verify: bool) -> dict:
+    def _load_selected(self, txn: ReadTxn, manifest: Manifest, names, regex: str, verify: bool, options) -> dict:
         result, available = {}, []
         for name in names:
             node = manifest.component(name)
             reader = self.blob_reader(txn, manifest.step, name, verify)
             chosen = codec.select(node, regex)
-            result[name] = {p: codec.decode(n, reader, p, allow_pickle=self._allow_pickle) for p, n in chosen}
+            result[name] = {p: codec.decode(n, reader, p, **options) for p, n in chosen}
             reader.finish()
             if not chosen:
                 available += [f"{name}:{p}" for p, _ in codec.leaf_nodes(node)][:20]
@@ -124,11 +126,11 @@ class Loader:
             )
         return result
 
-    def _iter_shards(self, step: int, name: str, node: ShardsNode, verify: bool):
+    def _iter_shards(self, step: int, name: str, node: ShardsNode, verify: bool, options):
         for index, shard in enumerate(node.shards):
             with self._backend.read() as txn:
                 reader = self.blob_reader(txn, step, name, verify)
-                value = codec.decode(shard, reader, str(index), allow_pickle=self._allow_pickle)
+                value = codec.decode(shard, reader, str(index), **options)
                 reader.finish()
             yield value
 

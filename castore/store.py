@@ -217,7 +217,9 @@ class Store:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def save(self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None) -> SaveResult:
+    def save(
+        self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None, carry=None
+    ) -> SaveResult:
         """Commit ``tree`` (component name -> state) as ``step``; atomic and durable.
 
         A component whose state is a generator or iterator is saved as shards.  Only
@@ -231,11 +233,18 @@ class Store:
         garbage for GC).  ``metrics`` (``{name: number}``) are recorded with the step for
         ``Keep(best=...)``.  With a ``keep`` policy, steps it does not keep are deleted and
         their chunks collected after the commit.
+
+        ``carry=(source_step, [names])`` makes a partial save whole: those components of
+        ``source_step`` (of this branch) go into the new step as they are, by reference
+        (no chunk is read or written).  If the source step is deleted or replaced before
+        the commit, the save raises :class:`SaveError` and commits nothing.
         """
         self._check_open()
-        return self._saver.save(step, tree, overwrite=overwrite, metrics=metrics)
+        return self._saver.save(step, tree, overwrite=overwrite, metrics=metrics, carry=carry)
 
-    def save_async(self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None) -> SaveHandle:
+    def save_async(
+        self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None, carry=None
+    ) -> SaveHandle:
         """Capture ``tree`` now and commit it in the background; returns a :class:`SaveHandle`.
 
         When this returns, the changed chunks have been copied (at most ``max_pending``
@@ -243,9 +252,10 @@ class Store:
         once.  Saves commit in the order they were submitted.  Raises at once what
         :meth:`save` raises before writing (bad input, locked store, an earlier async
         save's unseen error); errors while writing come from the handle or :meth:`wait`.
+        ``carry`` as in :meth:`save`.
         """
         self._check_open()
-        return self._saver.save_async(step, tree, overwrite=overwrite, metrics=metrics)
+        return self._saver.save_async(step, tree, overwrite=overwrite, metrics=metrics, carry=carry)
 
     def in_flight(self) -> int:
         """Async saves submitted and not yet finished."""
@@ -442,6 +452,7 @@ class Store:
         verify: bool | None = None,
         branch: str | None = None,
         into: dict | None = None,
+        map_location=None,
     ) -> dict:
         """Read a step (default: latest) as component name -> state.
 
@@ -455,7 +466,12 @@ class Store:
         ``into`` restores in place: ``{component: target}``, where a target is a tree shaped
         like the component's state whose numpy arrays (or TrackedArrays) are filled where
         shape and dtype match, and come back as themselves (no second copy of the state in
-        memory).  If the load fails, a target may hold part of the step.
+        memory).  If the load fails, a target may hold part of the step.  CPU torch tensors
+        are filled in place too; device tensors are copied into.
+
+        ``torch.Tensor`` leaves come back as tensors on the device they were saved from,
+        or where ``map_location`` says (as in ``torch.load``: ``"cpu"``, a device, a
+        ``{saved: wanted}`` dict, or ``fn(tensor, saved_device)``).
 
         A store open for writing remembers the chunk ids (and fingerprints) of what a full
         load read: the next save of this store hashes and writes only the chunks that
@@ -468,7 +484,9 @@ class Store:
         remember: list | None = None if self.readonly or regex is not None else []
         with self._backend.read() as txn:
             key = self._locate(txn, step, branch)
-            result = self._loader.load(txn, key, keys, regex, verify, into=into, remember=remember)
+            result = self._loader.load(
+                txn, key, keys, regex, verify, into=into, remember=remember, map_location=map_location
+            )
             mark = self._chunks.deletion_mark(txn) if remember else None
         if remember:
             self._saver.adopt_loaded(remember, mark)

@@ -162,7 +162,7 @@ def test_registration_rules(tmp_path):
 
 def test_missing_component_in_step_is_named(tmp_path):
     with make(tmp_path / "ck") as cp:
-        cp.save(keys=["agent"], step=1)
+        cp.store.save(1, {"agent": cp.agent.save()})  # written by another program
         with pytest.raises(castore.StepNotFoundError, match="'replay'"):
             cp.load(step=1)
 

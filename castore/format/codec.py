@@ -1,26 +1,33 @@
 """State trees <-> manifest nodes (pure: bytes move through callbacks, no I/O here).
 
-A state tree is nested ``dict`` (str keys), ``list`` and ``tuple`` of numpy arrays, numpy
-scalars, ``None``, ``bool``, ``int``, ``float``, ``str`` and ``bytes``.  Types come back
-exactly; anything else raises :class:`UnsupportedValueError` naming its path, unless the
-caller opted into pickling.  Leaf paths join dict keys and sequence indices with ``/``.
+A state tree is nested ``dict`` (keys ``str``, or ``None``/``bool``/``int``/``float``),
+``OrderedDict``, ``list``, ``tuple``, NamedTuple and dataclass instances, of numpy arrays,
+numpy scalars, ``torch.Tensor``, ``jax.Array``, ``None``, ``bool``, ``int``, ``float``,
+``str`` and ``bytes``.  Types come back exactly (NamedTuples and dataclasses: see
+:func:`decode`); anything else raises :class:`UnsupportedValueError` naming its path,
+unless the caller opted into pickling.  Leaf paths join dict keys, field names and
+sequence indices with ``/``.
 """
 
 from __future__ import annotations
 
+import collections
 import collections.abc
+import copy
 import dataclasses
 import math
 import pickle
 import re
+import sys
 import types
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import CorruptDataError, UnsupportedValueError
+from ..errors import CorruptDataError, SelectionError, UnsupportedValueError
 from ..tracking import TrackedArray
+from . import frameworks
 from .chunker import row_nbytes_of
 from .manifest import (
     MAX_DEPTH,
@@ -29,11 +36,13 @@ from .manifest import (
     BytesLeaf,
     DictNode,
     InlineBlob,
+    MapNode,
     Node,
     PickleLeaf,
     ScalarLeaf,
     SeqNode,
     ShardsNode,
+    TypedNode,
     ValueLeaf,
 )
 
@@ -142,10 +151,13 @@ class Encoder:
         self.allow_pickle = allow_pickle
         self.inline_max = inline_max
         self.logical_bytes = 0
+        self._tensors: dict[tuple, tuple[str, Node]] = {}  # torch identity -> (path, node) in this component
+        self._prefix = ""  # of the paths of the component being encoded
 
     def component(self, value, name: str) -> Node:
         """Encode one component's state; a generator or iterator becomes shards."""
         _check_text(name, name, "component name")
+        self._tensors, self._prefix = {}, name + "/"
         node: Node
         if isinstance(value, (types.GeneratorType, collections.abc.Iterator)):
             node = ShardsNode(tuple(self._shard(shard, join(name, i)) for i, shard in enumerate(value)))
@@ -178,16 +190,28 @@ class Encoder:
         if kind is TrackedArray:
             return self._array(value.raw, path, value)
         if kind is dict:
-            return DictNode(tuple(self._item(k, v, path, depth) for k, v in value.items()))
+            return self._dict(value, path, depth)
         if kind is list or kind is tuple:
             items = tuple(self.node(v, join(path, i), depth + 1) for i, v in enumerate(value))
             return SeqNode(kind is tuple, items)
-        return self._other(value, path)
+        return self._other(value, path, depth)
+
+    def _dict(self, value: dict, path: str, depth: int) -> DictNode | MapNode:
+        if all(type(k) is str for k in value):
+            return DictNode(tuple(self._item(k, v, path, depth) for k, v in value.items()))
+        return MapNode(tuple(self._key_item(k, v, path, depth) for k, v in value.items()))
 
     def _item(self, key, value, path: str, depth: int) -> tuple[str, Node]:
-        if type(key) is not str:
-            raise UnsupportedValueError(path, f"dict key {key!r} is a {type(key).__name__}, not str")
         _check_text(key, path, "dict key")
+        return key, self.node(value, join(path, key), depth + 1)
+
+    def _key_item(self, key, value, path: str, depth: int) -> tuple[object, Node]:
+        if type(key) not in _PLAIN:
+            raise UnsupportedValueError(
+                path, f"dict key {key!r} is a {type(key).__name__}; keys are str, int, float, bool or None"
+            )
+        if type(key) is str:
+            _check_text(key, path, "dict key")
         return key, self.node(value, join(path, key), depth + 1)
 
     def _scalar(self, value: np.generic, path: str) -> Node:
@@ -212,11 +236,45 @@ class Encoder:
             return self.make_blob(buffer, row_nbytes, itemsize, path, tracked=tracked)
         return self.make_blob(buffer, row_nbytes, itemsize, path)
 
-    def _other(self, value, path: str) -> Node:
+    def _other(self, value, path: str, depth: int) -> Node:
+        torch, jax = frameworks.torch_module(), frameworks.jax_module()
+        if torch is not None and isinstance(value, torch.Tensor):
+            return self._tensor(value, path)
+        if jax is not None and isinstance(value, jax.Array):
+            return TypedNode("jax", (), self._array(frameworks.jax_to_numpy(value, path), path))
+        kind = type(value)
+        if kind is collections.OrderedDict:
+            return TypedNode("odict", (), self._dict(value, path, depth))
+        if isinstance(value, tuple) and isinstance(getattr(kind, "_fields", None), tuple):
+            fields = dict(zip(kind._fields, value))
+            return TypedNode("namedtuple", (("type", _type_name(kind)),), self._fields(fields, path, depth))
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            return TypedNode("dataclass", (("type", _type_name(kind)),), self._fields(fields, path, depth))
+        return self._pickled(value, path)
+
+    def _fields(self, fields: dict, path: str, depth: int) -> DictNode:
+        return DictNode(tuple(self._item(k, v, path, depth) for k, v in fields.items()))
+
+    def _tensor(self, tensor, path: str) -> TypedNode:
+        identity = frameworks.torch_identity(tensor)
+        seen = self._tensors.get(identity)
+        array, attrs = frameworks.torch_to_numpy(tensor, path)
+        if seen is not None:  # tied weights: the same bytes, hashed and stored once
+            first, node = seen
+            self.logical_bytes += array.nbytes
+            return TypedNode("torch", tuple(attrs.items()) + (("tied", first),), node)
+        node = self._array(array, path)
+        self._tensors[identity] = (path.removeprefix(self._prefix), node)  # as a load names it
+        return TypedNode("torch", tuple(attrs.items()), node)
+
+    def _pickled(self, value, path: str) -> Node:
         if not self.allow_pickle:
             hint = ""
             if isinstance(value, (dict, list, tuple)):
                 hint = f"; convert the {type(value).__name__} subclass to a plain dict/list/tuple"
+            elif isinstance(value, collections.abc.Mapping):
+                hint = "; convert the mapping to a plain dict"
             elif hasattr(value, "__array__"):
                 hint = "; convert it with np.asarray()"
             raise UnsupportedValueError(
@@ -253,7 +311,7 @@ def _fillable(into, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
     return array
 
 
-def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str, into=None):
+def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str, into=None, *, deferred: bool = True):
     dtype = dtype_from_name(node.dtype)
     # numpy refuses a shape whose non-zero dimensions times the item size overflow, even
     # when another dimension is 0 and the array holds no byte
@@ -274,7 +332,7 @@ def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str, into=None):
         if isinstance(blob, InlineBlob):
             target.reshape(-1).view(np.uint8)[:] = np.frombuffer(blob.data, np.uint8)
         elif nbytes:
-            read_blob(blob, target.reshape(-1).view(np.uint8), path, deferred=True)
+            read_blob(blob, target.reshape(-1).view(np.uint8), path, deferred=deferred)
         return into
     if isinstance(blob, InlineBlob):
         return np.frombuffer(blob.data, dtype).reshape(node.shape).copy()
@@ -282,7 +340,7 @@ def _array_from(node: ArrayLeaf, read_blob: ReadBlob, path: str, into=None):
         out = np.empty(node.shape, dtype)
     except (MemoryError, ValueError) as exc:
         raise CorruptDataError(f"at {path!r}: cannot allocate {nbytes} bytes: {exc}") from None
-    read_blob(blob, out.reshape(-1).view(np.uint8), path, deferred=True)
+    read_blob(blob, out.reshape(-1).view(np.uint8), path, deferred=deferred)
     return out
 
 
@@ -293,38 +351,187 @@ def _scalar_from(node: ScalarLeaf, path: str) -> np.generic:
     return np.frombuffer(node.data, dtype)[0]
 
 
-def decode(node: Node, read_blob: ReadBlob, path: str, *, allow_pickle: bool = False, into=None):
+def _type_name(kind: type) -> str:
+    return f"{kind.__module__}:{kind.__qualname__}"
+
+
+def find_type(name, fields: tuple, *, namedtuple: bool) -> type | None:
+    """The NamedTuple / dataclass type stored as ``module:qualname`` with these fields, if
+    this program has imported its module.  Nothing is imported and no attribute hook runs:
+    only module and class ``__dict__`` entries are read."""
+    if not isinstance(name, str) or ":" not in name:
+        return None
+    module_name, _, qualname = name.partition(":")
+    found: object = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        namespace = getattr(found, "__dict__", None)
+        if not isinstance(namespace, collections.abc.Mapping):
+            return None
+        found = namespace.get(part)
+    if not isinstance(found, type):
+        return None
+    if namedtuple:
+        ok = issubclass(found, tuple) and getattr(found, "_fields", None) == fields
+    else:
+        ok = dataclasses.is_dataclass(found) and tuple(f.name for f in dataclasses.fields(found)) == fields
+    return found if ok else None
+
+
+class _Decoder:
+    """One decode of a component: options, and the tensors seen (for tied weights)."""
+
+    def __init__(self, read_blob: ReadBlob, allow_pickle: bool, map_location):
+        self.read_blob = read_blob
+        self.allow_pickle = allow_pickle
+        self.map_location = map_location
+        self.tensors: dict[str, object] = {}  # leaf path -> torch tensor decoded there
+
+    def node(self, node: Node, path: str, into):
+        if isinstance(node, ValueLeaf):
+            return node.value
+        if isinstance(node, ArrayLeaf):
+            return _array_from(node, self.read_blob, path, into)
+        if isinstance(node, ScalarLeaf):
+            return _scalar_from(node, path)
+        if isinstance(node, BytesLeaf):
+            return _read_bytes(node.blob, self.read_blob, path)
+        if isinstance(node, PickleLeaf):
+            if not self.allow_pickle:
+                raise UnsupportedValueError(
+                    path, "leaf is pickled; load with allow_pickle=True if you trust this store"
+                )
+            return pickle.loads(_read_bytes(node.blob, self.read_blob, path))
+        if isinstance(node, (DictNode, MapNode)):
+            named: dict = into if isinstance(into, dict) else {}
+            return {k: self.node(v, join(path, k), named.get(k)) for k, v in node.items}
+        if isinstance(node, SeqNode):
+            fits = isinstance(into, (list, tuple)) and len(into) == len(node.items)
+            inside = into if fits else [None] * len(node.items)
+            items = [self.node(v, join(path, i), t) for i, (v, t) in enumerate(zip(node.items, inside))]
+            return tuple(items) if node.is_tuple else items
+        if isinstance(node, TypedNode):
+            return self.typed(node, path, into)
+        return [self.node(v, join(path, i), None) for i, v in enumerate(node.shards)]
+
+    def typed(self, node: TypedNode, path: str, into):
+        inner = node.node
+        if node.kind == "odict" and isinstance(inner, (DictNode, MapNode)):
+            return collections.OrderedDict(self.node(inner, path, into))
+        if node.kind in ("namedtuple", "dataclass") and isinstance(inner, DictNode):
+            return self.record(node, inner, path, into)
+        if node.kind == "torch" and isinstance(inner, ArrayLeaf):
+            return self.tensor(node, inner, path, into)
+        if node.kind == "jax" and isinstance(inner, ArrayLeaf):
+            dtype = dtype_from_name(inner.dtype)
+            sharding = frameworks.jax_target_sharding(into, tuple(inner.shape), dtype)
+            # the bytes must be there before device_put copies them: read now, not deferred
+            host = _array_from(inner, self.read_blob, path, deferred=False)
+            return frameworks.jax_from_numpy(host, path, sharding)
+        raise CorruptDataError(f"at {path!r}: a {node.kind!r} node holds a {type(inner).__name__}")
+
+    def record(self, node: TypedNode, inner: DictNode, path: str, into):
+        """A NamedTuple or dataclass: of the restore target's type if it has the stored
+        type's name and fields, else of that type if this program imported it, else a
+        namedtuple made from the stored names (NamedTuple) or a dict (dataclass)."""
+        is_tuple = node.kind == "namedtuple"
+        name, fields = node.attr("type"), tuple(k for k, _ in inner.items)
+        if into is not None and _type_name(type(into)) == name:
+            same = find_type(name, fields, namedtuple=is_tuple) is type(into) or _fields_of(into) == fields
+            kind = type(into) if same else None
+        else:
+            kind = find_type(name, fields, namedtuple=is_tuple)
+        targets = _fields_as_dict(into) if kind is not None and into is not None else {}
+        values = {k: self.node(v, join(path, k), targets.get(k)) for k, v in inner.items}
+        if is_tuple:
+            if kind is not None:
+                return kind._make(values.values())
+            return _anonymous_namedtuple(name, fields)._make(values.values())
+        if kind is None:
+            return values
+        record = copy.copy(into) if into is not None and type(into) is kind else object.__new__(kind)
+        for key, value in values.items():
+            object.__setattr__(record, key, value)  # frozen dataclasses too, as copy and pickle do
+        return record
+
+    def tensor(self, node: TypedNode, inner: ArrayLeaf, path: str, into):
+        attrs = dict(node.attrs)
+        tied = attrs.get("tied")
+        if isinstance(tied, str) and tied in self.tensors:
+            earlier = self.tensors[tied]
+            if tuple(earlier.shape) == tuple(inner.shape):  # type: ignore[attr-defined]
+                self.tensors[path] = earlier
+                return earlier
+        torch, dtype = frameworks.torch_dtype_of(attrs, path)
+        stored = dtype_from_name(inner.dtype)
+        host = frameworks.torch_host_view(into, dtype) if into is not None else None
+        if host is not None and host.dtype.itemsize == stored.itemsize and tuple(host.shape) == tuple(inner.shape):
+            _array_from(inner, self.read_blob, path, host.view(stored))  # filled in place
+            self.tensors[path] = into
+            return into
+        device = frameworks.torch_device(attrs, path, self.map_location)
+        on_host = not callable(device) and str(device) == "cpu"
+        array = _array_from(inner, self.read_blob, path, deferred=on_host)
+        if into is not None and isinstance(into, torch.Tensor) and into.dtype == dtype and into.shape == array.shape:
+            # a target on a device: copy into it there, so no second device buffer stays
+            with torch.no_grad():
+                into.copy_(frameworks.torch_from_numpy(array, {**attrs, "requires_grad": False}, path, "cpu"))
+            self.tensors[path] = into
+            return into
+        tensor = frameworks.torch_from_numpy(array, attrs, path, self.map_location)
+        self.tensors[path] = tensor
+        return tensor
+
+
+def _fields_of(value) -> tuple | None:
+    if isinstance(value, tuple) and isinstance(getattr(type(value), "_fields", None), tuple):
+        return type(value)._fields  # type: ignore[attr-defined]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return tuple(f.name for f in dataclasses.fields(value))
+    return None
+
+
+def _fields_as_dict(value) -> dict:
+    fields = _fields_of(value)
+    return {} if fields is None else {k: getattr(value, k) for k in fields}
+
+
+def _anonymous_namedtuple(name, fields: tuple):
+    typename = str(name).rpartition(".")[2].rpartition(":")[2]
+    typename = typename if typename.isidentifier() else "Record"
+    return collections.namedtuple(typename, fields, rename=True)
+
+
+def decode(node: Node, read_blob: ReadBlob, path: str, *, allow_pickle: bool = False, into=None, map_location=None):
     """Rebuild the value of ``node``; shards come back as a list (see ``iter_shards``).
 
     ``into`` is a restore target: a tree shaped like the value whose array leaves (numpy
-    arrays or :class:`TrackedArray`) are filled in place where shape and dtype match and
-    come back as themselves; other leaves are decoded into new arrays as usual.
+    arrays, :class:`TrackedArray`, CPU ``torch.Tensor``) are filled in place where shape
+    and dtype match and come back as themselves; a torch tensor on a device is copied
+    into; a ``jax.Array`` lends its sharding; other leaves are decoded into new arrays.
+
+    NamedTuples and dataclasses come back as the target's type when it has the stored
+    type's name and fields, else as the stored type if the program has imported its
+    module (nothing is imported, nothing unpickled; a dataclass's ``__init__`` is not
+    run, as with ``copy``), else as a namedtuple of the stored field names or, for a
+    dataclass, a dict of its fields.  ``map_location`` places torch tensors as
+    ``torch.load``'s does; by default each goes back to the device it was saved from.
     """
-    if isinstance(node, ValueLeaf):
-        return node.value
-    if isinstance(node, ArrayLeaf):
-        return _array_from(node, read_blob, path, into)
-    if isinstance(node, ScalarLeaf):
-        return _scalar_from(node, path)
-    if isinstance(node, BytesLeaf):
-        return _read_bytes(node.blob, read_blob, path)
-    if isinstance(node, PickleLeaf):
-        if not allow_pickle:
-            raise UnsupportedValueError(path, "leaf is pickled; load with allow_pickle=True if you trust this store")
-        return pickle.loads(_read_bytes(node.blob, read_blob, path))
-    if isinstance(node, DictNode):
-        named: dict = into if type(into) is dict else {}
-        return {
-            k: decode(v, read_blob, join(path, k), allow_pickle=allow_pickle, into=named.get(k)) for k, v in node.items
-        }
-    if isinstance(node, SeqNode):
-        inside = into if type(into) in (list, tuple) and len(into) == len(node.items) else [None] * len(node.items)
-        items = [
-            decode(v, read_blob, join(path, i), allow_pickle=allow_pickle, into=t)
-            for i, (v, t) in enumerate(zip(node.items, inside))
-        ]
-        return tuple(items) if node.is_tuple else items
-    return [decode(v, read_blob, join(path, i), allow_pickle=allow_pickle) for i, v in enumerate(node.shards)]
+    return _Decoder(read_blob, allow_pickle, map_location).node(node, path, into)
+
+
+def node_nbytes(node: Node) -> int:
+    """The logical bytes of a node's leaves, as an encode of its value counts them."""
+    total = 0
+    for _, leaf in leaf_nodes(node):
+        if isinstance(leaf, TypedNode):
+            leaf = leaf.node
+        if isinstance(leaf, ValueLeaf):
+            total += len(leaf.value) if isinstance(leaf.value, str) else 8
+        elif isinstance(leaf, ScalarLeaf):
+            total += len(leaf.data)
+        elif isinstance(leaf, (ArrayLeaf, BytesLeaf, PickleLeaf)):
+            total += len(leaf.blob.data) if isinstance(leaf.blob, InlineBlob) else leaf.blob.nbytes
+    return total
 
 
 def map_blobs(node: Node, fn) -> Node:
@@ -333,6 +540,10 @@ def map_blobs(node: Node, fn) -> Node:
         return dataclasses.replace(node, blob=fn(node.blob))
     if isinstance(node, DictNode):
         return DictNode(tuple((k, map_blobs(v, fn)) for k, v in node.items))
+    if isinstance(node, MapNode):
+        return MapNode(tuple((k, map_blobs(v, fn)) for k, v in node.items))
+    if isinstance(node, TypedNode):
+        return TypedNode(node.kind, node.attrs, map_blobs(node.node, fn))
     if isinstance(node, SeqNode):
         return SeqNode(node.is_tuple, tuple(map_blobs(v, fn) for v in node.items))
     if isinstance(node, ShardsNode):
@@ -343,11 +554,17 @@ def map_blobs(node: Node, fn) -> Node:
 # --- leaf paths and selection ---------------------------------------------------------------
 
 
+_LEAF_KINDS = ("torch", "jax")  #: typed nodes that are leaves (the rest are containers)
+
+
 def leaf_nodes(node: Node, path: str = "") -> Iterator[tuple[str, Node]]:
-    """Yield ``(path, leaf node)`` for every leaf, paths relative to ``node``."""
-    if isinstance(node, DictNode):
+    """Yield ``(path, leaf node)`` for every leaf, paths relative to ``node``; a tensor's
+    typed node is its leaf."""
+    if isinstance(node, (DictNode, MapNode)):
         for k, v in node.items:
             yield from leaf_nodes(v, join(path, k))
+    elif isinstance(node, TypedNode) and node.kind not in _LEAF_KINDS:
+        yield from leaf_nodes(node.node, path)
     elif isinstance(node, SeqNode):
         for i, v in enumerate(node.items):
             yield from leaf_nodes(v, join(path, i))
@@ -358,29 +575,56 @@ def leaf_nodes(node: Node, path: str = "") -> Iterator[tuple[str, Node]]:
         yield path, node
 
 
+def children(tree) -> list[tuple[object, object]] | None:
+    """``(key, child)`` of a container of a state tree, or None for a leaf."""
+    kind = type(tree)
+    if kind is dict or kind is collections.OrderedDict:
+        return list(tree.items())
+    if kind is list or kind is tuple:
+        return list(enumerate(tree))
+    fields = _fields_of(tree)
+    if fields is not None:
+        return [(k, getattr(tree, k)) for k in fields]
+    return None
+
+
+def rebuild(tree, values: list):
+    """A container like ``tree`` (see :func:`children`) holding ``values`` instead."""
+    kind = type(tree)
+    if kind is dict or kind is collections.OrderedDict:
+        return kind(zip(tree.keys(), values))
+    if kind is list or kind is tuple:
+        return kind(values)
+    if isinstance(tree, tuple):
+        return kind._make(values)
+    record = copy.copy(tree)
+    for key, value in zip(_fields_of(tree) or (), values):
+        object.__setattr__(record, key, value)
+    return record
+
+
 def leaves(tree, path: str = "") -> Iterator[tuple[str, object]]:
     """Yield ``(path, value)`` for every leaf of a state tree."""
-    if type(tree) is dict:
-        for k, v in tree.items():
-            yield from leaves(v, join(path, k))
-    elif type(tree) in (list, tuple):
-        for i, v in enumerate(tree):
-            yield from leaves(v, join(path, i))
-    else:
+    items = children(tree)
+    if items is None:
         yield path, tree
+        return
+    for k, v in items:
+        yield from leaves(v, join(path, k))
 
 
 def select(node: Node, regex: str) -> list[tuple[str, Node]]:
     """Leaves whose path matches ``regex`` from its start (``re.match``)."""
-    pattern = re.compile(regex)
+    try:
+        pattern = re.compile(regex)
+    except (re.error, TypeError) as exc:
+        raise SelectionError(f"regex {regex!r} is not a valid regular expression: {exc}") from None
     return [(p, n) for p, n in leaf_nodes(node) if pattern.match(p)]
 
 
 def replace_leaves(tree, values: dict, path: str = ""):
     """A copy of ``tree`` with the leaves at the paths in ``values`` replaced."""
-    if type(tree) is dict:
-        return {k: replace_leaves(v, values, join(path, k)) for k, v in tree.items()}
-    if type(tree) in (list, tuple):
-        items = [replace_leaves(v, values, join(path, i)) for i, v in enumerate(tree)]
-        return tuple(items) if type(tree) is tuple else items
-    return values.get(path, tree)
+    items = children(tree)
+    if items is None:
+        return values.get(path, tree)
+    return rebuild(tree, [replace_leaves(v, values, join(path, k)) for k, v in items])

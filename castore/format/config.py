@@ -47,10 +47,10 @@ def new_config(chunk_bytes: int, compression: str = "auto") -> bytes:
 def migrate(raw: bytes) -> bytes | None:
     """The config record brought to the current format, or None if it is current already.
 
-    Formats 1 to 3 differ from 4 only in what the writer may put in the store from now on:
+    Formats 1 to 4 differ from 5 only in what the writer may put in the store from now on:
     format 2 added the trash, journal, stepinfo and tags tables (an engine creates the
     missing ones, :func:`castore.format.schema.missing_tables`), format 3 branch step keys,
-    format 4 encoded chunk values.  No existing record is rewritten, so migration is the
+    format 4 encoded chunk values, format 5 typed manifest nodes (``M``, ``X``).  No existing record is rewritten, so migration is the
     config record alone; a migrated store keeps storing chunks raw (``compression`` "none")
     unless an open asks for compression.
     """

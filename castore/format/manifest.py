@@ -106,6 +106,36 @@ class DictNode:
 
 
 @dataclass(frozen=True, slots=True)
+class MapNode:
+    """A dict with keys that are not all str (``None``, ``bool``, ``int``, ``float``,
+    ``str``: a torch optimizer's state is keyed by parameter index), in insertion order."""
+
+    items: tuple[tuple[object, Node], ...]
+
+
+#: kinds of :class:`TypedNode`; the codec (``castore.format.codec``) gives their meaning
+TYPED_KINDS = frozenset({"odict", "namedtuple", "dataclass", "torch", "jax"})
+MAX_ATTRS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class TypedNode:
+    """A value of a named kind around an ordinary node: an ``OrderedDict``, a NamedTuple or
+    dataclass (fields as a str-keyed dict node), a ``torch.Tensor`` or ``jax.Array`` (an
+    array leaf).  ``attrs`` are small facts of the kind (the type's name, a tensor's device)."""
+
+    kind: str
+    attrs: tuple[tuple[str, object], ...]
+    node: Node
+
+    def attr(self, name: str, default=None):
+        for key, value in self.attrs:
+            if key == name:
+                return value
+        return default
+
+
+@dataclass(frozen=True, slots=True)
 class SeqNode:
     """A list or a tuple."""
 
@@ -120,7 +150,9 @@ class ShardsNode:
     shards: tuple[Node, ...]
 
 
-Node = ValueLeaf | BytesLeaf | ScalarLeaf | ArrayLeaf | PickleLeaf | DictNode | SeqNode | ShardsNode
+Node = (
+    ValueLeaf | BytesLeaf | ScalarLeaf | ArrayLeaf | PickleLeaf | DictNode | MapNode | TypedNode | SeqNode | ShardsNode
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +213,15 @@ def _node_wire(node: Node) -> list:
         return ["P", _blob_wire(node.blob)]
     if isinstance(node, DictNode):
         return ["D", [[k, _node_wire(v)] for k, v in node.items]]
+    if isinstance(node, MapNode):
+        return ["M", [[_value_wire(k), _node_wire(v)] for k, v in node.items]]
+    if isinstance(node, TypedNode):
+        return [
+            "X",
+            node.kind,
+            {k: list(v) if isinstance(v, tuple) else v for k, v in node.attrs},
+            _node_wire(node.node),
+        ]
     if isinstance(node, SeqNode):
         return ["T" if node.is_tuple else "L", [_node_wire(v) for v in node.items]]
     return ["H", [_node_wire(v) for v in node.shards]]
@@ -296,6 +337,12 @@ def _node_from_wire(w, depth: int) -> Node:
     if tag in ("Y", "P") and len(w) == 2:
         blob = _blob_from_wire(w[1])
         return BytesLeaf(blob) if tag == "Y" else PickleLeaf(blob)
+    if tag == "M" and len(w) == 2 and isinstance(w[1], list):
+        return MapNode(tuple(_key_item_from_wire(i, depth + 1) for i in w[1]))
+    if tag == "X" and len(w) == 4:
+        if w[1] not in TYPED_KINDS:
+            _fail(f"unknown typed node kind {str(w[1])[:40]!r}")
+        return TypedNode(w[1], _attrs_from_wire(w[2]), _node_from_wire(w[3], depth + 1))
     if tag in ("D", "L", "T", "H") and len(w) == 2 and isinstance(w[1], list):
         if tag == "D":
             return DictNode(tuple(_item_from_wire(i, depth + 1) for i in w[1]))
@@ -308,6 +355,36 @@ def _item_from_wire(w, depth: int) -> tuple[str, Node]:
     if not isinstance(w, list) or len(w) != 2 or not isinstance(w[0], str):
         _fail("dict item must be [str key, node]")
     return w[0], _node_from_wire(w[1], depth)
+
+
+def _key_item_from_wire(w, depth: int) -> tuple[object, Node]:
+    if not isinstance(w, list) or len(w) != 2 or not isinstance(w[0], list) or not w[0]:
+        _fail("map item must be [key value node, node]")
+    tag = w[0][0]
+    if tag not in ("N", "B", "I", "J", "F", "S"):
+        _fail(f"map key must be a value node, got tag {str(tag)[:10]!r}")
+    return _value_from_wire(tag, w[0]).value, _node_from_wire(w[1], depth)
+
+
+def _attr_value(value, what: str):
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str) and len(value) <= 4096:
+        return value
+    if isinstance(value, list) and len(value) <= 65536 and all(isinstance(v, str) and len(v) <= 4096 for v in value):
+        return tuple(value)
+    _fail(f"{what} must be None, a bool, number, str or list of str")
+
+
+def _attrs_from_wire(w) -> tuple[tuple[str, object], ...]:
+    if not isinstance(w, dict) or len(w) > MAX_ATTRS:
+        _fail(f"typed node attrs must be a map of at most {MAX_ATTRS} entries")
+    attrs = []
+    for key, value in w.items():
+        if not isinstance(key, str) or len(key) > 64:
+            _fail("typed node attr names must be short strings")
+        attrs.append((key, _attr_value(value, f"attr {key!r}")))
+    return tuple(attrs)
 
 
 def decode_manifest(data: bytes | memoryview) -> Manifest:
@@ -352,8 +429,10 @@ def iter_blobs(node: Node):
         n = stack.pop()
         if isinstance(n, (ArrayLeaf, BytesLeaf, PickleLeaf)):
             yield n.blob
-        elif isinstance(n, DictNode):
+        elif isinstance(n, (DictNode, MapNode)):
             stack.extend(v for _, v in n.items)
+        elif isinstance(n, TypedNode):
+            stack.append(n.node)
         elif isinstance(n, SeqNode):
             stack.extend(n.items)
         elif isinstance(n, ShardsNode):

@@ -25,15 +25,17 @@ class Table(enum.StrEnum):
 
 
 #: the current store format (config ``format``)
-STORE_FORMAT = 4
+STORE_FORMAT = 5
 
-#: the tables of each format version; format 3 changed keys and format 4 chunk values
-#: (per-chunk codecs, ``castore.format.compression``), not tables
+#: the tables of each format version; format 3 changed keys, format 4 chunk values
+#: (per-chunk codecs, ``castore.format.compression``) and format 5 manifest nodes (typed
+#: values and non-str dict keys), not tables
 TABLES = {
     1: (Table.META, Table.CHUNKS, Table.PAGES, Table.STEPS),
     2: tuple(Table),
     3: tuple(Table),
     4: tuple(Table),
+    5: tuple(Table),
 }
 
 #: every table a store of the current format has, in the order engines create them

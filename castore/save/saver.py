@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import catalog
-from ..errors import StepExistsError, UsageError
+from ..errors import SaveError, StepExistsError, UsageError
 from ..format import codec
 from ..format.compression import Compression, LeafChoices
-from ..format.keys import check_step, step_key
+from ..format.keys import check_step, describe_key, step_key
 from ..format.manifest import Manifest, encode_manifest
 from ..format.schema import Table
 from ..format.sealing import unseal
@@ -88,6 +88,9 @@ class _Captured:
     started: float
     capture_seconds: float
     continue_from: int | None  #: the loaded step this save continues from (see continue_from)
+    #: a partial save: the step key its other components were carried from, and that
+    #: step's record as read then (the commit checks it is still there, unchanged)
+    carried_from: tuple[bytes, bytes] | None = None
 
     def is_continuation(self) -> bool:
         """True if this save moves the branch's steps after ``continue_from`` away first."""
@@ -153,12 +156,12 @@ class Saver:
 
     # -- saving ----------------------------------------------------------------------------
 
-    def save(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None) -> SaveResult:
+    def save(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None, carry=None) -> SaveResult:
         with self._lock:
             self.wait()
-            return self._write(self._capture(step, tree, overwrite, metrics, copy=False))
+            return self._write(self._capture(step, tree, overwrite, metrics, copy=False, carry=carry))
 
-    def save_async(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None) -> SaveHandle:
+    def save_async(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None, carry=None) -> SaveHandle:
         background = self._background_worker()
         while True:
             while background.in_flight() >= background.max_pending:
@@ -167,7 +170,7 @@ class Saver:
                 if background.in_flight() >= background.max_pending:
                     continue  # another thread took the slot
                 background.raise_failed()  # checked after the wait: a save in flight may have failed
-                captured = self._capture(step, tree, overwrite, metrics, copy=True)
+                captured = self._capture(step, tree, overwrite, metrics, copy=True, carry=carry)
                 return background.submit(SaveHandle(captured.step), self._write, captured)
 
     def in_flight(self) -> int:
@@ -236,7 +239,7 @@ class Saver:
 
     # -- capture, then write -------------------------------------------------------------------
 
-    def _capture(self, step, tree, overwrite: bool, metrics, *, copy: bool) -> _Captured:
+    def _capture(self, step, tree, overwrite: bool, metrics, *, copy: bool, carry=None) -> _Captured:
         step = check_step(step)
         metrics = catalog.check_metrics(metrics)
         if type(tree) is not dict or not all(type(k) is str and k for k in tree):
@@ -261,6 +264,15 @@ class Saver:
         except BaseException:
             job.abort()
             raise
+        carried_from = None
+        if carry is not None:
+            try:
+                carried, carried_from = self._carried(carry, tree)
+            except BaseException:
+                job.abort()
+                raise
+            components += carried
+            encoder.logical_bytes += sum(codec.node_nbytes(node) for _, node in carried)
         continue_from, self._continue_from = self._continue_from, None  # this save carries it now
         return _Captured(
             step,
@@ -272,7 +284,25 @@ class Saver:
             started,
             time.perf_counter() - started,
             continue_from,
+            carried_from,
         )
+
+    def _carried(self, carry, tree: dict) -> tuple[tuple, tuple[bytes, bytes]]:
+        """The components ``carry = (step, names)`` names, as that step's manifest holds
+        them: a partial save references their chunks again instead of writing them."""
+        source, names = carry
+        key = step_key(check_step(source), self._branch)
+        with self._backend.read() as txn:
+            raw = txn.get(Table.STEPS, key)
+            if raw is None:
+                raise UsageError(f"step {source} to carry {names} from is not in {self._where}")
+            manifest = catalog.manifest(txn, key, self._where)
+            raw = bytes(raw)
+        have = dict(manifest.components)
+        missing = [name for name in names if name not in have]
+        if missing or any(name in tree for name in names):
+            raise UsageError(f"cannot carry {names} from step {source}: it lacks {missing} or they are saved anew")
+        return tuple((name, have[name]) for name in names), (key, raw)
 
     def _write(self, captured: _Captured) -> SaveResult:
         job = captured.job
@@ -427,6 +457,14 @@ class Saver:
         retention left (for ``after_commit``).  May be re-run (``attempts`` counts runs).
         """
         attempts.append(1)
+        if captured.carried_from is not None:
+            source, record = captured.carried_from
+            now = txn.get(Table.STEPS, source)
+            if now is None or bytes(now) != record:  # its chunks may be garbage by now
+                raise SaveError(
+                    f"{describe_key(source)}, which this partial save carries components from, was deleted or "
+                    f"replaced while it was being saved; nothing was committed: save again"
+                )
         captured.job.put_last_batch(txn, attempts)
         key = step_key(captured.step, self._branch)
         abandoned_to = None
