@@ -557,7 +557,7 @@ class Every:
                 self._prev = step - step % self.steps
                 fire = self.initial and step == 0
             elif step >= self._prev + self.steps:
-                self._prev += self.steps * ((step - self._prev) // self.steps)
+                self._prev += self.steps  # one interval per call, catching up as elements does
                 fire = True
         if self.seconds is not None:
             if first:

@@ -1,0 +1,224 @@
+"""castore in place of ``elements.Checkpoint``: DreamerV3's checkpoint code runs unchanged.
+
+The code under test is what DreamerV3's ``embodied/run/train.py``, ``eval_only.py`` and
+``parallel.py`` do with checkpoints, with the real ``elements`` package for paths,
+counters and ``when.Every``.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial as bind
+
+import elements
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import castore
+
+
+class Agent:
+    """DreamerV3's agent protocol: ``save()`` and ``load(data, regex=None)``."""
+
+    def __init__(self, seed: int):
+        rng = np.random.default_rng(seed)
+        self.params = {f"enc/w{i}": rng.standard_normal((32, 16)).astype(np.float32) for i in range(3)}
+        self.params["dec/w"] = rng.standard_normal((16, 8)).astype(np.float32)
+        self.updates = 0
+
+    def save(self):
+        return {"params": dict(self.params), "counters": {"updates": self.updates}}
+
+    def load(self, data, regex=None):
+        params = data["params"]
+        if regex:
+            params = {k: v for k, v in params.items() if re.match(regex, k)}
+        else:
+            self.updates = int(data["counters"]["updates"])
+        self.params.update({k: np.array(v) for k, v in params.items()})
+
+
+def trained(w: np.ndarray, updates: int) -> np.ndarray:
+    for _ in range(updates):
+        w = w + 1  # as the loop does it, rounding included
+    return w
+
+
+def train_run(logdir, steps: int, save_every: int, from_checkpoint=None, regex=None):
+    """The checkpoint lines of DreamerV3's train.py, castore for elements."""
+    logdir = elements.Path(logdir)
+    step = elements.Counter()
+    agent = Agent(seed=1)
+    replay = castore.RingBuffer(64)
+    cp = castore.Checkpoint(logdir / "ckpt")
+    cp.step = step
+    cp.agent = agent
+    cp.replay = replay
+    if from_checkpoint:
+        castore.load(from_checkpoint, dict(agent=bind(agent.load, regex=regex)))
+    cp.load_or_save()
+    should_save = castore.Every(save_every)
+    while int(step) < steps:
+        replay.add({"obs": np.full((1, 4), int(step), np.uint8)})
+        agent.params["dec/w"] += 1
+        agent.updates += 1
+        step.increment()
+        if should_save(step):
+            cp.save()
+    steps_saved = cp.steps()
+    cp.close()
+    return agent, replay, steps_saved
+
+
+def test_dreamerv3_train_loop_runs_and_resumes(tmp_path):
+    agent, replay, saved = train_run(tmp_path / "run", steps=25, save_every=10)
+    assert saved == [0, 10, 20]  # the fresh run's step 0, then multiples of 10
+    resumed, replay2, saved2 = train_run(tmp_path / "run", steps=45, save_every=10)
+    # resumed at 20, no save right after the load, then 30 and 40
+    assert saved2 == [0, 10, 20, 30, 40]
+    with castore.Store(tmp_path / "run" / "ckpt", readonly=True) as store:
+        state = store.load(40)
+    assert int(state["step"]) == 40
+    assert state["agent"]["counters"]["updates"] == 40
+    assert np.array_equal(state["agent"]["params"]["dec/w"], trained(Agent(1).params["dec/w"], 40))
+    assert replay2.added == 45 and np.array_equal(replay2.recent(1)["obs"], np.full((1, 4), 44, np.uint8))
+
+
+def test_from_checkpoint_loads_the_agent_by_regex(tmp_path):
+    train_run(tmp_path / "pretrained", steps=10, save_every=5)
+    agent, replay, saved = train_run(
+        tmp_path / "finetune", steps=3, save_every=100, from_checkpoint=tmp_path / "pretrained" / "ckpt", regex="enc/"
+    )
+    pretrained = castore.Store(tmp_path / "pretrained" / "ckpt", readonly=True)
+    with pretrained:
+        params = pretrained.load()["agent"]["params"]
+    for name in ("enc/w0", "enc/w1", "enc/w2"):
+        assert np.array_equal(agent.params[name], params[name])
+    assert np.array_equal(agent.params["dec/w"], trained(Agent(1).params["dec/w"], 3))  # not taken, then trained
+    assert saved == [0]
+
+
+def test_eval_only_loads_with_a_checkpoint_without_directory(tmp_path):
+    trained, _, _ = train_run(tmp_path / "run", steps=5, save_every=5)
+    agent = Agent(seed=7)
+    cp = castore.Checkpoint()  # eval_only.py: no directory of its own
+    cp.agent = agent
+    cp.load(tmp_path / "run" / "ckpt", keys=["agent"])
+    assert all(np.array_equal(agent.params[k], trained.params[k]) for k in agent.params)
+    with pytest.raises(castore.UsageError, match="no directory"):
+        cp.save()
+    assert not cp.exists() and cp.exists(tmp_path / "run" / "ckpt")
+    assert not cp.exists(tmp_path / "nowhere") and not (tmp_path / "nowhere").exists()
+
+
+def test_parallel_style_checkpoints_in_subfolders_with_positional_keep(tmp_path):
+    logdir = elements.Path(tmp_path)
+    cp = castore.Checkpoint(logdir / "ckpt/agent", 2)  # elements' positional keep
+    cp.agent = Agent(3)
+    for _ in range(4):
+        cp.agent.params["dec/w"] += 1
+        cp.save()
+    assert cp.steps() == [2, 3]
+    cp.close()
+
+
+def test_step_counter_argument_names_the_steps(tmp_path):
+    counter = elements.Counter(100)
+    with castore.Checkpoint(tmp_path / "ck", step=counter) as cp:
+        cp.agent = Agent(0)
+        assert cp.save().step == 100
+        counter.increment(5)
+        assert cp.save().step == 105
+        assert cp.save(step=7).step == 7  # an explicit step still wins
+
+
+def test_write_false_iterates_saves_and_writes_nothing(tmp_path):
+    shards = []
+
+    class Sharded:
+        def save(self):
+            for i in range(3):
+                shards.append(i)
+                yield {"i": i}
+
+        def load(self, data):
+            list(data)
+
+    cp = castore.Checkpoint(tmp_path / "ck", write=False)
+    cp.replay = Sharded()
+    assert cp.save() is None and shards == [0, 1, 2]  # iterated, as elements does
+    assert not (tmp_path / "ck").exists()
+    assert cp.load_or_save() is None and not cp.exists()
+
+
+def test_partial_saves_carry_the_rest_so_resume_is_whole(tmp_path):
+    with castore.Checkpoint(tmp_path / "ck") as cp:
+        cp.step = castore.Counter(0)
+        cp.agent = Agent(0)
+        cp.replay = castore.RingBuffer(16)
+        cp.replay.add({"x": np.arange(4, dtype=np.int64)[:, None]})
+        with pytest.raises(castore.UsageError, match="save the whole state once first"):
+            cp.save(keys=["agent"])  # nothing to carry the replay from
+        assert cp.steps() == []
+        cp.save()
+        cp.step.increment()
+        cp.agent.params["dec/w"] += 1
+        cp.replay.add({"x": np.full((4, 1), 9, np.int64)})  # not saved by the partial save
+        result = cp.save(keys=["agent"])
+        assert result.step == 1 and result.new_bytes < 4 * 1024  # the replay is carried, not written
+    with castore.Checkpoint(tmp_path / "ck") as cp:
+        cp.step = castore.Counter()
+        cp.agent = Agent(5)
+        cp.replay = castore.RingBuffer(16)
+        assert cp.load_or_save() == 1
+        assert int(cp.step) == 1  # the counter is saved with every partial save
+        assert np.array_equal(cp.agent.params["dec/w"], trained(Agent(0).params["dec/w"], 1))
+        assert len(cp.replay) == 4  # as of step 0, where it was carried from
+        assert cp.store.verify().ok
+
+
+def test_loading_an_unregistered_name_raises_and_registers_nothing(tmp_path):
+    with castore.Checkpoint(tmp_path / "ck") as cp:
+        cp.agent = Agent(0)
+        cp.save()
+        with pytest.raises(castore.UsageError, match="not registered"):
+            cp.load(keys=["replay"])
+        assert "replay" not in cp
+        with pytest.raises(castore.UsageError, match="not registered"):
+            cp.load(tmp_path / "ck", keys=["agent", "ghost"])
+        assert "ghost" not in cp
+
+
+def test_a_bad_regex_is_a_one_line_selection_error(tmp_path):
+    with castore.Checkpoint(tmp_path / "ck") as cp:
+        cp.agent = {"w": np.ones(3)}
+        cp.save()
+        with pytest.raises(castore.SelectionError, match="not a valid regular expression"):
+            cp.load(regex="enc/(")
+
+
+def test_remote_urls_are_not_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(castore.CastoreError):
+        castore.Checkpoint("gs://bucket/run")
+    assert list(tmp_path.iterdir()) == []  # no folder "gs:"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    every=st.integers(-2, 50),
+    start=st.integers(0, 300),
+    deltas=st.lists(st.integers(0, 40), max_size=40),
+)
+def test_every_fires_as_elements_when_every_except_right_after_a_resume(every, start, deltas):
+    ours, theirs = castore.Every(every), elements.when.Every(every)
+    step = start
+    for i, delta in enumerate([0, *deltas]):
+        step += delta
+        mine, reference = ours(step), theirs(step)
+        if i == 0 and every > 0 and start > 0:
+            assert mine is False  # resumed: the step was just loaded (or saved)
+        else:
+            assert mine == reference, (every, start, step)
