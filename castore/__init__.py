@@ -29,7 +29,7 @@ from .save.saver import SaveResult
 from .store import Store
 from .tracking import TrackedArray
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "CastoreError",
