@@ -8,6 +8,7 @@ the expected states are rebuilt here from its seeds.  The golden directories hol
 from __future__ import annotations
 
 import importlib.util
+import collections
 import os
 import shutil
 import stat
@@ -352,3 +353,42 @@ def test_castore_0_4_0_itself_refuses_a_format4_store(tmp_path):
     lines = done.stdout.splitlines()
     assert len(lines) == 2 and all("format 4" in line and "upgrade castore" in line for line in lines)
     assert config_of(path)["format"] == 4
+
+
+LAST_FORMAT4 = "a4f635b"  #: castore 0.5.0, the last commit that reads only up to format 4
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_castore_0_5_0_itself_refuses_a_format5_store(tmp_path):
+    """A store with typed nodes (format 5) is refused by the real 0.5.0 reader, which
+    would otherwise take the new nodes for damage."""
+    old = tmp_path / "castore-0.5.0"
+    old.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", LAST_FORMAT4, "castore"], capture_output=True, check=False
+    )
+    if archive.returncode:
+        pytest.skip(f"commit {LAST_FORMAT4} is not in this clone")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    path = tmp_path / "store"
+    with castore.Store(path) as store:
+        store.save(0, {"opt": {"state": {0: {"step": 3}}, "groups": collections.OrderedDict(lr=0.1)}})
+    assert config_of(path)["format"] == STORE_FORMAT == 5
+    script = (
+        "import sys, castore\n"
+        "assert castore.__version__ == '0.5.0', castore.__file__\n"
+        "for readonly in (True, False):\n"
+        "    try:\n"
+        "        castore.Store(sys.argv[1], readonly=readonly)\n"
+        "    except castore.FormatError as exc:\n"
+        "        print(exc)\n"
+        "    else:\n"
+        "        sys.exit('opened')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(old))
+    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env, cwd=old, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all("format 5" in line and "upgrade castore" in line for line in lines)
+    with castore.Store(path, readonly=True) as store:
+        assert store.load(0)["opt"]["state"] == {0: {"step": 3}}
