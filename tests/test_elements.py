@@ -222,3 +222,25 @@ def test_every_fires_as_elements_when_every_except_right_after_a_resume(every, s
             assert mine is False  # resumed: the step was just loaded (or saved)
         else:
             assert mine == reference, (every, start, step)
+
+
+def test_a_partial_save_whose_source_step_goes_away_commits_nothing(tmp_path):
+    """keep=1: the commit of the save in flight deletes the step a later partial save
+    carries from; that save must not commit a step naming chunks GC may free."""
+    rng = np.random.default_rng(0)
+    with castore.Store(tmp_path / "s", keep=1, max_pending=2) as store:
+        store.save(0, {"agent": {"w": np.ones(8)}, "replay": rng.integers(0, 255, 1 << 20, dtype=np.uint8)})
+        big = {"agent": {"w": np.zeros(8)}, "replay": rng.integers(0, 255, 64 << 20, dtype=np.uint8)}
+        first = store.save_async(1, big)  # its commit retains step 1 only: step 0 goes
+        try:
+            second = store.save_async(2, {"agent": {"w": np.full(8, 2.0)}}, carry=(0, ["replay"]))
+        except castore.UsageError:  # step 0 was gone already when this save was captured
+            outcome = "refused at capture"
+        else:
+            with pytest.raises(castore.SaveError, match="deleted or replaced"):
+                second.result()
+            outcome = "refused at commit"
+        assert first.result().step == 1
+        assert store.steps() == [1], outcome
+        store.gc()
+        assert store.verify().ok

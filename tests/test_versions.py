@@ -7,8 +7,8 @@ the expected states are rebuilt here from its seeds.  The golden directories hol
 
 from __future__ import annotations
 
-import importlib.util
 import collections
+import importlib.util
 import os
 import shutil
 import stat
