@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from .errors import SelectionError, StoreNotFoundError, UsageError
-from .format import codec
+from .format import codec, frameworks
 from .save.background import SaveHandle
 from .save.saver import SaveResult
 from .store import Store
@@ -60,6 +60,18 @@ def _restore_target(value):
         hook = getattr(value, "load_targets", None)
         return hook() if callable(hook) else None
     return value.state_dict()
+
+
+def _structure_of(tree):
+    """A plain value as a restore target: its NamedTuple and dataclass types and jax
+    shardings, but not its arrays: a load that fails half-way leaves the value as it was."""
+    items = codec.children(tree)
+    if items is None:
+        torch = frameworks.torch_module()
+        if isinstance(tree, (np.ndarray, TrackedArray)) or (torch is not None and isinstance(tree, torch.Tensor)):
+            return None
+        return tree
+    return codec.rebuild(tree, [_structure_of(child) for _, child in items])
 
 
 def _fspath(path) -> str:
@@ -386,7 +398,7 @@ class Checkpoint:
         into = {}
         for name in keys:
             value = self._components[name]
-            target = _restore_target(value) if _is_component(value) else value
+            target = _restore_target(value) if _is_component(value) else _structure_of(value)
             if target is not None:
                 into[name] = target
         return into or None
