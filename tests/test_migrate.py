@@ -5,16 +5,22 @@ Checkpoints are written by the real ``elements.Checkpoint``; replay chunks as em
 """
 
 import copy
+import datetime
+import io
 import os
 import pickle
+import uuid as uuidlib
 
 import elements
 import numpy as np
 import pytest
 from conftest import assert_tree_equal
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import castore
-from castore.tools.migrate import import_elements
+from castore.storage import memory
+from castore.tools.migrate import import_elements, import_replay
 
 # -- elements checkpoints ----------------------------------------------------------------------
 
@@ -189,3 +195,189 @@ def test_values_castore_does_not_store_name_their_path_and_folder(tmp_path):
     with castore.Store(tmp_path / "store", allow_pickle=True) as pickling:  # the way to keep it
         import_elements(tmp_path / "ckpt", pickling, allow_pickle=True)
         assert pickling.load(7)["agent"]["thing"].value == 3
+
+
+# -- embodied replay chunks --------------------------------------------------------------------
+
+START = datetime.datetime(2024, 5, 1, 12)
+
+
+def _save_chunk(directory, time, uuid, succ, data):
+    """embodied.core.chunk.Chunk.save, byte for byte."""
+    length = len(next(iter(data.values())))
+    with io.BytesIO() as stream:
+        np.savez_compressed(stream, **data)
+        stream.seek(0)
+        (directory / f"{time}-{uuid}-{succ}-{length}.npz").write_bytes(stream.read())
+
+
+def _rows(stream, start, count):
+    """Rows whose values say where they came from: stream * 10_000 + index in the stream."""
+    ids = stream * 10_000 + np.arange(start, start + count)
+    return {
+        "image": (ids[:, None, None, None] % 251 + np.zeros((1, 4, 4, 3))).astype(np.uint8),
+        "action": np.stack([ids, -ids], 1).astype(np.float32),
+        "reward": ids.astype(np.float64),
+        "is_first": ids % 7 == 0,
+        "stepid": np.zeros((count, 20), np.uint8),
+    }
+
+
+def _write_replay(directory, streams, *, offsets=None):
+    """Chunks of worker streams (``streams[w]``: chunk lengths), created at interleaved times,
+    linked by ``succ``; the last chunk of each stream names a successor never saved, as a
+    running Replay's does.  Returns ``[(time, stream, start, length)]`` of every chunk."""
+    directory.mkdir(exist_ok=True)
+    chunks = []
+    for w, lengths in enumerate(streams):
+        ids = [elements.UUID() for _ in lengths] + [elements.UUID()]
+        start = 0
+        for i, length in enumerate(lengths):
+            # chunk i of every stream at minute i (+ the stream's offset); stream w a second later than w-1
+            minutes = i + (offsets[w] if offsets else 0)
+            time = elements.timestamp(START + datetime.timedelta(minutes=minutes, seconds=w), millis=True)
+            _save_chunk(directory, time, ids[i], ids[i + 1], _rows(w, start, length))
+            chunks.append((time, w, start, length))
+            start += length
+    return chunks
+
+
+def _model(chunks, capacity):
+    """The rows an import keeps, in order: the newest by chunk time, grouped by stream,
+    streams ordered by their newest kept chunk."""
+    kept, total = {}, 0
+    for time, w, start, length in sorted(chunks, reverse=True):
+        if total >= capacity:
+            break
+        take = min(length, capacity - total)
+        kept.setdefault(w, []).append((time, start + length - take, take))
+        total += take
+    order = sorted(kept, key=lambda w: max(kept[w])[0])
+    ids = [w * 10_000 + np.arange(s, s + n) for w in order for _, s, n in sorted(kept[w], key=lambda c: c[1])]
+    return np.concatenate(ids), [len(kept[w]) for w in order]
+
+
+def _buffer(store, step=0, name="replay"):
+    state = store.load(step)[name]
+    buffer = castore.RingBuffer(state["capacity"])
+    buffer.load(state)
+    return buffer, state
+
+
+def test_replay_round_trips_stream_by_stream(tmp_path):
+    chunks = _write_replay(tmp_path / "replay", [[8, 8, 3], [8, 5], [8, 8, 8, 2]], offsets=[0, 1, 0])
+    result = import_replay(tmp_path / "replay", tmp_path / "store")
+    total = sum(c[3] for c in chunks)
+    assert (result.rows, result.capacity, result.dropped_rows, result.files) == (total, total, 0, 9)
+    # newest chunks: stream 0 at minute 2, stream 1 at 1 + 1, stream 2 at 3
+    assert result.stream_starts == (0, 19, 32)
+    with castore.Store(tmp_path / "store", readonly=True) as store:
+        buffer, state = _buffer(store)
+    assert state["added"] == total and len(buffer) == total
+    rows = buffer.recent(total)
+    want, _ = _model(chunks, total)
+    np.testing.assert_array_equal(rows["reward"], want)
+    for key, value in _rows(0, 0, 1).items():
+        assert rows[key].dtype == value.dtype and rows[key].shape[1:] == value.shape[1:]
+    for w, start in zip((0, 1, 2), result.stream_starts):
+        n = 19 if w == 0 else 13 if w == 1 else 26
+        assert_tree_equal({k: v[start : start + n] for k, v in rows.items()}, _rows(w, 0, n))
+    assert import_replay(tmp_path / "replay", tmp_path / "store").unchanged
+
+
+def test_replay_capacity_keeps_the_newest_rows(tmp_path):
+    chunks = _write_replay(tmp_path / "replay", [[10, 10, 10], [10, 10, 10]])
+    result = import_replay(tmp_path / "replay", tmp_path / "store", capacity=25, step=3, name="buffer")
+    assert (result.rows, result.dropped_rows, result.stream_starts) == (25, 35, (0, 10))
+    with castore.Store(tmp_path / "store", readonly=True) as store:
+        buffer, _ = _buffer(store, 3, "buffer")
+    # minute 2 of both streams (20 rows), then the last 5 rows of stream 1's minute 1 chunk
+    np.testing.assert_array_equal(buffer.recent(25)["reward"], _model(chunks, 25)[0])
+    assert buffer.recent(25)["reward"][:10].tolist() == list(range(20, 30))
+    assert buffer.recent(25)["reward"][10:15].tolist() == list(range(10_015, 10_020))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    streams=st.lists(st.lists(st.integers(1, 6), min_size=1, max_size=3), min_size=1, max_size=3),
+    offsets=st.lists(st.integers(0, 3), min_size=3, max_size=3),
+    cut=st.integers(-5, 30),
+)
+def test_replay_import_matches_a_model(tmp_path_factory, streams, offsets, cut):
+    directory = tmp_path_factory.mktemp("replay")
+    chunks = _write_replay(directory, streams, offsets=offsets)
+    total = sum(c[3] for c in chunks)
+    capacity = max(1, total - cut)
+    name = f"migrate-{uuidlib.uuid4().hex}"
+    try:
+        with castore.Store(f"memory://{name}") as store:
+            result = import_replay(directory, store, capacity=capacity)
+            buffer, _ = _buffer(store)
+    finally:
+        memory.discard(name)
+    want, per_stream = _model(chunks, capacity)
+    assert result.rows == len(buffer) == len(want) == min(capacity, total)
+    np.testing.assert_array_equal(buffer.recent(capacity)["reward"], want)
+    np.testing.assert_array_equal(buffer.recent(capacity)["action"][:, 0], want.astype(np.float32))
+    assert len(result.stream_starts) == len(per_stream)
+
+
+def test_replay_bad_files_raise_typed_errors_naming_them(tmp_path):
+    _write_replay(tmp_path / "replay", [[4, 4]])
+    first, second = sorted((tmp_path / "replay").iterdir())
+    data = second.read_bytes()
+    second.write_bytes(data[: len(data) // 2])
+    with pytest.raises(castore.MigrationError, match="not a readable .npz") as caught:
+        import_replay(tmp_path / "replay", tmp_path / "store")
+    assert caught.value.path == str(second)
+    second.write_bytes(_object_npz())
+    with pytest.raises(castore.MigrationError, match="object array") as caught:
+        import_replay(tmp_path / "replay", tmp_path / "store")
+    assert caught.value.path == str(second)
+    second.unlink()
+    _save_chunk(tmp_path / "replay", "20240501T130000F000000", elements.UUID(), elements.UUID(0), _rows(0, 0, 3))
+    (tmp_path / "replay" / "stray.npz").write_bytes(b"")
+    with pytest.raises(castore.MigrationError, match="is not named"):
+        import_replay(tmp_path / "replay", tmp_path / "store")
+    (tmp_path / "replay" / "stray.npz").unlink()
+    odd = _rows(0, 0, 3)
+    odd["reward"] = odd["reward"].astype(np.float32)
+    _save_chunk(tmp_path / "replay", "20240501T140000F000000", elements.UUID(), elements.UUID(0), odd)
+    with pytest.raises(castore.MigrationError, match="has fields .*reward float32"):
+        import_replay(tmp_path / "replay", tmp_path / "store")
+    assert not (tmp_path / "store").exists()  # nothing was opened, let alone written
+
+
+def _object_npz():
+    with io.BytesIO() as stream:
+        np.savez_compressed(stream, reward=np.array([{"a": 1}] * 4, dtype=object))
+        return stream.getvalue()
+
+
+def test_replay_corrupt_data_found_while_copying(tmp_path):
+    """A flipped byte inside compressed data passes the header pass and fails the copy."""
+    _write_replay(tmp_path / "replay", [[50]])
+    (path,) = (tmp_path / "replay").iterdir()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(castore.MigrationError) as caught:
+        import_replay(tmp_path / "replay", tmp_path / "store")
+    assert caught.value.path == str(path)
+
+
+def test_replay_merges_into_an_imported_checkpoint_step(tmp_path):
+    expected = _write_checkpoints(tmp_path / "ckpt", saves=2, incomplete=False)
+    import_elements(tmp_path / "ckpt", tmp_path / "store", allow_pickle=True)
+    _write_replay(tmp_path / "replay", [[6, 6]])
+    with pytest.raises(castore.StepExistsError):
+        import_replay(tmp_path / "replay", tmp_path / "store", step=150)
+    result = import_replay(tmp_path / "replay", tmp_path / "store", step=150, merge=True)
+    assert not result.unchanged
+    assert import_replay(tmp_path / "replay", tmp_path / "store", step=150, merge=True).unchanged
+    with castore.Store(tmp_path / "store", readonly=True) as store:
+        state = store.load(150)
+        state["shards"] = list(state["shards"])
+        replay = state.pop("replay")
+        assert_tree_equal(state, expected[150])
+        assert len(replay["fields"]["reward"]) == 12
