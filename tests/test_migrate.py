@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import castore
 from castore.storage import memory
+from castore.tools.cli import main
 from castore.tools.migrate import import_elements, import_replay
 
 # -- elements checkpoints ----------------------------------------------------------------------
@@ -195,6 +196,23 @@ def test_values_castore_does_not_store_name_their_path_and_folder(tmp_path):
     with castore.Store(tmp_path / "store", allow_pickle=True) as pickling:  # the way to keep it
         import_elements(tmp_path / "ckpt", pickling, allow_pickle=True)
         assert pickling.load(7)["agent"]["thing"].value == 3
+
+
+def test_cli_import_elements(tmp_path, capsys):
+    _write_checkpoints(tmp_path / "ckpt", saves=2)
+    args = ["import-elements", str(tmp_path / "ckpt"), str(tmp_path / "store")]
+    assert main(args) == 1
+    assert capsys.readouterr().err.startswith("castore: reading an elements checkpoint unpickles")
+    assert main([*args, "--allow-pickle"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("step 100 <- ") and "(agent, shards, step;" in out[0]
+    assert out[2].startswith("skipped ") and out[2].endswith("incomplete: no 'done' file (the save did not finish)")
+    assert out[3].startswith("2 steps imported, 0 stored already, 1 folders skipped")
+    assert main([*args, "--allow-pickle"]) == 0
+    assert "0 steps imported, 2 stored already" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as caught:
+        main(["import-elements", str(tmp_path / "ckpt")])
+    assert caught.value.code == 2
 
 
 # -- embodied replay chunks --------------------------------------------------------------------
@@ -381,3 +399,17 @@ def test_replay_merges_into_an_imported_checkpoint_step(tmp_path):
         replay = state.pop("replay")
         assert_tree_equal(state, expected[150])
         assert len(replay["fields"]["reward"]) == 12
+
+
+def test_cli_import_replay(tmp_path, capsys):
+    _write_replay(tmp_path / "replay", [[5, 5], [5]])
+    args = ["import-replay", str(tmp_path / "replay"), str(tmp_path / "store")]
+    assert main([*args, "--capacity", "12", "--step", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "12 rows of 3 chunk files in 2 streams, 3 older rows left out, capacity 12" in out
+    assert "saved as 'replay' of step 4" in out
+    assert main(["import-replay", str(tmp_path / "none"), str(tmp_path / "store")]) == 1
+    assert capsys.readouterr().err.startswith("castore: ")
+    with pytest.raises(SystemExit) as caught:
+        main([*args, "--capacity", "0"])
+    assert caught.value.code == 2
