@@ -373,15 +373,20 @@ def _object_npz():
 
 
 def test_replay_corrupt_data_found_while_copying(tmp_path):
-    """A flipped byte inside compressed data passes the header pass and fails the copy."""
-    _write_replay(tmp_path / "replay", [[50]])
+    """A flipped byte deep inside a large field passes the header pass (which reads a few
+    KiB of each field) and fails the copy."""
+    (tmp_path / "replay").mkdir()
+    data = _rows(0, 0, 200)
+    data["image"] = np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)  # 600 KiB
+    _save_chunk(tmp_path / "replay", "20240501T120000F000000", elements.UUID(), elements.UUID(0), data)
     (path,) = (tmp_path / "replay").iterdir()
-    data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(castore.MigrationError) as caught:
+    damaged = bytearray(path.read_bytes())
+    damaged[300_000] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(castore.MigrationError, match="cannot be read") as caught:
         import_replay(tmp_path / "replay", tmp_path / "store")
     assert caught.value.path == str(path)
+    assert not (tmp_path / "store").exists()
 
 
 def test_replay_merges_into_an_imported_checkpoint_step(tmp_path):

@@ -122,7 +122,10 @@ def _components(path: str) -> tuple[dict[str, list[str]], dict[str, bool]]:
     for name in names:
         match = _SHARD.fullmatch(name)
         if match and f"{match['name']}-0000.pkl" in present and f"{match['name']}.pkl" not in present:
-            shards.setdefault(match["name"], {})[int(match["index"])] = name
+            by_index = shards.setdefault(match["name"], {})
+            if int(match["index"]) in by_index:  # "x-0001.pkl" beside "x-00001.pkl"
+                raise MigrationError(os.path.join(path, name), f"is the same shard as {by_index[int(match['index'])]}")
+            by_index[int(match["index"])] = name
         else:
             files[name.removesuffix(".pkl")] = [name]
             sharded[name.removesuffix(".pkl")] = False

@@ -104,7 +104,7 @@ def _chunks(directory: str) -> list[_Chunk]:
     return sorted(chunks, key=lambda c: (c.time, c.uuid))
 
 
-def _header(path: str, member, archive: zipfile.ZipFile) -> tuple[tuple, np.dtype]:
+def _header(member: zipfile.ZipInfo, archive: zipfile.ZipFile) -> tuple[tuple, np.dtype]:
     with archive.open(member) as file:
         version = np.lib.format.read_magic(file)
         if version == (1, 0):
@@ -124,7 +124,7 @@ def _fields(chunks: list[_Chunk]) -> dict[str, tuple[tuple, np.dtype]]:
                 members = archive.infolist()
                 if not all(m.filename.endswith(".npy") for m in members):
                     raise MigrationError(chunk.path, "holds files other than .npy arrays: not written by np.savez")
-                found = {m.filename.removesuffix(".npy"): _header(chunk.path, m, archive) for m in members}
+                found = {m.filename.removesuffix(".npy"): _header(m, archive) for m in members}
         except MigrationError:
             raise
         except _READ_ERRORS as exc:
@@ -181,7 +181,7 @@ def _read(chunk: _Chunk, fields: dict, rows: int) -> dict[str, np.ndarray]:
     try:
         with np.load(chunk.path, allow_pickle=False) as data:
             arrays = {key: data[key][chunk.length - rows :] for key in fields}
-    except _READ_ERRORS as exc:
+    except (*_READ_ERRORS, KeyError) as exc:
         raise MigrationError(chunk.path, f"cannot be read ({type(exc).__name__}: {exc})") from None
     for key, array in arrays.items():  # the header pass read the same file: only a change under us differs
         if (array.shape[1:], array.dtype) != fields[key]:
@@ -236,6 +236,8 @@ def import_replay(
     buffer = RingBuffer(capacity, fields={key: (shape, dtype) for key, (shape, dtype) in fields.items()})
     starts = []
     for stream in streams:
+        if not any(kept[chunk.uuid] for chunk in stream):
+            continue  # chunks of no rows only (embodied saves none, but a file may say 0)
         starts.append(len(buffer))
         for chunk in stream:
             if kept[chunk.uuid]:
