@@ -14,6 +14,7 @@ __all__ = [
     "CorruptDataError",
     "FormatError",
     "IntegrityError",
+    "MigrationError",
     "SaveError",
     "SelectionError",
     "StepExistsError",
@@ -113,6 +114,19 @@ class SelectionError(CastoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class MigrationError(CastoreError, ValueError):
+    """A file or folder being imported (an elements checkpoint, an embodied replay chunk)
+    cannot be read as its format says: truncated, damaged, or laid out otherwise.
+
+    ``path`` names it.  Steps committed before the error stay; nothing of the step being
+    imported is committed.
+    """
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
 
 
 class SaveError(CastoreError):

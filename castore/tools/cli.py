@@ -1,4 +1,4 @@
-"""``castore``: inspect a store from the shell (read-only: the store is never written).
+"""``castore``: inspect a store from the shell (read-only), or import checkpoints into one.
 
 castore steps PATH [--branch B]     committed steps, one per line
 castore stats PATH                  totals and the dedup ratio
@@ -7,7 +7,22 @@ castore branches PATH               branches and their steps
 castore verify PATH [--sample 5%]   check every step down to its chunks; exit 1 on damage
 castore export PATH STEP OUT_DIR [--keys NAME ...] [--overwrite]
                             a step (number or tag) as .npy files and JSON; see
-                            castore/export.py for the layout
+                            castore/tools/export.py for the layout
+
+These two write to STORE (created if absent):
+
+castore import-elements DIR STORE --allow-pickle [--step-key NAME] [--branch B] [--overwrite]
+                            every complete step of an elements.Checkpoint directory
+                            (DreamerV3's logdir/ckpt); the .pkl files are unpickled, so
+                            only for checkpoints you trust
+castore import-replay DIR STORE [--step N] [--name replay] [--capacity N] [--merge]
+                      [--branch B] [--overwrite]
+                            an embodied replay directory of .npz chunks (DreamerV3's
+                            logdir/replay) as one RingBuffer component of step N
+See castore/tools/migrate/ for numbering, row order and what is skipped.
+
+Exit status: 0 on success; 1 for an error (one line on stderr) or, for verify, damage
+found; 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ from ..format import codec
 from ..format.manifest import ArrayLeaf, InlineBlob
 from ..store import Store
 from .export import export_step
+from .migrate import import_elements, import_replay
 
 
 def _describe(node) -> str:
@@ -44,6 +60,18 @@ def _fraction(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 100%]: {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return int(text)
+
+
+def _step_number(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a step number: {text!r}")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +114,38 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="an empty or new directory")
     export.add_argument("--keys", nargs="+", metavar="NAME", help="only these components")
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    _import_parsers(sub)
     return parser
+
+
+def _import_parsers(sub) -> None:
+    elements = sub.add_parser("import-elements", help="import the complete steps of an elements.Checkpoint directory")
+    elements.add_argument("directory", help="the elements.Checkpoint directory (DreamerV3: logdir/ckpt)")
+    elements.add_argument("store", help="the castore store (created if absent)")
+    elements.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="unpickle the checkpoint's .pkl files (runs the code they name: only for checkpoints you trust)",
+    )
+    elements.add_argument(
+        "--step-key",
+        metavar="NAME",
+        help="number each folder by the int its component NAME holds (DreamerV3: step) instead of its name",
+    )
+    replay = sub.add_parser("import-replay", help="import an embodied replay directory as a RingBuffer")
+    replay.add_argument("directory", help="the directory of .npz chunks (DreamerV3: logdir/replay)")
+    replay.add_argument("store", help="the castore store (created if absent)")
+    replay.add_argument("--step", type=_step_number, default=0, help="the step to save it as (default: 0)")
+    replay.add_argument("--name", default="replay", help="the component name (default: replay)")
+    replay.add_argument(
+        "--capacity", type=_positive, help="rows of the RingBuffer (default: every row; fewer keeps the newest)"
+    )
+    replay.add_argument(
+        "--merge", action="store_true", help="keep the step's other components (e.g. an imported agent)"
+    )
+    for cmd in (elements, replay):
+        cmd.add_argument("--branch", help="the branch to save to (default: main)")
+        cmd.add_argument("--overwrite", action="store_true", help="replace steps the store holds with other content")
 
 
 def main(argv=None) -> int:
@@ -94,6 +153,12 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify" and not args.in_process:
         return _verify_isolated(argv if argv is not None else sys.argv[1:])
+    if args.command in _IMPORTS:
+        try:
+            return _IMPORTS[args.command](args)
+        except CastoreError as exc:
+            print(f"castore: {exc}", file=sys.stderr)
+            return 1
     try:
         with Store(
             args.path,
@@ -182,6 +247,53 @@ def _export(store: Store, args) -> int:
     )
     return 0
 
+
+def _import_elements(args) -> int:
+    result = import_elements(
+        args.directory,
+        args.store,
+        allow_pickle=args.allow_pickle,
+        step_key=args.step_key,
+        branch=args.branch,
+        overwrite=args.overwrite,
+        allow_network_fs=args.allow_network_fs,
+    )
+    for step in result.imported:
+        what = "stored already" if step.unchanged else f"{', '.join(step.components)}; {step.new_bytes} new bytes"
+        print(f"step {step.step} <- {step.folder} ({what})")
+    for skip in result.skipped:
+        print(f"skipped {skip.folder}: {skip.reason}")
+    fresh = sum(not step.unchanged for step in result.imported)
+    print(
+        f"{fresh} steps imported, {len(result.imported) - fresh} stored already, {len(result.skipped)} folders "
+        f"skipped; store {result.store}, branch {result.branch}"
+    )
+    return 0
+
+
+def _import_replay(args) -> int:
+    result = import_replay(
+        args.directory,
+        args.store,
+        step=args.step,
+        name=args.name,
+        capacity=args.capacity,
+        merge=args.merge,
+        branch=args.branch,
+        overwrite=args.overwrite,
+        allow_network_fs=args.allow_network_fs,
+    )
+    dropped = f", {result.dropped_rows} older rows left out" if result.dropped_rows else ""
+    what = "stored already" if result.unchanged else f"{result.new_bytes} new bytes"
+    print(
+        f"{result.rows} rows of {result.files} chunk files in {len(result.stream_starts)} streams{dropped}, "
+        f"capacity {result.capacity}, fields {', '.join(result.fields)}"
+    )
+    print(f"saved as {result.name!r} of step {result.step} ({what}); store {result.store}, branch {result.branch}")
+    return 0
+
+
+_IMPORTS = {"import-elements": _import_elements, "import-replay": _import_replay}
 
 _COMMANDS = {
     "steps": _steps,
