@@ -218,7 +218,14 @@ class Store:
     # -- writing --------------------------------------------------------------------------------
 
     def save(
-        self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None, carry=None
+        self,
+        step: int,
+        tree: dict,
+        *,
+        overwrite: bool = False,
+        metrics: dict | None = None,
+        carry=None,
+        created: float | None = None,
     ) -> SaveResult:
         """Commit ``tree`` (component name -> state) as ``step``; atomic and durable.
 
@@ -238,9 +245,12 @@ class Store:
         ``source_step`` (of this branch) go into the new step as they are, by reference
         (no chunk is read or written).  If the source step is deleted or replaced before
         the commit, the save raises :class:`SaveError` and commits nothing.
+
+        ``created`` records another save time than now (UNIX time; an import of old
+        checkpoints keeps theirs, so time-based retention buckets them as they were).
         """
         self._check_open()
-        return self._saver.save(step, tree, overwrite=overwrite, metrics=metrics, carry=carry)
+        return self._saver.save(step, tree, overwrite=overwrite, metrics=metrics, carry=carry, created=created)
 
     def save_async(
         self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None, carry=None

@@ -418,3 +418,16 @@ def test_cli_import_replay(tmp_path, capsys):
     with pytest.raises(SystemExit) as caught:
         main([*args, "--capacity", "0"])
     assert caught.value.code == 2
+
+
+def test_imported_steps_keep_their_folders_save_time(tmp_path):
+    import datetime
+
+    _write_checkpoints(tmp_path / "ckpt", saves=2, incomplete=False)
+    result = import_elements(tmp_path / "ckpt", tmp_path / "store", allow_pickle=True)
+    with castore.Store(tmp_path / "store", readonly=True) as store:
+        for imported in result.imported:
+            stamp = imported.folder.split("-")[0]  # elements' local-time timestamp
+            want = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SF%f").timestamp()
+            assert store.manifest(imported.step).created == pytest.approx(want, abs=1e-6)
+            assert store.metrics(imported.step) == {}

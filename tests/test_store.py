@@ -285,3 +285,13 @@ def test_a_full_disk_is_a_save_error_and_the_store_stays_usable(tmp_path):
     assert "SaveError: no room on disk" in out.stdout, out.stdout
     assert "steps after the failed save: [1]" in out.stdout
     assert "step 1 intact: True" in out.stdout and "step 2 saved: True" in out.stdout
+
+
+def test_a_save_can_record_another_save_time(tmp_path):
+    with castore.Store(tmp_path / "s") as store:
+        store.save(1, {"a": np.ones(3)}, created=1_000_000.5)
+        assert store.manifest(1).created == 1_000_000.5
+        for bad in (float("nan"), float("inf"), "yesterday", True):
+            with pytest.raises(castore.UsageError, match="UNIX time"):
+                store.save(2, {"a": np.ones(3)}, created=bad)
+        assert store.steps() == [1]

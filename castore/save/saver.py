@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -91,10 +92,17 @@ class _Captured:
     #: a partial save: the step key its other components were carried from, and that
     #: step's record as read then (the commit checks it is still there, unchanged)
     carried_from: tuple[bytes, bytes] | None = None
+    created: float | None = None  #: the save time to record (an import's); None: the commit's
 
     def is_continuation(self) -> bool:
         """True if this save moves the branch's steps after ``continue_from`` away first."""
         return self.continue_from is not None and self.step > self.continue_from
+
+
+def _check_created(created) -> float:
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
+        raise UsageError(f"created= is a UNIX time (a finite number), got {created!r}")
+    return float(created)
 
 
 def _resolved(blob):
@@ -156,10 +164,14 @@ class Saver:
 
     # -- saving ----------------------------------------------------------------------------
 
-    def save(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None, carry=None) -> SaveResult:
+    def save(
+        self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None, carry=None, created=None
+    ) -> SaveResult:
+        created = None if created is None else _check_created(created)  # before a capture holds anything
         with self._lock:
             self.wait()
-            return self._write(self._capture(step, tree, overwrite, metrics, copy=False, carry=carry))
+            captured = self._capture(step, tree, overwrite, metrics, copy=False, carry=carry)
+            return self._write(dataclasses.replace(captured, created=created))
 
     def save_async(self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None, carry=None) -> SaveHandle:
         background = self._background_worker()
@@ -346,7 +358,8 @@ class Saver:
         committed = False
         try:
             components = tuple((name, codec.map_blobs(node, _resolved)) for name, node in captured.components)
-            manifest = Manifest(captured.step, time.time(), captured.logical_bytes, components)
+            created = time.time() if captured.created is None else captured.created
+            manifest = Manifest(captured.step, created, captured.logical_bytes, components)
             if not (captured.overwrite or captured.is_continuation()) and self._is_same_as_committed(manifest):
                 job.commit_last_batch()
                 return b"", None, None  # the same state saved again under its step: nothing to commit

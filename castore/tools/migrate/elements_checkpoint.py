@@ -25,12 +25,14 @@ their numbers and must run 0, 1, 2, ... without a gap.
 Reading a ``.pkl`` file unpickles it, which runs whatever code the file names: nothing is
 read without ``allow_pickle=True``, and the classes the pickles name must be importable.
 The store itself keeps no pickle: a value castore does not store natively raises
-:class:`UnsupportedValueError` naming its leaf path and folder.  The folders' timestamps
-are not kept (a step's saved time is when the import committed it).
+:class:`UnsupportedValueError` naming its leaf path and folder.  A step's save time is its
+folder's timestamp (elements writes local time), so time-based retention (``Keep(interval=)``)
+buckets imported steps as they were saved; a timestamp that is no date keeps the import's time.
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import os
@@ -93,6 +95,15 @@ class _Folder:
     number: int | None
     files: dict[str, list[str]]
     is_sharded: dict[str, bool]
+
+
+def _created(stamp: str) -> float | None:
+    """The UNIX time of an elements folder timestamp (local time), if it is a date."""
+    try:
+        when = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SF%f" if "F" in stamp else "%Y%m%dT%H%M%S")
+        return when.timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _unpickle(path: str):
@@ -264,7 +275,8 @@ def import_elements(
     with open_target(store, branch, allow_network_fs) as target:
         for step, folder in plan:
             path = os.path.join(directory, folder.name)
-            result = save_step(target, step, functools.partial(_tree, path, folder), overwrite=overwrite, source=path)
+            tree_of = functools.partial(_tree, path, folder)
+            result = save_step(target, step, tree_of, overwrite=overwrite, source=path, created=_created(folder.time))
             unchanged = result.manifest_bytes == 0
             log.info("step %d from %s%s", step, path, " (stored already)" if unchanged else "")
             imported.append(ImportedStep(step, folder.name, tuple(folder.files), result.new_bytes, unchanged))

@@ -30,7 +30,9 @@ def open_target(store: str | os.PathLike | Store, branch: str | None, allow_netw
         yield opened
 
 
-def save_step(target: Store, step: int, tree_of: Callable[[], dict], *, overwrite: bool, source: str) -> SaveResult:
+def save_step(
+    target: Store, step: int, tree_of: Callable[[], dict], *, overwrite: bool, source: str, created=None
+) -> SaveResult:
     """Save ``tree_of()`` as ``step``, leaving a step that holds this very state as it is.
 
     ``Store.save(overwrite=True)`` commits again even when nothing changed, so the replace
@@ -40,14 +42,14 @@ def save_step(target: Store, step: int, tree_of: Callable[[], dict], *, overwrit
     """
     try:
         try:
-            return target.save(step, tree_of())
+            return target.save(step, tree_of(), created=created)
         except StepExistsError:
             if not overwrite:
                 raise StepExistsError(
                     f"step {step} of {target.path} holds other content than {source}: pass "
                     "overwrite=True (--overwrite) to replace it"
                 ) from None
-        return target.save(step, tree_of(), overwrite=True)
+        return target.save(step, tree_of(), overwrite=True, created=created)
     except UnsupportedValueError as exc:
         raise unsupported_in(exc, source) from None
 
