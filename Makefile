@@ -26,8 +26,8 @@ test: lint
 
 # The walls: lint and format check, the type check, the import layers (pyproject.toml).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check castore tests bench stress
-	$(VENV)/bin/ruff format --check castore tests bench stress
+	$(VENV)/bin/ruff check castore tests bench stress examples
+	$(VENV)/bin/ruff format --check castore tests bench stress examples
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
