@@ -233,8 +233,8 @@ def big(seed: int, mb: int = 4) -> np.ndarray:
 
 @pytest.mark.parametrize(
     "bad",
-    [object(), {1: "int key"}, {"a", "set"}, np.array([object()], dtype=object), lambda: None],
-    ids=["object", "int-key", "set", "object-array", "function"],
+    [object(), {(1,): "tuple key"}, {"a", "set"}, np.array([object()], dtype=object), lambda: None],
+    ids=["object", "tuple-key", "set", "object-array", "function"],
 )
 def test_save_failing_on_an_unsupported_leaf_after_large_arrays_leaves_no_step(tmp_path, bad):
     with castore.Store(tmp_path / "store") as store:
