@@ -518,19 +518,35 @@ class Checkpoint:
 
 
 def _mismatch(path: str, have: dict, value) -> str | None:
+    """Why a stored leaf cannot replace the current one, or None.  Arrays of any kind
+    (numpy, TrackedArray, torch, jax) must match in kind, shape and dtype."""
     if path not in have:
         return "not in the current state"
     current = have[path]
     if isinstance(current, TrackedArray):
         current = np.asarray(current)
-    if isinstance(current, np.ndarray) or isinstance(value, np.ndarray):
-        cur_shape, cur_dtype = np.shape(current), getattr(current, "dtype", type(current).__name__)
-        if not isinstance(value, np.ndarray) or value.shape != cur_shape or value.dtype != cur_dtype:
-            new = (value.shape, value.dtype) if isinstance(value, np.ndarray) else type(value).__name__
-            return f"stored {new} vs current {(cur_shape, cur_dtype)}"
+    if _is_array(current) or _is_array(value):
+        if not (_is_array(current) and _is_array(value)) or _array_kind(current) != _array_kind(value):
+            return f"stored {_describe(value)} vs current {_describe(current)}"
+        if tuple(value.shape) != tuple(current.shape) or str(value.dtype) != str(current.dtype):
+            return f"stored {_describe(value)} vs current {_describe(current)}"
     elif type(current) is not type(value):
         return f"stored {type(value).__name__} vs current {type(current).__name__}"
     return None
+
+
+def _is_array(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, np.generic)
+
+
+def _array_kind(value) -> str:
+    return "numpy" if isinstance(value, np.ndarray) else type(value).__module__.split(".")[0]
+
+
+def _describe(value) -> str:
+    if _is_array(value):
+        return f"{_array_kind(value)} {tuple(value.shape)} {value.dtype}"
+    return type(value).__name__
 
 
 class Every:
