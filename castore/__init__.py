@@ -18,6 +18,7 @@ from .errors import (
     StoreNotFoundError,
     TrackingError,
     UnsafeFilesystemError,
+    UnsupportedLocationError,
     UnsupportedValueError,
     UsageError,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "TrackedArray",
     "TrackingError",
     "UnsafeFilesystemError",
+    "UnsupportedLocationError",
     "UnsupportedValueError",
     "UsageError",
     "VerifyReport",

@@ -24,6 +24,7 @@ __all__ = [
     "StoreNotFoundError",
     "TrackingError",
     "UnsafeFilesystemError",
+    "UnsupportedLocationError",
     "UnsupportedValueError",
     "UsageError",
 ]
@@ -54,6 +55,18 @@ class StepNotFoundError(CastoreError, KeyError):
 
 class StoreNotFoundError(CastoreError, FileNotFoundError):
     """No store at the path, and it was not to be created."""
+
+
+class UnsupportedLocationError(UsageError):
+    """The store's location is a URL castore cannot store to (``gs://``, ``s3://``, ...).
+
+    Attributes: ``location`` (as given) and ``scheme``.  Only local directories and
+    ``memory://name`` are supported; nothing was created.
+    """
+
+    def __init__(self, location: str, scheme: str, advice: str):
+        self.location, self.scheme = location, scheme
+        super().__init__(f"cannot open store {location!r}: {advice}")
 
 
 class StepExistsError(CastoreError, FileExistsError):
