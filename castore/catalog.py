@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 
-from .errors import CorruptDataError, FormatError, StepNotFoundError, UsageError
+from .errors import CorruptDataError, FormatError, StepNotFoundError, StoreNotFoundError, UsageError
 from .format.chunker import DEFAULT_CHUNK_BYTES
 from .format.config import CONFIG_KEY, StoreConfig, migrate, new_config, parse_config
 from .format.keys import (
@@ -229,16 +229,25 @@ def locate(txn: ReadTxn, step: int | str | None, branch: str, where: str) -> byt
     return step_key(latest, branch)
 
 
-def open_config(backend: Backend, chunk_bytes: int | None, where: str, compression: str = "auto") -> StoreConfig:
+def open_config(
+    backend: Backend, chunk_bytes: int | None, where: str, compression: str = "auto", *, create: bool = True
+) -> StoreConfig:
     """The store's config, written first (with ``chunk_bytes``, or the default, and
-    ``compression``) if the store is new; :class:`UsageError` if ``chunk_bytes`` is given
-    and differs from the store's."""
+    ``compression``) if the store is new and ``create``; :class:`UsageError` if
+    ``chunk_bytes`` is given and differs from the store's, :class:`StoreNotFoundError` if
+    there is no config to read and none may be written."""
     with backend.read() as txn:
         raw = txn.get(Table.META, CONFIG_KEY)
         config = None if raw is None else bytes(raw)
     if config is None:
-        if backend.readonly:
-            raise FormatError(f"{where} is not a castore store (no config record)")
+        if backend.readonly or not create:
+            with backend.read() as txn:
+                if txn.count(Table.STEPS):
+                    raise FormatError(f"{where} holds steps but no config record")
+            raise StoreNotFoundError(
+                f"no castore store at {where}: it holds no config record (a creation that did not "
+                "finish?); open it with create=True to make a store there"
+            )
         config = backend.write(_create_config, chunk_bytes or DEFAULT_CHUNK_BYTES, compression, where)
     parsed = parse_config(config, where)
     if chunk_bytes is not None and chunk_bytes != parsed.chunk_bytes:

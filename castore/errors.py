@@ -22,6 +22,7 @@ __all__ = [
     "StoreBusyError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "StorePermissionError",
     "TrackingError",
     "UnsafeFilesystemError",
     "UnsupportedLocationError",
@@ -54,7 +55,14 @@ class StepNotFoundError(CastoreError, KeyError):
 
 
 class StoreNotFoundError(CastoreError, FileNotFoundError):
-    """No store at the path, and it was not to be created."""
+    """No store at the path, and it was not to be created (``create=False``, ``readonly=True``)
+    or cannot be (a file is in the way).  Nothing was written there."""
+
+
+class StorePermissionError(CastoreError, PermissionError):
+    """This process may not read (or, for a writable open or a save, write) the store's
+    directory or files.  The message names the path and what to do (``readonly=True`` when
+    reading would work)."""
 
 
 class UnsupportedLocationError(UsageError):

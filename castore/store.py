@@ -46,8 +46,15 @@ log = logging.getLogger(__name__)
 class Store:
     """A content-addressed, deduplicating store of steps, each a dict of component trees.
 
-    ``Store(path)`` opens the store in directory ``path``, creating it unless
-    ``create=False`` (``"memory://name"``: a store in this process's memory, for tests).
+    ``Store(path)`` opens the store in directory ``path``, creating it (and missing
+    parents) unless ``create=False`` or ``readonly=True`` (``"memory://name"``: a store in
+    this process's memory, for tests).  Without creating, a path that holds no store is
+    refused with :class:`StoreNotFoundError` and left exactly as it was.  Other URLs
+    (``gs://``, ``s3://``, ``https://``, ``file://``, ...) are refused with
+    :class:`UnsupportedLocationError` before anything is created: object storage is not
+    supported yet.  A file in the way is a :class:`StoreNotFoundError`, a missing
+    permission a :class:`StorePermissionError`; each says what to do.  ``readonly=True``
+    loads from a store this user may not write, and beside another process writing it.
     Opening the same path again in one process shares one storage engine.  The first save
     or delete takes the store's single-writer lock, raising :class:`StoreLockedError` if
     another process holds it (at once, or after waiting ``lock_timeout`` seconds).  A
@@ -105,7 +112,9 @@ class Store:
             self.path, create=create, readonly=readonly, allow_network_fs=allow_network_fs, lock_timeout=lock_timeout
         )
         try:
-            config = catalog.open_config(self._backend, chunk_bytes, self.path, setting.name if setting else "auto")
+            config = catalog.open_config(
+                self._backend, chunk_bytes, self.path, setting.name if setting else "auto", create=create
+            )
             self._chunk_bytes, self._format = config.chunk_bytes, config.format
             self._compression = setting or Compression.parse(config.compression)
         except BaseException:

@@ -1,9 +1,20 @@
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from workload import assert_state_equal as assert_tree_equal  # noqa: F401  (one bit-exact check)
 
 import castore
+
+#: Runs a child as root without any capability (CI runs as root).  File permissions then apply
+#: to it as to any user: it owns the files, whose owner bits the tests take away too.  Unlike
+#: another user it runs this very interpreter, standard library and virtualenv, wherever the
+#: checkout, the venv or the interpreter live (under a home or a clone of mode 0700 too).
+WITHOUT_CAPABILITIES = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
 
 
 @pytest.fixture
@@ -20,3 +31,34 @@ def drop_big_stores_of_passing_tests(request, tmp_path):
 def store(tmp_path):
     with castore.Store(tmp_path / "store", chunk_bytes=64 << 10) as s:
         yield s
+
+
+@pytest.fixture
+def as_other_user():
+    """``(prefix, top)``: a command prefix running a child without root's rights (empty when
+    the tests do not run as root), and a directory of this user the child may be kept out of.
+
+    Skips only where the platform cannot drop root's rights (no ``setpriv``, no CAP_SETPCAP).
+    """
+    user: list[str] = []  # not root: permissions apply to this user already
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("setpriv (util-linux) is not installed: cannot run a child without root's rights")
+        user = WITHOUT_CAPABILITIES
+        if subprocess.run([*user, "true"], capture_output=True).returncode != 0:
+            pytest.skip("setpriv cannot drop this root's capabilities (no CAP_SETPCAP?)")
+    top = Path(tempfile.mkdtemp(prefix="castore-perm-"))
+    # The premise of the tests: the child cannot write where the permissions say it may not.
+    (top / "closed").mkdir(mode=0o555)
+    probe = subprocess.run(
+        [*user, sys.executable, "-c", "open(__import__('sys').argv[1], 'x')", str(top / "closed" / "probe")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "PermissionError" in probe.stderr, f"the child wrote into a 0555 directory: {probe}"
+    yield user, top
+    for sub in [top, *top.rglob("*")]:
+        if sub.is_dir():
+            sub.chmod(0o755)
+    shutil.rmtree(top)

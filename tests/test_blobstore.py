@@ -16,7 +16,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -36,11 +35,6 @@ LATER_TABLES = missing_tables(1)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_V1 = Path(__file__).parent / "data" / "store-v1"
-#: Runs a child as root without any capability (CI runs as root).  File permissions then apply
-#: to it as to any user: it owns the files, whose owner bits the tests take away too.  Unlike
-#: another user it runs this very interpreter, standard library and virtualenv, wherever the
-#: checkout, the venv or the interpreter live (under a home or a clone of mode 0700 too).
-WITHOUT_CAPABILITIES = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
 #: seconds: the bound on "at once" or "soon" that a loaded 2-core machine keeps (no test
 #: here waits this long when it passes; what it tells apart takes far longer or forever)
 PATIENCE = 30
@@ -213,28 +207,6 @@ def test_lmdb_file_without_a_meta_database_is_refused_and_left_alone(tmp_path, r
 # --- reading without write permission ---------------------------------------------------------------
 
 
-@pytest.fixture
-def as_other_user():
-    """A command prefix running a child without root's rights, and a directory of this user."""
-    user = []  # not root: permissions apply to this user already
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("setpriv (util-linux) is not installed: cannot run a child without root's rights")
-        user = WITHOUT_CAPABILITIES
-        if subprocess.run([*user, "true"], capture_output=True).returncode != 0:
-            pytest.skip("setpriv cannot drop this root's capabilities (no CAP_SETPCAP?)")
-    top = Path(tempfile.mkdtemp(prefix="castore-perm-"))
-    # The premise of the tests: the child cannot write where the permissions say it may not.
-    (top / "closed").mkdir(mode=0o555)
-    probe = python("open(__import__('sys').argv[1], 'x')", top / "closed" / "probe", user=user)
-    assert "PermissionError" in probe.stderr, f"the child wrote into a 0555 directory: {probe}"
-    yield user, top
-    for sub in top.rglob("*"):
-        if sub.is_dir():
-            sub.chmod(0o755)
-    shutil.rmtree(top)
-
-
 READ_CASES = """
     import json, logging, sys, castore
     logging.basicConfig(level=logging.WARNING)
@@ -271,9 +243,9 @@ def test_read_only_open_without_write_permission_reads_without_a_lock_file(as_ot
         assert outcome[str(paths[name])] == ["ok", expected], (name, outcome)
     assert child.stderr.count("takes no reader slot") == 2, child.stderr
     kind, message = outcome[str(paths["writable"])]
-    assert kind == "UsageError" and "no permission to write" in message and "readonly=True" in message
+    assert kind == "StorePermissionError" and "no permission to write" in message and "readonly=True" in message
     kind, message = outcome[str(paths["unreadable"])]
-    assert kind == "UsageError" and "no permission to read" in message
+    assert kind == "StorePermissionError" and "no permission to read" in message
     assert not (paths["nolockfile"] / "lock.mdb").exists()
 
 

@@ -14,6 +14,7 @@ without root's rights) runs in a child, and every wait is on a pipe, bounded by
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -21,11 +22,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from workload import REPO_ROOT, assert_state_equal
 
 import castore
-from castore import CastoreError, UnsupportedLocationError, UsageError
+from castore import (
+    CastoreError,
+    StoreNotFoundError,
+    StorePermissionError,
+    UnsupportedLocationError,
+    UsageError,
+)
 
 #: seconds: the bound on "at once" a loaded 2-core machine keeps (a passing test waits far less)
 PATIENCE = 30
@@ -116,6 +124,88 @@ def run_child(code: str, *args, user=(), timeout: float = 120) -> subprocess.Com
     )
 
 
+# --- 1. a path that holds no store is never written to -------------------------------------------
+
+
+def make_missing(path: Path) -> None:
+    pass
+
+
+def make_empty(path: Path) -> None:
+    path.mkdir()
+
+
+def make_unrelated(path: Path) -> None:
+    path.mkdir()
+    (path / "notes.txt").write_text("someone else's files")
+    (path / "sub").mkdir()
+    (path / "sub" / "weights.npy").write_bytes(b"\x93NUMPY" + bytes(100))
+
+
+def make_empty_data_file(path: Path) -> None:  # a creation killed before LMDB wrote a page
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"")
+
+
+NOT_A_STORE = {
+    "missing": make_missing,
+    "empty": make_empty,
+    "unrelated": make_unrelated,
+    "empty_data": make_empty_data_file,
+}
+NOT_CREATING = {
+    "create=False": dict(create=False),
+    "readonly=True": dict(readonly=True),
+    "readonly=True, create=False": dict(readonly=True, create=False),
+}
+
+
+@pytest.mark.parametrize("options", NOT_CREATING.values(), ids=NOT_CREATING.keys())
+@pytest.mark.parametrize("kind", NOT_A_STORE)
+def test_a_path_without_a_store_is_refused_and_left_byte_for_byte(tmp_path, kind, options):
+    path = tmp_path / "parent" / "run"
+    path.parent.mkdir()
+    NOT_A_STORE[kind](path)
+    before = snapshot(tmp_path)
+    with pytest.raises(StoreNotFoundError) as caught:
+        castore.Store(path, **options)
+    message = assert_one_line_error(caught.value, StoreNotFoundError)
+    assert str(path) in message and "check the path" in message, message
+    assert snapshot(tmp_path) == before  # no data.mdb, no lock.mdb, no directory made
+    assert not (path / "lock.mdb").exists() and not (path / "writer.lock").exists()
+    with pytest.raises(StoreNotFoundError):  # nor does a second try, or Checkpoint
+        castore.Checkpoint(path, **options)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["empty", "unrelated"])
+def test_loading_from_a_folder_that_is_not_a_store_leaves_it_alone(tmp_path, kind):
+    other = tmp_path / "pretrained"
+    NOT_A_STORE[kind](other)
+    before = snapshot(other)
+    ckpt = castore.Checkpoint(tmp_path / "run")
+    ckpt.model = {"w": np.zeros(4, np.float32)}
+    with pytest.raises(StoreNotFoundError, match="check the path"):
+        ckpt.load(other)
+    assert snapshot(other) == before
+    ckpt.close()
+
+
+def test_a_store_whose_creation_stopped_before_its_config_is_not_opened_without_create(tmp_path):
+    path = tmp_path / "store"
+    backend = castore.storage.open_backend(path)  # the tables, as a creator killed before its config left them
+    backend.close()
+    before = snapshot(path)
+    for options in NOT_CREATING.values():
+        with pytest.raises(StoreNotFoundError, match="create=True") as caught:
+            castore.Store(path, **options)
+        assert_one_line_error(caught.value)
+    assert snapshot(path)["data.mdb"] == before["data.mdb"]
+    with castore.Store(path) as store:  # create=True finishes the job
+        store.save(1, tree(1))
+        assert_state_equal(store.load(1), tree(1))
+
+
 # --- 2. URLs are refused, nothing is created -----------------------------------------------------
 
 URLS = [
@@ -158,3 +248,81 @@ def test_paths_with_a_colon_but_no_url_stay_plain_paths(tmp_path, monkeypatch, p
         assert_state_equal(store.load(1), tree(1))
     if not path.startswith("memory://"):
         assert (tmp_path / path / "data.mdb").is_file()
+
+
+# --- 5. a file in the way, a missing parent, a missing permission --------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"create": False}, {"readonly": True}], ids=["create", "create=False", "readonly"]
+)
+def test_a_path_that_is_a_file_or_lies_under_one_is_a_one_line_error(tmp_path, options):
+    somefile = tmp_path / "somefile"
+    somefile.write_text("not a store")
+    before = snapshot(tmp_path)
+    for path, blocker in ((somefile, "it is a file"), (somefile / "store", f"{somefile} is a file")):
+        with pytest.raises(StoreNotFoundError) as caught:
+            castore.Store(path, **options)
+        message = assert_one_line_error(caught.value, StoreNotFoundError)
+        assert blocker in message and "directory" in message, message
+    assert snapshot(tmp_path) == before
+
+
+def test_a_missing_parent_is_refused_without_create_and_made_with_it(tmp_path):
+    path = tmp_path / "runs" / "exp1" / "store"
+    for options in NOT_CREATING.values():
+        with pytest.raises(StoreNotFoundError, match="no such directory") as caught:
+            castore.Store(path, **options)
+        assert_one_line_error(caught.value)
+    assert list(tmp_path.iterdir()) == []
+    with castore.Store(path) as store:  # create=True (the default) makes the parents too, as mkdir -p
+        store.save(1, tree(1))
+    with castore.Store(path, create=False, readonly=True) as store:
+        assert_state_equal(store.load(1), tree(1))
+
+
+PERMISSION_CASES = """
+    import json, sys, castore
+    out = {}
+    for path, options in json.loads(sys.argv[1]):
+        try:
+            with castore.Store(path, **options) as store:
+                store.load()
+            out[f"{path} {options}"] = ["ok"]
+        except Exception as exc:
+            out[f"{path} {options}"] = [type(exc).__name__, str(exc), isinstance(exc, castore.CastoreError)]
+    print(json.dumps(out))
+"""
+
+
+def test_missing_permissions_are_one_line_errors_that_say_what_to_do(as_other_user):
+    user, top = as_other_user
+    shut = saved_store(top / "shut")  # a store in a directory the user may not enter at all
+    shut.chmod(0)
+    unreadable = saved_store(top / "unreadable")  # its data file may not be read
+    (unreadable / "data.mdb").chmod(0)
+    (top / "parent").mkdir(mode=0o555)  # a parent in which no store may be made
+    cases = [
+        [str(shut), {"readonly": True}],
+        [str(shut), {}],
+        [str(unreadable), {"readonly": True}],
+        [str(unreadable), {}],
+        [str(top / "parent" / "store"), {}],
+        [str(top / "parent" / "deeper" / "store"), {}],
+        [str(top / "parent" / "store"), {"create": False}],
+    ]
+    child = run_child(PERMISSION_CASES, json.dumps(cases), user=user)
+    assert child.returncode == 0, child.stderr[-3000:]
+    outcome = json.loads(child.stdout)
+    results = [outcome[f"{path} {options}"] for path, options in cases]
+    for result in results[:6]:
+        assert result[0] == "StorePermissionError" and result[2], result
+        assert "\n" not in result[1] and "Traceback" not in result[1]
+    for result in results[:4]:  # reading would not work either: no readonly=True advice then
+        assert "no permission to read" in result[1] and "read permission" in result[1], result
+        assert "readonly=True" not in result[1], result
+    for result in results[4:6]:
+        assert "cannot create store" in result[1] and "choose a directory this user may write" in result[1], result
+    assert results[6][0] == "StoreNotFoundError" and "no such directory" in results[6][1], results[6]
+    assert not (top / "parent" / "store").exists()
+    assert issubclass(StorePermissionError, PermissionError) and issubclass(StorePermissionError, CastoreError)

@@ -28,11 +28,11 @@ import threading
 
 import lmdb
 
-from ..errors import CorruptDataError, SaveError, StoreNotFoundError, UsageError
+from ..errors import CorruptDataError, SaveError, UsageError
 from ..format.schema import Table
 from . import fsinfo
 from .base import ReadOnlyBackend
-from .lmdb_file import LmdbFile
+from .lmdb_file import LmdbFile, prepare_directory
 from .lmdb_txn import LmdbTxn, SharedLock
 from .lock import WriterLock, check_timeout
 
@@ -70,8 +70,9 @@ class LmdbBackend:
         Raises :class:`UnsafeFilesystemError` for a directory on a network filesystem
         (where LMDB can lose commits) unless ``allow_network_fs``; :class:`StoreNotFoundError`;
         :class:`CorruptDataError` for a truncated or damaged data file; :class:`FormatError`
-        for one that is no castore store; :class:`UsageError` for missing permissions and in
-        a forked child whose parent was using the store in another thread.
+        for one that is no castore store; :class:`StorePermissionError` for missing
+        permissions; :class:`UsageError` in a forked child whose parent was using the store
+        in another thread.
         """
         lock_timeout = check_timeout(lock_timeout)
         real = os.path.realpath(path)
@@ -94,10 +95,8 @@ class LmdbBackend:
             return backend
 
     def __init__(self, path: str, *, create: bool, readonly: bool, lock_timeout: float | None = None):
-        if not os.path.isdir(path):
-            if not create or readonly:
-                raise StoreNotFoundError(f"no castore store at {path}")
-            os.makedirs(path, exist_ok=True)
+        create = create and not readonly
+        prepare_directory(path, create=create, readonly=readonly)  # a path without a store is left alone unless create
         self.path = path
         self.readonly = readonly
         self.lock_timeout = check_timeout(lock_timeout)
@@ -109,7 +108,7 @@ class LmdbBackend:
         self._writer = WriterLock(path)
         self._reading = threading.local()  # .depth: read() snapshots this thread holds
         self._writing = threading.local()  # .active: this thread is inside write(fn)
-        self._file = LmdbFile(path, readonly=readonly)
+        self._file = LmdbFile(path, readonly=readonly, create=create)
         self._allocated_to: tuple = (None, 0, 0)  # (data file inode, map size, end) of the last posix_fallocate
         self._file.open(INITIAL_MAP_BYTES, writer=False, reserve=self._reserve)
 

@@ -1,11 +1,15 @@
 """The LMDB data file of one store directory: opening it safely, its tables, compaction.
 
-Guarantees: a truncated data file is refused before LMDB touches a missing page (LMDB
-would die by SIGBUS, or pad it with zeros through a writable map); an open writes only to
-a new store (its tables are created in one transaction) and the writer adds the tables an
-older format lacks; compaction replaces the file atomically, only when no other process
-has it open.  Used by :class:`~castore.storage.lmdb_engine.LmdbBackend`, which holds the
-locks; nothing here is thread-safe by itself.
+Guarantees: a path that holds no store is never written to unless the caller creates one
+(:func:`prepare_directory` decides before LMDB opens anything, and someone else's LMDB
+file is recognised through a read-only look first); a truncated data file is refused
+before LMDB touches a missing page (LMDB would die by SIGBUS, or pad it with zeros through
+a writable map); an open writes only to a new store (its tables are created in one
+transaction) and the writer adds the tables an older format lacks; a missing permission
+is a :class:`StorePermissionError` saying what would work; compaction replaces the file
+atomically, only when no other process has it open.  Used by
+:class:`~castore.storage.lmdb_engine.LmdbBackend`, which holds the locks; nothing here is
+thread-safe by itself.
 """
 
 from __future__ import annotations
@@ -16,23 +20,109 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 from typing import Any
 
 import lmdb
 
-from ..errors import CorruptDataError, FormatError, StoreBusyError, UsageError
+from ..errors import CorruptDataError, FormatError, StoreBusyError, StoreNotFoundError, StorePermissionError
 from ..format.schema import ALL_TABLES, REQUIRED_TABLES, Table
 
 log = logging.getLogger("castore.storage")
 MAX_READERS = 256
+DATA_FILE = "data.mdb"
+#: errno values that mean "not allowed here" rather than "broken"
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+#: what a user who may not read a store can do about it
+READ_ADVICE = "this user needs read and execute permission on the directory and read permission on its data.mdb"
+
+
+def prepare_directory(path: str, *, create: bool, readonly: bool = False) -> None:
+    """Check that ``path`` can be a store's directory, making it (and its parents, as
+    ``mkdir -p``) if ``create`` and it is missing; ``readonly`` only words the advice.
+
+    Writes nothing unless ``create`` and the directory is missing.  Raises
+    :class:`StoreNotFoundError` (a missing directory or data file without ``create``, a
+    file in the way) and :class:`StorePermissionError`, each naming the path and what to do.
+    """
+    if readonly:
+        again = "check the path (a read-only open creates nothing)"
+    else:
+        again = "check the path" + ("" if create else " (create=True makes a new store there)")
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if not create:
+            raise StoreNotFoundError(f"no castore store at {path}: no such directory; {again}") from None
+        _make_directory(path)
+        return
+    except OSError as exc:
+        raise _path_error(path, exc, "open") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise StoreNotFoundError(f"no castore store at {path}: it is a file, not a directory; pass a store's directory")
+    data = os.path.join(path, DATA_FILE)
+    try:
+        data_info = os.stat(data)
+    except FileNotFoundError:
+        if not create:
+            raise StoreNotFoundError(
+                f"no castore store at {path}: the directory holds no {DATA_FILE}; {again}"
+            ) from None
+        return
+    except OSError as exc:
+        raise _path_error(path, exc, "open") from None
+    if not stat.S_ISREG(data_info.st_mode):
+        raise FormatError(f"{path} is not a castore store: its {DATA_FILE} is not a file")
+    if not data_info.st_size and not create:  # a creation killed before LMDB wrote its first pages
+        raise StoreNotFoundError(f"no castore store at {path}: its {DATA_FILE} is empty; {again}")
+
+
+def _make_directory(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise _path_error(path, exc, "create") from None
+
+
+def _path_error(path: str, exc: OSError, doing: str) -> Exception:
+    """The castore error for ``exc``, raised while trying to ``doing`` the store at ``path``."""
+    blocker = _first_file_on(path)
+    if blocker is not None:
+        return StoreNotFoundError(
+            f"cannot {doing} store {path}: {blocker} is a file, not a directory; pass a directory's path"
+        )
+    where = exc.filename or path
+    if exc.errno in _DENIED:
+        if doing == "create":
+            return StorePermissionError(
+                f"cannot create store {path}: {exc.strerror} ({where}); choose a directory this user may write"
+            )
+        return StorePermissionError(f"no permission to read store {path} ({exc.strerror}); {READ_ADVICE}")
+    return StoreNotFoundError(f"cannot {doing} store {path}: {exc.strerror} ({where})")
+
+
+def _first_file_on(path: str) -> str | None:
+    """The first ancestor of ``path`` (or ``path``) that exists and is not a directory."""
+    parts = os.path.abspath(path).split(os.sep)
+    for end in range(2, len(parts) + 1):
+        prefix = os.sep.join(parts[:end])
+        try:
+            if not stat.S_ISDIR(os.stat(prefix).st_mode):
+                return prefix
+        except OSError:
+            return None
+    return None
 
 
 class LmdbFile:
     """The environment of ``path`` and the handles of its tables (None: a table it lacks)."""
 
-    def __init__(self, path: str, *, readonly: bool):
+    def __init__(self, path: str, *, readonly: bool, create: bool = True):
         self.path = path
         self.readonly = readonly
+        #: whether a missing store may be made (else an LMDB file without castore's tables
+        #: is refused before anything is written)
+        self.create = create
         #: False for a read-only open without permission to write LMDB's lock file
         self.has_reader_lock = True
         self.env: Any = None  # an lmdb.Environment while open
@@ -48,8 +138,8 @@ class LmdbFile:
         ``writer`` (this process holds the writer lock) lets the tables an older store
         lacks be created.
         """
-        self.env = self._open_lmdb(map_size)
-        try:
+        try:  # the read-only look of _open_lmdb reads the main database too: damage there is mapped
+            self.env = self._open_lmdb(map_size)
             if not self.readonly:
                 self.data_fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR)
             self.dbs = self.open_tables(writer=writer, reserve=reserve)
@@ -65,13 +155,15 @@ class LmdbFile:
 
     def _open_lmdb(self, map_size: int):
         """The environment, opened after checking the data file's size (see _check_data_size)."""
-        data = os.path.join(self.path, "data.mdb")
+        data = os.path.join(self.path, DATA_FILE)
         if not self.readonly and os.path.exists(data) and os.path.getsize(data):
             # A writable map first grows the file to the map size, padding a truncated one with
-            # zeros: look at it through a read-only environment first.
+            # zeros: look at it through a read-only environment first, and leave a file that
+            # holds no castore store as it was.
             probe = self._lmdb_open(map_size, readonly=True)
             try:
                 _check_data_size(probe, data)
+                self._check_is_store(probe)
             finally:
                 probe.close()
         env = self._lmdb_open(map_size, readonly=self.readonly)
@@ -100,11 +192,9 @@ class LmdbFile:
             if not _is_permission_error(exc):
                 raise FormatError(f"cannot open LMDB store at {self.path}: {exc}") from None
             if not self.readonly:
-                raise UsageError(
-                    f"no permission to write store {self.path} ({exc}); open it with readonly=True to load from it"
-                ) from None
+                raise self._write_denied(exc) from None
             if not self.has_reader_lock:
-                raise UsageError(f"no permission to read store {self.path} ({exc})") from None
+                raise StorePermissionError(f"no permission to read store {self.path} ({exc}); {READ_ADVICE}") from None
         self.has_reader_lock = False
         env = self._lmdb_open(map_size, readonly=readonly)
         log.warning(
@@ -115,6 +205,38 @@ class LmdbFile:
         )
         return env
 
+    def _write_denied(self, exc: lmdb.Error) -> StorePermissionError:
+        """The error of a writable open LMDB was refused: read-only works if reading does."""
+        data = os.path.join(self.path, DATA_FILE)
+        if not os.path.exists(data):
+            return StorePermissionError(
+                f"cannot create store {self.path} ({exc}); choose a directory this user may write"
+            )
+        try:
+            os.close(os.open(data, os.O_RDONLY))
+        except OSError:
+            return StorePermissionError(f"no permission to read store {self.path} ({exc}); {READ_ADVICE}")
+        return StorePermissionError(
+            f"no permission to write store {self.path} ({exc}); open it with readonly=True to load from it"
+        )
+
+    def _check_is_store(self, env) -> None:
+        """Refuse an LMDB file castore did not make, or (without ``create``) one it did not
+        finish making, before a writable open touches it; ``env`` is a read-only look."""
+        if _existing_db(env, Table.META) is not None:
+            return
+        entries = env.stat()["entries"]
+        if entries:
+            raise FormatError(
+                f"{self.path} is not a castore store, or a damaged one: LMDB's "
+                f"main database holds {entries} records but no meta database"
+            )
+        if not self.create:
+            raise StoreNotFoundError(
+                f"no castore store at {self.path}: its LMDB file holds no castore tables (a creation "
+                "that did not finish?); open it with create=True to make a store there"
+            )
+
     def open_tables(self, *, writer: bool, reserve) -> dict:
         """The table handles, None for a table an older store lacks.
 
@@ -124,7 +246,10 @@ class LmdbFile:
         (LMDB's rule for opening databases).
         """
         if self.readonly:  # without txn=: py-lmdb keeps no handle opened in a read txn of ours
-            return self._checked({t: _existing_db(self.env, t) for t in ALL_TABLES})
+            found = {t: _existing_db(self.env, t) for t in ALL_TABLES}
+            if found[Table.META] is None:
+                self._check_is_store(self.env)  # someone else's file, or a creation cut short
+            return self._checked(found)
         if self.env.stat()["entries"] == 0:  # a new store: put disk blocks under its first pages
             reserve(0, grow=False)
         txn = self.begin_alone(write=True)

@@ -9,11 +9,12 @@ that took the lock holds it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
 
-from ..errors import StoreLockedError, UsageError
+from ..errors import StoreLockedError, StorePermissionError, UsageError
 
 LOCK_FILE = "writer.lock"
 POLL_SECONDS = 0.05  # how often a writer waiting for the lock tries again
@@ -40,8 +41,19 @@ class WriterLock:
         return self.fd is not None
 
     def acquire(self, timeout: float) -> None:
-        """Take the lock, polling for up to ``timeout`` seconds; raises :class:`StoreLockedError`."""
-        fd = os.open(os.path.join(self.directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock, polling for up to ``timeout`` seconds; raises :class:`StoreLockedError`,
+        and :class:`StorePermissionError` if this user may not write the lock file (or create
+        it: a store copied without it into a directory this user may not write)."""
+        path = os.path.join(self.directory, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise StorePermissionError(
+                f"no permission to write store {self.directory} ({exc.strerror}: {path}); "
+                "open it with readonly=True to load from it"
+            ) from None
         try:
             deadline = time.monotonic() + timeout
             while True:
