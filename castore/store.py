@@ -55,7 +55,10 @@ class Store:
     supported yet.  A file in the way is a :class:`StoreNotFoundError`, a missing
     permission a :class:`StorePermissionError`; each says what to do.  ``readonly=True``
     loads from a store this user may not write, and beside another process writing it.
-    Opening the same path again in one process shares one storage engine.  The first save
+
+    Opening the same path again in one process shares one storage engine, in any mix and
+    order of read-only, writable and other-branch ``Store`` objects, each closed when its
+    owner likes (the writer lock goes with the last writable one).  The first save
     or delete takes the store's single-writer lock, raising :class:`StoreLockedError` if
     another process holds it (at once, or after waiting ``lock_timeout`` seconds).  A
     directory on a network filesystem (NFS, SMB, ...) is refused with

@@ -34,6 +34,7 @@ from castore import (
     UnsupportedLocationError,
     UsageError,
 )
+from castore.storage.lmdb_engine import LmdbBackend
 
 #: seconds: the bound on "at once" a loaded 2-core machine keeps (a passing test waits far less)
 PATIENCE = 30
@@ -248,6 +249,116 @@ def test_paths_with_a_colon_but_no_url_stay_plain_paths(tmp_path, monkeypatch, p
         assert_state_equal(store.load(1), tree(1))
     if not path.startswith("memory://"):
         assert (tmp_path / path / "data.mdb").is_file()
+
+
+# --- 4. every order of Store objects on one path in one process ----------------------------------
+
+OPENERS = {
+    "writable": dict(),
+    "readonly": dict(readonly=True, create=False),
+    "create_false": dict(create=False),
+    "branch": dict(branch="side"),
+}
+
+
+def use(store: castore.Store, step: int, saved: dict) -> None:
+    """Load from ``store`` and, if it may write, save ``step`` to its branch and load it back
+    (noted in ``saved``: branch -> steps)."""
+    assert_state_equal(store.load(0, branch="main"), tree(0))
+    if store.readonly:
+        with pytest.raises(UsageError, match="read-only"):
+            store.save(step, tree(step))
+        return
+    store.save(step, tree(step))
+    saved.setdefault(store.branch, set()).add(step)
+    assert_state_equal(store.load(step), tree(step))
+
+
+@pytest.mark.parametrize("close_first", ["first", "second"])
+@pytest.mark.parametrize("second", OPENERS)
+@pytest.mark.parametrize("first", OPENERS)
+def test_every_order_of_store_objects_on_one_path_works(tmp_path, first, second, close_first):
+    path = saved_store(tmp_path / "store", steps=(0,))
+    saved: dict = {"main": {0}}
+    a = castore.Store(path, **OPENERS[first])
+    b = castore.Store(path, **OPENERS[second])
+    try:
+        use(a, 1, saved)
+        use(b, 2, saved)
+        use(a, 3, saved)  # the first goes on working beside the second
+        gone, left = (a, b) if close_first == "first" else (b, a)
+        gone.close()
+        use(left, 4, saved)  # and after the other one closed
+    finally:
+        a.close()
+        b.close()
+    # all closed: the engine is gone and its writer lock free (a flock of the closed
+    # environment would refuse this new one), and every step saved is there
+    assert os.path.realpath(path) not in LmdbBackend._open
+    with castore.Store(path, create=False) as store:
+        store.save(100, tree(100))
+        saved["main"].add(100)
+        assert {branch: store.steps(branch=branch) for branch in store.branches()} == {
+            branch: sorted(steps) for branch, steps in saved.items()
+        }
+        assert store.verify().ok
+
+
+def test_three_stores_opened_read_only_first_then_writable_close_in_every_order(tmp_path):
+    path = saved_store(tmp_path / "store", steps=(0,))
+    saved: dict = {}
+    for order in ([0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]):
+        base = 10 * len(saved.get("main", ())) + 10
+        stores: list = [
+            castore.Store(path, readonly=True, create=False),
+            castore.Store(path, create=False),
+            castore.Store(path, branch="side"),
+        ]
+        for round, index in enumerate(order):
+            for store in filter(None, stores):
+                use(store, base + round, saved)
+            stores[index].close()
+            stores[index] = None
+    with castore.Store(path, readonly=True) as store:
+        assert store.steps() == sorted({0} | saved["main"]) and store.steps(branch="side") == sorted(saved["side"])
+        assert store.verify().ok
+
+
+HOLD_AND_SAVE = """
+    import sys, castore
+    with castore.Store(sys.argv[1], create=False) as store:
+        store.save(int(sys.argv[2]), tree(int(sys.argv[2])))
+    print("saved", flush=True)
+"""
+
+
+def test_the_writer_lock_goes_with_the_last_writable_store_while_readers_stay(tmp_path):
+    path = saved_store(tmp_path / "store", steps=(0,))
+    reader = castore.Store(path, readonly=True, create=False)
+    writer = castore.Store(path)
+    writer.save(1, tree(1))
+    held = run_child(HOLD_AND_SAVE, path, 2)
+    assert "StoreLockedError" in held.stderr, held.stderr[-2000:]  # this process writes
+    writer.close()
+    free = run_child(HOLD_AND_SAVE, path, 2)  # the reader left open does not hold the lock
+    assert free.returncode == 0 and free.stdout == "saved\n", free.stderr[-2000:]
+    assert_state_equal(reader.load(), tree(2))  # and it reads on, the other process's step too
+    again = castore.Store(path)  # a writable open takes the lock again
+    again.save(3, tree(3))
+    assert_state_equal(reader.load(), tree(3))
+    again.close()
+    reader.close()
+
+
+def test_a_writable_open_inside_a_read_only_snapshot_of_the_same_thread_is_refused(tmp_path):
+    path = saved_store(tmp_path / "store", steps=(0,))
+    with castore.Store(path, readonly=True) as reader:
+        with reader.backend.read(), pytest.raises(UsageError, match="end the snapshot") as caught:
+            castore.Store(path)
+        assert_one_line_error(caught.value)
+        with castore.Store(path) as writer:  # once the snapshot ended it opens
+            writer.save(1, tree(1))
+        assert_state_equal(reader.load(), tree(1))
 
 
 # --- 5. a file in the way, a missing parent, a missing permission --------------------------------

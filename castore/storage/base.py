@@ -145,7 +145,8 @@ class Backend(Protocol):
         """Disk bytes the store occupies."""
 
     def close(self) -> None:
-        """Pair of every open; the last close releases the writer lock and the engine."""
+        """Pair of every open.  The last writable opener's close releases the writer lock
+        (read-only views left open read on); the last close of all releases the engine."""
 
 
 def check_key(key) -> bytes:
@@ -156,8 +157,8 @@ def check_key(key) -> bytes:
 
 
 class ReadOnlyBackend:
-    """A read-only view of a shared backend: what a ``readonly`` open gets when this
-    process has the store open writable already (one engine per store per process)."""
+    """A read-only view of a shared backend: what every ``readonly`` open gets (one engine
+    per store per process, which a writable open of the same store may share at any time)."""
 
     readonly = True
 
@@ -209,4 +210,4 @@ class ReadOnlyBackend:
         return self._backend.file_bytes()
 
     def close(self) -> None:
-        self._backend.close()
+        self._backend.close(view=True)

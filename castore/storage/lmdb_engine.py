@@ -3,8 +3,10 @@
 Guarantees, beyond those of :class:`~castore.storage.base.Backend`:
 
 * one LMDB environment per store path per process, shared by every opener (LMDB refuses
-  a second one); a forked child never uses its parent's (:class:`UsageError`), it opens
-  the store again;
+  a second one), in any order: a read-only open gets a :class:`ReadOnlyBackend` view, a
+  writable open after read-only ones reopens the environment writable (the views read on
+  through it), and the writer lock goes with the last writable opener's close; a forked
+  child never uses its parent's (:class:`UsageError`), it opens the store again;
 * the map grows by itself: :meth:`LmdbBackend.write` retries ``fn`` after growing the map
   when LMDB reports it full, and another process's growth is adopted;
 * the environment uses LMDB's writable map (one copy less per byte written), where
@@ -62,6 +64,8 @@ class LmdbBackend:
 
         ``lock_timeout`` is how long :meth:`acquire_writer` waits for another writer process
         (None or 0: not at all); openers in one process share it, the last one given wins.
+        A read-only open returns a :class:`ReadOnlyBackend` view of the shared environment
+        (so the views stay read-only when a writable open, in any order, makes it writable).
         A read-only open of a store this process may not write (``lock.mdb`` or the directory
         not writable, a read-only filesystem) reads without LMDB's lock file and logs a
         warning: such a reader holds no reader slot, so a writer could reuse pages under it;
@@ -72,7 +76,8 @@ class LmdbBackend:
         :class:`CorruptDataError` for a truncated or damaged data file; :class:`FormatError`
         for one that is no castore store; :class:`StorePermissionError` for missing
         permissions; :class:`UsageError` in a forked child whose parent was using the store
-        in another thread.
+        in another thread, and for a writable open by a thread holding a snapshot of a
+        store this process has open read-only only.
         """
         lock_timeout = check_timeout(lock_timeout)
         real = os.path.realpath(path)
@@ -84,14 +89,18 @@ class LmdbBackend:
                 existing = None
             if existing is not None:
                 if existing.readonly and not readonly:
-                    raise UsageError(f"store {path} is already open read-only in this process")
-                existing.refs += 1
-                if lock_timeout is not None:
-                    existing.lock_timeout = lock_timeout
-                return ReadOnlyBackend(existing) if readonly and not existing.readonly else existing
-            fsinfo.check_local_filesystem(real, force=allow_network_fs)
-            backend = cls(real, create=create, readonly=readonly, lock_timeout=lock_timeout)
-            cls._open[real] = backend
+                    existing._become_writable()
+                backend = existing
+            else:
+                fsinfo.check_local_filesystem(real, force=allow_network_fs)
+                backend = cls(real, create=create, readonly=readonly, lock_timeout=lock_timeout)
+                cls._open[real] = backend
+            backend.refs += 1
+            if lock_timeout is not None:
+                backend.lock_timeout = lock_timeout
+            if readonly:
+                return ReadOnlyBackend(backend)
+            backend.writable_refs += 1
             return backend
 
     def __init__(self, path: str, *, create: bool, readonly: bool, lock_timeout: float | None = None):
@@ -101,7 +110,8 @@ class LmdbBackend:
         self.readonly = readonly
         self.lock_timeout = check_timeout(lock_timeout)
         self.pid = os.getpid()
-        self.refs = 1
+        self.refs = 0  #: opens not yet closed (read-only views among them)
+        self.writable_refs = 0  #: writable opens not yet closed: the writer lock goes with the last
         self._lock = SharedLock()
         self._write_mutex = threading.RLock()
         self._writer_mutex = threading.Lock()  # one thread of this process takes the writer lock
@@ -112,7 +122,12 @@ class LmdbBackend:
         self._allocated_to: tuple = (None, 0, 0)  # (data file inode, map size, end) of the last posix_fallocate
         self._file.open(INITIAL_MAP_BYTES, writer=False, reserve=self._reserve)
 
-    def close(self) -> None:
+    def close(self, *, view: bool = False) -> None:
+        """Pair of an open (``view``: of a read-only one, which :class:`ReadOnlyBackend` says).
+
+        The last writable opener's close releases the writer lock, even while read-only
+        views stay open (they read on); the last close of all closes the environment.
+        """
         if self.pid != os.getpid():  # a forked child closing what its parent opened
             with self._registry_lock:
                 if self._open.get(self.path) is self:
@@ -122,12 +137,41 @@ class LmdbBackend:
             return
         with self._registry_lock:
             self.refs -= 1
+            if not view:
+                self.writable_refs -= 1
             if self.refs > 0:
+                if not self.writable_refs:  # only read-only views are left: no thread may be
+                    self._writer.release()  # taking the lock (a Store's close ends its saves first)
                 return
             if self._open.get(self.path) is self:
                 del self._open[self.path]
         self._writer.release()
         self._file.close()
+
+    def _become_writable(self) -> None:
+        """Reopen an environment opened read-only as a writable one (a writable open came).
+
+        Waits until no transaction of this process is open (LMDB keeps one environment per
+        path per process, so the read-only one is closed first); on failure (no permission
+        to write) the read-only one is opened again and the error raised.
+        """
+        self._check_process()
+        if self._snapshots():
+            raise UsageError(
+                f"store {self.path} is open read-only in this process and this thread holds a read "
+                "snapshot of it; end the snapshot before opening the store writable"
+            )
+        with self._write_mutex, self._lock.exclusive():
+            map_size = self._file.map_size()
+            old, self._file = self._file, LmdbFile(self.path, readonly=False, create=False)
+            old.close()
+            try:
+                self._file.open(map_size, writer=False, reserve=self._reserve)
+            except BaseException:
+                self._file = old
+                old.open(map_size, writer=False, reserve=self._reserve)
+                raise
+            self.readonly = False
 
     @property
     def has_reader_lock(self) -> bool:

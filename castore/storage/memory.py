@@ -134,12 +134,16 @@ class MemoryBackend:
                     raise StoreNotFoundError(f"no castore store at {SCHEME}{name}")
                 backend = _OPEN[name] = cls(name)
             backend.refs += 1
-            return ReadOnlyBackend(backend) if readonly else backend
+            if readonly:
+                return ReadOnlyBackend(backend)
+            backend.writable_refs += 1
+            return backend
 
     def __init__(self, name: str):
         self.path = SCHEME + name
         self.readonly = False  # a read-only open gets a ReadOnlyBackend view
-        self.refs = 0
+        self.refs = 0  #: opens not yet closed (read-only views among them)
+        self.writable_refs = 0  #: writable opens not yet closed: the writer lock goes with the last
         self._tables = {table: _Table({}) for table in ALL_TABLES}
         self._generation = 0
         self._write_mutex = threading.RLock()
@@ -204,10 +208,14 @@ class MemoryBackend:
         with self.read() as txn:
             return sum(len(k) + len(v) for table in ALL_TABLES for k, v in txn.scan(table))
 
-    def close(self) -> None:
+    def close(self, *, view: bool = False) -> None:
+        """Pair of an open (``view``: a read-only one); the last writable opener's close
+        releases the writer lock, as the LMDB engine's does."""
         with _OPEN_LOCK:
             self.refs -= 1
-            if self.refs <= 0:
+            if not view:
+                self.writable_refs -= 1
+            if self.writable_refs <= 0 or self.refs <= 0:
                 self._writer = False
         self._writing = threading.local()  # .active: this thread is inside write(fn)
 

@@ -735,6 +735,37 @@ class BackendContract:
         with readonly.read() as txn:
             assert bytes(txn.get(Table.STEPS, b"k")) == b"w"
 
+    def test_a_writable_open_after_a_read_only_one_writes_and_the_view_stays_read_only(self, backend, opener):
+        backend.write(lambda txn: txn.put(Table.STEPS, b"k", b"v"))
+        self.close_all(opener)
+        readonly = opener(readonly=True)  # the first open of the engine now
+        writable = opener()
+        assert readonly.readonly and not writable.readonly
+        writable.write(lambda txn: txn.put(Table.STEPS, b"k", b"w"))
+        with readonly.read() as txn:
+            assert bytes(txn.get(Table.STEPS, b"k")) == b"w"
+        with pytest.raises(castore.UsageError):
+            readonly.write(lambda txn: txn.put(Table.STEPS, b"k", b"changed"))
+        readonly.close()
+        writable.write(lambda txn: txn.put(Table.STEPS, b"k", b"x"))  # the view's close leaves it writing
+        with writable.read() as txn:
+            assert bytes(txn.get(Table.STEPS, b"k")) == b"x"
+
+    def test_the_writer_lock_goes_with_the_last_writable_close(self, backend, opener):
+        readonly = opener(readonly=True)
+        second = opener()
+        assert backend.acquire_writer() is True
+        backend.close()
+        assert second.is_writer()  # a writable opener is left: it keeps the lock
+        second.close()
+        assert not readonly.is_writer()
+        with readonly.read() as txn:  # the view reads on
+            assert txn.count(Table.STEPS) == 0
+        again = opener()
+        assert again.acquire_writer() is True  # taken afresh: it had been released
+        again.close()
+        readonly.close()
+
     @pytest.mark.parametrize("size", [0, 512, 4096])
     def test_keys_outside_the_limits_are_usage_errors(self, backend, size):
         key = b"k" * size
