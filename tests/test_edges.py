@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from workload import REPO_ROOT, assert_state_equal
+from workload import REPO_ROOT, Child, assert_state_equal
 
 import castore
 from castore import (
     CastoreError,
+    StoreLockedError,
     StoreNotFoundError,
     StorePermissionError,
     UnsupportedLocationError,
@@ -249,6 +250,129 @@ def test_paths_with_a_colon_but_no_url_stay_plain_paths(tmp_path, monkeypatch, p
         assert_state_equal(store.load(1), tree(1))
     if not path.startswith("memory://"):
         assert (tmp_path / path / "data.mdb").is_file()
+
+
+# --- 3. another store opens read-only: beside its writer, without write permission ---------------
+
+WRITER = """
+    import sys, threading, castore
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    with castore.Store(sys.argv[2], keep=castore.Keep(last=3)) as store:
+        step = 0
+        while not stop.is_set() and step < 20000:
+            store.save(step, tree(step))
+            print("committed", step, flush=True)
+            step += 1
+    print("done", step, flush=True)
+"""
+
+
+def committed_after(writer: Child, step: int) -> int:
+    """Wait for the writer to commit a step after ``step``; returns it."""
+    while True:
+        later = int(writer.expect("committed", PATIENCE)[1])
+        if later > step:
+            return later
+
+
+def test_a_read_only_open_loads_the_latest_step_while_another_process_saves(tmp_path):
+    path = tmp_path / "store"
+    with Child("writer", path, stdin=True, script=TREE_CODE + textwrap.dedent(WRITER)) as writer:
+        writer.expect("committed", PATIENCE)  # the store exists, and its writer holds the lock
+        with castore.Store(path, readonly=True, create=False) as reader:
+            seen = []
+            for _ in range(3):
+                state = reader.load()  # the latest committed step, resolved in the same snapshot
+                step = int(state["model"]["step"])
+                assert_state_equal(state, tree(step))
+                seen.append(step)
+                committed_after(writer, step)  # the writer goes on past what was read
+            with reader.backend.read():  # a reader's snapshot does not hold the writer up either
+                committed_after(writer, committed_after(writer, seen[-1]))
+            later = reader.load()
+            assert int(later["model"]["step"]) > seen[-1] and seen == sorted(seen)
+            assert_state_equal(later, tree(int(later["model"]["step"])))
+            with castore.Store(path, create=False) as second, pytest.raises(StoreLockedError, match=str(writer.pid)):
+                second.save(10**6, tree(0))  # one writer per store: this process only reads
+        writer.send("stop")
+        writer.expect("done", PATIENCE)
+        assert writer.finish(PATIENCE) == 0, writer.describe()
+    with castore.Store(path, readonly=True) as store:
+        assert store.verify().ok
+
+
+READ_AS_OTHER_USER = """
+    import json, logging, sys, castore
+    logging.basicConfig(level=logging.WARNING)
+    def attempt(fn):
+        try:
+            return ["ok", fn()]
+        except Exception as exc:
+            return [type(exc).__name__, str(exc), isinstance(exc, castore.CastoreError)]
+    def load(path, **options):
+        with castore.Store(path, **options) as store:
+            state = store.load()
+            same = all(bool((state[k]["w"] == tree(2)[k]["w"]).all()) for k in ["model"]) and state["notes"] == tree(2)["notes"]
+            return [store.latest(), same]
+    def save(path, **options):
+        with castore.Store(path, **options) as store:
+            store.save(3, tree(3))
+            return "saved"
+    def checkpoint(path):
+        ckpt = castore.Checkpoint(path, readonly=True)
+        ckpt.model = {}
+        step = ckpt.load(keys=["model"])
+        ckpt.close()
+        return step
+    out = {}
+    for name in sys.argv[1:]:
+        out[name] = {
+            "readonly": attempt(lambda: load(name, readonly=True, create=False)),
+            "readonly_default": attempt(lambda: load(name, readonly=True)),
+            "checkpoint": attempt(lambda: checkpoint(name)),
+            "writable_open": attempt(lambda: load(name)),
+            "save": attempt(lambda: save(name, create=False)),
+        }
+    print(json.dumps(out))
+"""
+
+
+def test_a_store_this_user_cannot_write_loads_read_only_and_says_so_when_written(as_other_user):
+    user, top = as_other_user
+    # read-only files in a read-only directory; and LMDB's files writable (a copy that kept
+    # their modes) in a read-only directory without writer.lock, which a save must create
+    locked, lockable = saved_store(top / "readonly"), saved_store(top / "lockable")
+    (lockable / "writer.lock").unlink()
+    for file in locked.iterdir():
+        file.chmod(0o444)
+    locked.chmod(0o555)
+    lockable.chmod(0o555)
+    before = {name: snapshot(top / name) for name in ("readonly", "lockable")}
+    child = run_child(READ_AS_OTHER_USER, locked, lockable, user=user)
+    assert child.returncode == 0, child.stderr[-3000:]
+    outcome = json.loads(child.stdout)
+    for name in (str(locked), str(lockable)):
+        results = outcome[name]
+        assert results["readonly"] == ["ok", [2, True]], results
+        assert results["readonly_default"] == ["ok", [2, True]], results
+        assert results["checkpoint"] == ["ok", 2], results
+        kind, message, typed = results["save"]
+        assert (kind, typed) == ("StorePermissionError", True) and "readonly=True" in message, results
+        assert "\n" not in message
+    # opening writable fails at once where LMDB's files cannot be written, with the advice;
+    # where they can, it loads, and the first save says what the missing writer.lock needs
+    kind, message, typed = outcome[str(locked)]["writable_open"]
+    assert (kind, typed) == ("StorePermissionError", True) and "open it with readonly=True" in message
+    assert outcome[str(lockable)]["writable_open"] == ["ok", [2, True]]
+    assert "writer.lock" in outcome[str(lockable)]["save"][1]
+    # without write permission to lock.mdb, LMDB runs without its lock file (and says so)
+    assert "takes no reader slot" in child.stderr
+    assert snapshot(locked) == before["readonly"], "a read-only open changed the store"
+    # LMDB's reader table in lock.mdb is the only thing a reader of the other one writes
+    assert {k: v for k, v in snapshot(lockable).items() if k != "lock.mdb"} == {
+        k: v for k, v in before["lockable"].items() if k != "lock.mdb"
+    }
 
 
 # --- 4. every order of Store objects on one path in one process ----------------------------------
