@@ -244,3 +244,35 @@ def test_a_partial_save_whose_source_step_goes_away_commits_nothing(tmp_path):
         assert store.steps() == [1], outcome
         store.gc()
         assert store.verify().ok
+
+
+@pytest.mark.parametrize("order", ["reader-first", "writer-first"])
+@pytest.mark.parametrize("close_writer_first", [True, False])
+def test_trainer_and_evaluator_checkpoints_on_one_store_in_one_process(tmp_path, order, close_writer_first):
+    path = tmp_path / "ck"
+    with castore.Checkpoint(path) as seed:  # the store exists: write=False opens only what exists
+        seed.agent = Agent(0)
+        seed.save()
+
+    def trainer():
+        cp = castore.Checkpoint(path)
+        cp.agent = Agent(1)
+        return cp
+
+    def evaluator():
+        cp = castore.Checkpoint(path, write=False)
+        cp.agent = Agent(2)
+        return cp
+
+    first, second = (evaluator, trainer) if order == "reader-first" else (trainer, evaluator)
+    a, b = first(), second()
+    train, evaluate = (a, b) if first is trainer else (b, a)
+    assert evaluate.load() == 0 and train.load() == 0
+    train.agent.params["dec/w"] += 1
+    assert train.save().step == 1
+    assert evaluate.load() == 1 and np.array_equal(evaluate.agent.params["dec/w"], train.agent.params["dec/w"])
+    assert evaluate.save() is None and evaluate.steps() == [0, 1]  # write=False wrote nothing
+    for cp in (train, evaluate) if close_writer_first else (evaluate, train):
+        cp.close()
+    with castore.Store(path, readonly=True) as store:
+        assert store.steps() == [0, 1] and store.verify().ok
