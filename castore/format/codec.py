@@ -257,9 +257,9 @@ class Encoder:
         return DictNode(tuple(self._item(k, v, path, depth) for k, v in fields.items()))
 
     def _tensor(self, tensor, path: str) -> TypedNode:
+        array, attrs = frameworks.torch_to_numpy(tensor, path)  # first: it refuses sparse and nested tensors
         identity = frameworks.torch_identity(tensor)
         seen = self._tensors.get(identity)
-        array, attrs = frameworks.torch_to_numpy(tensor, path)
         if seen is not None:  # tied weights: the same bytes, hashed and stored once
             first, node = seen
             self.logical_bytes += array.nbytes

@@ -70,8 +70,13 @@ def torch_to_numpy(tensor, path: str) -> tuple[np.ndarray, dict]:
         raise UnsupportedValueError(
             path, f"tensor subclass {type(tensor).__qualname__} is not stored; pass a plain tensor"
         )
-    if tensor.layout is not torch.strided or tensor.is_quantized:
-        raise UnsupportedValueError(path, f"{tensor.layout} / quantized tensors are not stored; convert to dense")
+    # checked before anything reads the tensor's sizes or storage, which these lack
+    if tensor.is_nested:
+        raise UnsupportedValueError(path, "nested tensors are not stored; store their components (unbind())")
+    if tensor.layout is not torch.strided:
+        raise UnsupportedValueError(path, f"{tensor.layout} tensors are not stored; convert with to_dense()")
+    if tensor.is_quantized:
+        raise UnsupportedValueError(path, "quantized tensors are not stored; store dequantize() (and the qparams)")
     name = torch_dtype_name(tensor.dtype)
     if name not in _TORCH_NATIVE and name not in _TORCH_ML:
         raise UnsupportedValueError(path, f"torch dtype {name} has no stored form")
