@@ -151,7 +151,9 @@ class Encoder:
         self.allow_pickle = allow_pickle
         self.inline_max = inline_max
         self.logical_bytes = 0
-        self._tensors: dict[tuple, tuple[str, Node]] = {}  # torch identity -> (path, node) in this component
+        # torch identity -> (path, node, the tensor itself) in this component or shard: the
+        # tensor is held so its memory cannot be freed and reused by another tensor meanwhile
+        self._tensors: dict[tuple, tuple[str, Node, object]] = {}
         self._prefix = ""  # of the paths of the component being encoded
 
     def component(self, value, name: str) -> Node:
@@ -167,7 +169,11 @@ class Encoder:
         return node
 
     def _shard(self, value, path: str) -> Node:
+        # ties end at a shard's edge: shards load one by one, and a generator frees the
+        # tensors of the last shard, whose addresses the next one's may then reuse
+        self._tensors = {}
         node = self.node(value, path, 1)
+        self._tensors = {}
         if self.on_shard is not None:
             self.on_shard()
         return node
@@ -259,13 +265,14 @@ class Encoder:
     def _tensor(self, tensor, path: str) -> TypedNode:
         array, attrs = frameworks.torch_to_numpy(tensor, path)  # first: it refuses sparse and nested tensors
         identity = frameworks.torch_identity(tensor)
-        seen = self._tensors.get(identity)
+        seen = self._tensors.get(identity) if identity is not None else None
         if seen is not None:  # tied weights: the same bytes, hashed and stored once
-            first, node = seen
+            first, node, _ = seen
             self.logical_bytes += array.nbytes
             return TypedNode("torch", tuple(attrs.items()) + (("tied", first),), node)
         node = self._array(array, path)
-        self._tensors[identity] = (path.removeprefix(self._prefix), node)  # as a load names it
+        if identity is not None:
+            self._tensors[identity] = (path.removeprefix(self._prefix), node, tensor)  # as a load names it
         return TypedNode("torch", tuple(attrs.items()), node)
 
     def _pickled(self, value, path: str) -> Node:
@@ -455,14 +462,17 @@ class _Decoder:
 
     def tensor(self, node: TypedNode, inner: ArrayLeaf, path: str, into):
         attrs = dict(node.attrs)
+        torch, dtype = frameworks.torch_dtype_of(attrs, path)
+        stored = dtype_from_name(inner.dtype)
         tied = attrs.get("tied")
         if isinstance(tied, str) and tied in self.tensors:
             earlier = self.tensors[tied]
-            if tuple(earlier.shape) == tuple(inner.shape):  # type: ignore[attr-defined]
-                self.tensors[path] = earlier
-                return earlier
-        torch, dtype = frameworks.torch_dtype_of(attrs, path)
-        stored = dtype_from_name(inner.dtype)
+            if tuple(earlier.shape) == tuple(inner.shape) and earlier.dtype == dtype:  # type: ignore[attr-defined]
+                tensor = earlier
+                if not _same_kind(earlier, attrs):  # a Parameter and its .detach(): one memory, two kinds
+                    tensor = frameworks.finish_tensor(earlier.detach(), attrs)  # type: ignore[attr-defined]
+                self.tensors[path] = tensor
+                return tensor
         host = frameworks.torch_host_view(into, dtype) if into is not None else None
         if host is not None and host.dtype.itemsize == stored.itemsize and tuple(host.shape) == tuple(inner.shape):
             _array_from(inner, self.read_blob, path, host.view(stored))  # filled in place
@@ -480,6 +490,13 @@ class _Decoder:
         tensor = frameworks.torch_from_numpy(array, attrs, path, self.map_location)
         self.tensors[path] = tensor
         return tensor
+
+
+def _same_kind(tensor, attrs) -> bool:
+    """Whether ``tensor`` is what ``attrs`` describe: a Parameter or not, requiring grad or not."""
+    is_parameter = type(tensor) is frameworks.torch_module().nn.Parameter
+    wants_grad = attrs.get("requires_grad") is True and (tensor.is_floating_point() or tensor.is_complex())
+    return is_parameter == (attrs.get("parameter") is True) and tensor.requires_grad == wants_grad
 
 
 def _fields_of(value) -> tuple | None:

@@ -101,8 +101,11 @@ def torch_to_numpy(tensor, path: str) -> tuple[np.ndarray, dict]:
     return array, attrs
 
 
-def torch_identity(tensor) -> tuple:
-    """What makes two tensors the same data: tied weights share all of it."""
+def torch_identity(tensor) -> tuple | None:
+    """What makes two tensors the same data: tied weights share all of it.  None for a
+    tensor without bytes: every empty tensor has storage address 0, and is tied to none."""
+    if tensor.numel() == 0 or tensor.untyped_storage().data_ptr() == 0:
+        return None
     return (
         tensor.untyped_storage().data_ptr(),
         str(tensor.device),
@@ -110,6 +113,8 @@ def torch_identity(tensor) -> tuple:
         tuple(tensor.shape),
         tuple(tensor.stride()),
         tensor.dtype,
+        tensor.is_conj(),  # x.conj() and x._neg_view() share x's memory but are other values
+        tensor.is_neg(),
     )
 
 
