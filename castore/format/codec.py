@@ -478,15 +478,17 @@ class _Decoder:
             _array_from(inner, self.read_blob, path, host.view(stored))  # filled in place
             self.tensors[path] = into
             return into
-        device = frameworks.torch_device(attrs, path, self.map_location)
-        on_host = not callable(device) and str(device) == "cpu"
-        array = _array_from(inner, self.read_blob, path, deferred=on_host)
-        if into is not None and isinstance(into, torch.Tensor) and into.dtype == dtype and into.shape == array.shape:
-            # a target on a device: copy into it there, so no second device buffer stays
+        if isinstance(into, torch.Tensor) and into.dtype == dtype and tuple(into.shape) == tuple(inner.shape):
+            # a target on a device, or not contiguous: copy into it where it is, so no second
+            # buffer stays; the copy reads the bytes now, so the read is not deferred
+            array = _array_from(inner, self.read_blob, path, deferred=False)
             with torch.no_grad():
                 into.copy_(frameworks.torch_from_numpy(array, {**attrs, "requires_grad": False}, path, "cpu"))
             self.tensors[path] = into
             return into
+        device = frameworks.torch_device(attrs, path, self.map_location)
+        on_host = not callable(device) and str(device) == "cpu"  # a device copy reads the bytes at once
+        array = _array_from(inner, self.read_blob, path, deferred=on_host)
         tensor = frameworks.torch_from_numpy(array, attrs, path, self.map_location)
         self.tensors[path] = tensor
         return tensor
