@@ -158,10 +158,19 @@ def torch_from_numpy(array: np.ndarray, attrs, path: str, map_location):
         raise CorruptDataError(f"at {path!r}: stored array {array.dtype} is not torch {torch_dtype_name(dtype)}")
     device = torch_device(attrs, path, map_location)
     if callable(device):
-        tensor = device(tensor, str(attrs.get("device", "cpu")))
-    elif str(device) != "cpu":
-        tensor = tensor.to(device)
+        placed = device(tensor, str(attrs.get("device", "cpu")))
+        if placed is None:  # as torch.load: None from the function means "where it was saved"
+            placed = _place(tensor, torch_device(attrs, path, None))
+        elif not isinstance(placed, torch.Tensor):
+            raise UsageError(f"leaf {path!r}: map_location returned a {type(placed).__name__}, not a tensor")
+        tensor = placed
+    else:
+        tensor = _place(tensor, device)
     return finish_tensor(tensor, attrs)
+
+
+def _place(tensor, device):
+    return tensor if str(device) == "cpu" else tensor.to(device)
 
 
 def finish_tensor(tensor, attrs):
@@ -193,14 +202,26 @@ def torch_device(attrs, path: str, map_location):
         device = torch.device(wanted)
     except (RuntimeError, TypeError, ValueError):
         raise CorruptDataError(f"at {path!r}: tensor device {str(wanted)[:40]!r} is not a torch device") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"leaf {path!r}: tensors are not restored to device {device}")
+    if not _has_device(torch, device):
         raise UsageError(
             f"leaf {path!r} was saved on {saved}, which this machine lacks: load with map_location='cpu' "
             "(or another device)"
         )
-    if device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise UsageError(f"leaf {path!r}: tensors are not restored to device {device}")
     return device
+
+
+def _has_device(torch, device) -> bool:
+    """Whether this machine has ``device`` (cuda, mps and xpu alike, by index too)."""
+    if device.type == "cpu":
+        return True
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available) or not is_available():
+        return False
+    count = getattr(backend, "device_count", None)
+    return device.index is None or not callable(count) or device.index < count()
 
 
 # --- jax -----------------------------------------------------------------------------------------
