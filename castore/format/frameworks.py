@@ -252,4 +252,9 @@ def jax_target_sharding(into, shape: tuple, dtype: np.dtype):
 
 def jax_from_numpy(array: np.ndarray, path: str, sharding=None):
     jax = _import("jax", path)
+    if jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype:  # jax would cast it, silently
+        raise UsageError(
+            f"leaf {path!r} is a jax {array.dtype} array, which this jax holds only with 64-bit types "
+            "enabled: jax.config.update('jax_enable_x64', True) before loading"
+        )
     return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
