@@ -359,13 +359,88 @@ leaves = st.one_of(
     st.lists(anything, max_size=4),
     anything,
 )
+# Format 5's nodes: M (a dict keyed by value nodes) and X (a typed node: kind, attrs, node).
+# Their attrs are drawn from what the codec reads (a type name, torch dtype names, devices,
+# tied paths) as well as garbage, so decoding reaches the torch, jax and record code.
+TORCH_NAMES = (
+    "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 float32 float64 complex64 complex128 "
+    "bfloat16 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz complex32 qint8 float double".split()
+)
+DEVICES = ["cpu", "cuda", "cuda:0", "cuda:7", "cpu:3", "meta", "mps", "xpu", "hpu", "cuda:-1", "gpu", ""]
+TYPE_NAMES = [
+    "collections:OrderedDict",
+    "os:stat_result",
+    "inspect:FullArgSpec",  # a NamedTuple of an imported module
+    "castore.format.manifest:ArrayLeaf",  # a dataclass of an imported module
+    "castore.format.manifest:TypedNode.attr",
+    "no.such.module:Thing",
+    "a:b:c",
+    ":",
+    "builtins:int",
+]
+attr_values = st.one_of(
+    st.sampled_from(TORCH_NAMES + DEVICES + TYPE_NAMES + ["a", "0", "c/a", "0/w"]),
+    st.booleans(),
+    st.none(),
+    st.integers(-2, 2),
+    st.floats(),
+    st.text(max_size=6),
+    st.lists(st.text(max_size=4), max_size=3),
+)
+typed_attrs = st.one_of(
+    st.dictionaries(
+        st.one_of(
+            st.sampled_from(["type", "dtype", "device", "requires_grad", "parameter", "tied"]), st.text(max_size=3)
+        ),
+        attr_values,
+        max_size=6,
+    ),
+    anything,
+)
+typed_kinds = st.one_of(st.sampled_from(["odict", "namedtuple", "dataclass", "torch", "jax"]), anything)
+key_nodes = st.one_of(
+    st.tuples(st.sampled_from(["N", "B", "I", "F", "S", "J"]), anything).map(list),
+    st.sampled_from([["N"], ["I", 0], ["S", "0"], ["B", True], ["F", -0.0], ["J", "99999999999999999999999"]]),
+    anything,
+)
+STORED_DTYPES = ["<f4", "<f8", "<f2", "|u1", "|i1", "|b1", "<u2", "<i8", "<c8", ">f4", "<U2", "|S2", "<M8[ns]"]
+STORED_DTYPES += ["bfloat16", "float8_e4m3fn", "float8_e5m2", "int4"]
+
+
+@st.composite
+def claimed_tensors(draw):
+    """A torch or jax node around an array whose inline bytes match its dtype and shape, so
+    decoding gets as far as building the tensor, with attrs that may not fit the array."""
+    stored = draw(st.sampled_from(STORED_DTYPES))
+    shape = draw(st.lists(st.integers(0, 3), max_size=3))
+    nbytes = math.prod(shape) * codec.dtype_from_name(stored).itemsize
+    attrs = draw(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "dtype": st.sampled_from(TORCH_NAMES),
+                "device": st.sampled_from(DEVICES),
+                "requires_grad": st.one_of(st.booleans(), attr_values),
+                "parameter": st.one_of(st.booleans(), attr_values),
+                "tied": st.sampled_from(["a", "0", "c/a", "0/w", ""]),
+            },
+        )
+    )
+    data = draw(st.binary(min_size=nbytes, max_size=nbytes))
+    return ["X", draw(st.sampled_from(["torch", "jax"])), attrs, ["A", stored, shape, ["i", data]]]
+
+
 nodes = st.recursive(
-    leaves,
+    st.one_of(leaves, claimed_tensors()),
     lambda kids: st.one_of(
         st.tuples(
             st.just("D"), st.lists(st.one_of(st.tuples(st.text(max_size=3), kids).map(list), anything), max_size=3)
         ).map(list),
         st.tuples(st.sampled_from(["L", "T", "H"]), st.lists(kids, max_size=3)).map(list),
+        st.tuples(st.just("M"), st.lists(st.one_of(st.tuples(key_nodes, kids).map(list), anything), max_size=3)).map(
+            list
+        ),
+        st.tuples(st.just("X"), typed_kinds, typed_attrs, kids).map(list),
     ),
     max_leaves=10,
 )
@@ -466,6 +541,82 @@ def test_manifest_created_must_be_finite(created):
 def test_manifest_hostile_arrays_raise_corrupt_data(node, message):
     with pytest.raises(castore.CorruptDataError, match=message):
         load_manifest(_wire_manifest([["c", node]]))
+
+
+def load_typed(data: bytes, map_location):
+    """Decode every component as ``Store.load`` does (paths from the component's root, so
+    tied paths can meet), placing torch tensors with ``map_location``."""
+    manifest = decode_manifest(data)
+    return {
+        name: codec.decode(node, fake_read_blob, "", map_location=map_location) for name, node in manifest.components
+    }
+
+
+typed_nodes = st.recursive(
+    claimed_tensors(),
+    lambda kids: st.one_of(
+        st.tuples(st.just("D"), st.lists(st.tuples(st.sampled_from(["a", "0", "w"]), kids).map(list), max_size=3)).map(
+            list
+        ),
+        st.tuples(st.just("M"), st.lists(st.tuples(key_nodes, kids).map(list), max_size=3)).map(list),
+        st.tuples(st.just("X"), typed_kinds, typed_attrs, kids).map(list),
+        st.tuples(st.just("L"), st.lists(kids, max_size=3)).map(list),
+    ),
+    max_leaves=6,
+)
+
+
+@fuzz(800)
+@given(node=typed_nodes, map_location=st.sampled_from([None, "cpu", {"cuda:0": "cpu"}]))
+def test_manifest_typed_and_map_nodes(node, map_location):
+    survives("manifest: typed and map nodes", load_typed, _wire_manifest([["c", node]]), map_location)
+
+
+TENSOR = ["A", "<f4", [2], ["i", b"\0" * 8]]
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        ["M", [[["L", []], ["N"]]]],  # a key that is not a value node
+        ["M", [[["S", "k"]]]],  # an item without its node
+        ["M", [["k", ["N"]]]],  # a bare key
+        ["M", {"k": ["N"]}],
+        ["X", "pickle", {}, ["N"]],  # an unknown kind
+        ["X", "odict", {}, ["L", []]],  # kinds around the wrong node
+        ["X", "namedtuple", {"type": "m:T"}, ["L", []]],
+        ["X", "dataclass", {"type": "m:T"}, ["N"]],
+        ["X", "torch", {"dtype": "float32"}, ["D", []]],
+        ["X", "jax", {}, ["S", "x"]],
+        ["X", "odict", [], ["D", []]],  # attrs that are not a short map
+        ["X", "odict", {"k" * 65: 1}, ["D", []]],
+        ["X", "odict", {str(i): i for i in range(33)}, ["D", []]],
+        ["X", "odict", {"a": {"nested": 1}}, ["D", []]],
+        ["X", "odict", {}, ["D", []], "extra"],
+        ["X", "torch", {"dtype": "qint8"}, TENSOR],  # dtypes no save writes
+        ["X", "torch", {"dtype": 7}, TENSOR],
+        ["X", "torch", {"dtype": "float64"}, TENSOR],  # the array is not of the tensor's dtype
+        ["X", "torch", {"dtype": "bfloat16"}, ["A", "|u1", [3], ["i", b"\0" * 3]]],
+        ["X", "torch", {"dtype": "float32"}, ["A", "<U1", [2], ["i", b"\0" * 8]]],
+        ["X", "torch", {"dtype": "float32"}, ["A", ">f4", [2], ["i", b"\0" * 8]]],
+        ["X", "torch", {"dtype": "float32", "device": 3}, TENSOR],
+        ["X", "jax", {}, ["A", "<U1", [2], ["i", b"\0" * 8]]],  # no jax array of strings or dates
+        ["X", "jax", {}, ["A", "<M8[ns]", [1], ["i", b"\0" * 8]]],
+        ["X", "namedtuple", {"type": "m:T"}, ["D", [["a", ["N"]], ["a", ["N"]]]]],  # one field twice
+        ["X", "dataclass", {"type": "m:T"}, ["D", [["a", ["N"]], ["a", ["N"]]]]],
+    ],
+)
+def test_hostile_map_and_typed_nodes_raise_corrupt_data(node):
+    for map_location in (None, "cpu"):
+        with pytest.raises(castore.CorruptDataError):
+            load_typed(_wire_manifest([["c", node]]), map_location)
+
+
+def test_a_device_torch_does_not_know_is_corrupt_data_unless_mapped():
+    data = _wire_manifest([["c", ["X", "torch", {"dtype": "float32", "device": "nonsense"}, TENSOR]]])
+    with pytest.raises(castore.CorruptDataError, match="not a torch device"):
+        load_typed(data, None)
+    assert load_typed(data, "cpu")["c"].device.type == "cpu"  # as torch.load: map_location decides
 
 
 # --- chunk-list pages ------------------------------------------------------------------------------

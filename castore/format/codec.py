@@ -15,6 +15,7 @@ import collections
 import collections.abc
 import copy
 import dataclasses
+import keyword
 import math
 import pickle
 import re
@@ -442,6 +443,8 @@ class _Decoder:
         namedtuple made from the stored names (NamedTuple) or a dict (dataclass)."""
         is_tuple = node.kind == "namedtuple"
         name, fields = node.attr("type"), tuple(k for k, _ in inner.items)
+        if len(set(fields)) != len(fields):
+            raise CorruptDataError(f"at {path!r}: a {node.kind} node names a field twice")
         if into is not None and _type_name(type(into)) == name:
             same = find_type(name, fields, namedtuple=is_tuple) is type(into) or _fields_of(into) == fields
             kind = type(into) if same else None
@@ -464,6 +467,7 @@ class _Decoder:
         attrs = dict(node.attrs)
         torch, dtype = frameworks.torch_dtype_of(attrs, path)
         stored = dtype_from_name(inner.dtype)
+        frameworks.check_torch_array(attrs, stored, path)
         tied = attrs.get("tied")
         if isinstance(tied, str) and tied in self.tensors:
             earlier = self.tensors[tied]
@@ -516,7 +520,7 @@ def _fields_as_dict(value) -> dict:
 
 def _anonymous_namedtuple(name, fields: tuple):
     typename = str(name).rpartition(".")[2].rpartition(":")[2]
-    typename = typename if typename.isidentifier() else "Record"
+    typename = typename if typename.isidentifier() and not keyword.iskeyword(typename) else "Record"
     return collections.namedtuple(typename, fields, rename=True)
 
 

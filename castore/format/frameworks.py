@@ -33,8 +33,9 @@ except ImportError:  # pragma: no cover - exercised only without ml_dtypes
 _TORCH_NATIVE = frozenset(
     "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 float32 float64 complex64 complex128".split()
 )
-#: torch dtypes stored under their ml_dtypes name (the same name), bytes viewed through an int
-_TORCH_ML = frozenset("bfloat16 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz".split())
+#: torch dtypes stored under their ml_dtypes name (the same name), bytes viewed through an
+#: int (and stored as that unsigned int where ml_dtypes is missing): name -> item size
+_TORCH_ML = {"bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1}
 _INT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
@@ -129,6 +130,20 @@ def torch_dtype_of(attrs, path: str):
     return torch, dtype
 
 
+def check_torch_array(attrs, stored: np.dtype, path: str) -> None:
+    """Refuse a stored array whose dtype is not the one a save writes for the tensor's
+    dtype (``attrs["dtype"]``, already checked to be known): the bytes would be misread."""
+    name = attrs.get("dtype")
+    if name in _TORCH_NATIVE:
+        ok = stored == np.dtype(name)
+    else:
+        size = _TORCH_ML[name]
+        ok = stored == np.dtype(_INT_OF_SIZE[size])
+        ok = ok or (ml_dtypes is not None and stored == np.dtype(getattr(ml_dtypes, name)))
+    if not ok:
+        raise CorruptDataError(f"at {path!r}: stored array {stored} is not torch {name}")
+
+
 def torch_host_view(tensor, dtype) -> np.ndarray | None:
     """A writable numpy view of a CPU tensor's bytes, as a restore target, or None."""
     torch = torch_module()
@@ -175,10 +190,11 @@ def _place(tensor, device):
 
 def finish_tensor(tensor, attrs):
     torch = torch_module()
-    wants_grad = attrs.get("requires_grad") is True
+    # only floating and complex tensors can require grad (a damaged store may say otherwise)
+    wants_grad = attrs.get("requires_grad") is True and (tensor.is_floating_point() or tensor.is_complex())
     if attrs.get("parameter") is True:
         return torch.nn.Parameter(tensor, requires_grad=wants_grad)
-    if wants_grad and (tensor.is_floating_point() or tensor.is_complex()):
+    if wants_grad:
         tensor.requires_grad_(True)
     return tensor
 
@@ -251,10 +267,16 @@ def jax_target_sharding(into, shape: tuple, dtype: np.dtype):
 
 
 def jax_from_numpy(array: np.ndarray, path: str, sharding=None):
+    # a save writes only numeric arrays in native byte order: jax refuses anything else
+    if array.dtype.kind not in "biufcV" or not array.dtype.isnative:
+        raise CorruptDataError(f"at {path!r}: a jax array of dtype {array.dtype} is not one a save writes")
     jax = _import("jax", path)
     if jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype:  # jax would cast it, silently
         raise UsageError(
             f"leaf {path!r} is a jax {array.dtype} array, which this jax holds only with 64-bit types "
             "enabled: jax.config.update('jax_enable_x64', True) before loading"
         )
-    return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
+    try:
+        return jax.device_put(array, sharding) if sharding is not None else jax.device_put(array)
+    except TypeError as exc:  # an ml_dtypes type this jax lacks
+        raise UsageError(f"leaf {path!r}: this jax cannot hold {array.dtype} arrays ({exc}): upgrade jax") from None

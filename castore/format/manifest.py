@@ -340,7 +340,7 @@ def _node_from_wire(w, depth: int) -> Node:
     if tag == "M" and len(w) == 2 and isinstance(w[1], list):
         return MapNode(tuple(_key_item_from_wire(i, depth + 1) for i in w[1]))
     if tag == "X" and len(w) == 4:
-        if w[1] not in TYPED_KINDS:
+        if not isinstance(w[1], str) or w[1] not in TYPED_KINDS:  # a list kind is unhashable
             _fail(f"unknown typed node kind {str(w[1])[:40]!r}")
         return TypedNode(w[1], _attrs_from_wire(w[2]), _node_from_wire(w[3], depth + 1))
     if tag in ("D", "L", "T", "H") and len(w) == 2 and isinstance(w[1], list):
