@@ -139,6 +139,9 @@ class ChunkStore:
         for index, (cid, view) in enumerate(zip(wanted, self.get_many(txn, wanted))):
             if view is None:
                 raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
+            # the look-up maps the value's pages (whole large folios on ext4): unmap them until
+            # the task decodes it, or a restore holds every chunk of the blob in RSS at once
+            txn.release(view)
             views.append((index, cid, view))
 
         dest = memoryview(out)  # type: ignore[arg-type]  # numpy arrays are buffers
