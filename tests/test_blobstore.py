@@ -415,14 +415,27 @@ def run_in_fork(child) -> int:
             traceback.print_exc()
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 120  # a child stuck on a lock some parent thread held at the fork
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung for 120 s (a lock held across the fork?)")
+        time.sleep(0.05)
     assert os.WIFEXITED(status), f"the child died by signal {os.WTERMSIG(status)}"
     return os.WEXITSTATUS(status)
 
 
-# Python 3.12+ warns about fork() in a process with threads (the store's hashing pool): the
-# child here only opens stores and exits.
-pytestmark_fork = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+# Python 3.12+ warns about fork() in a process with threads (the store's hashing pool), and
+# so does JAX once the framework tests imported it into this process: the child here only
+# opens stores and exits, touching neither, and run_in_fork bounds its wait.
+pytestmark_fork = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded:DeprecationWarning",
+    "ignore:os.fork\\(\\) was called:RuntimeWarning",
+)
 
 
 @pytestmark_fork
