@@ -34,7 +34,7 @@ from .maintenance.maintainer import Maintainer
 from .maintenance.retention import policy_of
 from .save.background import SaveHandle
 from .save.saver import Saver, SaveResult
-from .save.session import writer_state
+from .save.session import SharedGate, writer_state
 from .storage import ChunkStore, open_backend
 from .storage.base import Backend
 
@@ -150,7 +150,7 @@ class Store:
         self._maintainer = Maintainer(
             self._backend,
             self._chunks,
-            gate=self._saver,
+            gate=SharedGate(self._writer, self._saver),  # GC waits for every Store's saves on this path
             pinned_ids=self._writer.pinned_ids,
             branch=self.branch,
             path=self.path,

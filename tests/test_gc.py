@@ -1210,3 +1210,25 @@ def test_async_retention_does_not_free_ids_a_save_being_captured_reuses(tmp_path
         assert seen == {"step 2 committed before 'a' was captured": False}
         assert store.steps() == [3]
         assert_state_equal(store.load(3, keys="a", verify=True), {"a": x})
+
+
+def test_gc_through_one_store_waits_for_another_stores_save_on_the_same_path(tmp_path):
+    """Two writable Stores on one path (two branches) in one process: a collection through
+    one must not free the journaled chunks of the other's save in flight."""
+    import time
+
+    path = tmp_path / "store"
+    with castore.Store(path, chunk_bytes=1 << 20) as a, castore.Store(path, branch="other") as b:
+        b.save(0, {"x": np.zeros(3)})
+        big = np.random.default_rng(0).random((300 << 20) // 8)  # journaled batches of 128 MiB
+        handle = a.save_async(0, {"big": big})
+        deadline = time.monotonic() + 120
+        while not handle.done() and time.monotonic() < deadline:  # a batch journaled, not committed
+            with a.backend.read() as txn:
+                if txn.count(Table.JOURNAL):
+                    break
+            time.sleep(0.005)
+        b.gc()  # waits for a's save: its chunks are either journaled or named by step 0
+        assert handle.result().step == 0
+        assert a.verify().ok
+        assert np.array_equal(a.load(0)["big"], big)

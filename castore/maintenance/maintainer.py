@@ -2,7 +2,8 @@
 deletes, tags and branches, for one ``Store`` (one branch).
 
 Everything that frees chunks runs *quiesced* (writer lock held, no save being captured,
-none in flight) through the saver's gate, and never frees ids a save may reuse (the
+none in flight) through the gate of every saver on the backend (``SharedGate``: another
+``Store`` on the same path may be saving), and never frees ids a save may reuse (the
 writer state's pins; see :mod:`castore.save.session`).
 
 A save's cost must not grow with the steps kept, so after a commit:

@@ -161,6 +161,7 @@ class Saver:
         self._staging = Staging()
         self._background: Background | None = None
         writer.add_holder(self)
+        writer.add_saver(self)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -220,6 +221,13 @@ class Saver:
         with self._lock:
             self._take_writer()
             yield
+
+    def try_lock(self) -> bool:
+        """Take the save lock if free (a commit's amortized GC must not wait for it)."""
+        return self._lock.acquire(blocking=False)
+
+    def unlock(self) -> None:
+        self._lock.release()
 
     @contextlib.contextmanager
     def quiet_after_commit(self):
@@ -497,6 +505,8 @@ class Saver:
         return abandoned_to, self._retain_in_commit(txn, captured.step, created, captured.metrics, moved)
 
     def close(self) -> None:
-        """Wait for async saves (errors stay for :meth:`raise_failed`)."""
+        """Wait for async saves (errors stay for :meth:`raise_failed`); other stores' GC no
+        longer waits for this saver."""
         if self._background is not None:
             self._background.wait(raise_errors=False)
+        self._writer.discard_saver(self)

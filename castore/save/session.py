@@ -10,11 +10,15 @@ without looking them up.  That is sound only while those chunks cannot have been
   registers here, and GC reads :meth:`WriterState.pinned_ids` and defers those ids.
 
 One :class:`WriterState` per backend: every ``Store`` on one path in a process shares the
-backend, its writer lock and so its session.
+backend, its writer lock and so its session.  It also knows every saver of the backend, so
+that what frees chunks through one ``Store`` waits for the saves of all of them
+(:class:`SharedGate`): a save in flight through another ``Store`` on the same path (another
+branch, a second ``Checkpoint``) may reuse or have written chunks no committed step names yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 
@@ -30,6 +34,7 @@ class WriterState:
         self._backend = weakref.ref(backend)
         self.session: object | None = None  #: None until this process takes the writer lock
         self._holders: weakref.WeakSet = weakref.WeakSet()
+        self._savers: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def take_writer(self) -> object:
@@ -48,6 +53,17 @@ class WriterState:
     def add_holder(self, holder) -> None:
         """Register an object with ``pinned_ids(session) -> bytes`` (concatenated ids)."""
         self._holders.add(holder)
+
+    def add_saver(self, saver) -> None:
+        """Register a saver (``quiesced()``, ``locked()``, ``try_lock()``, ``in_flight()``)."""
+        self._savers.add(saver)
+
+    def discard_saver(self, saver) -> None:
+        self._savers.discard(saver)
+
+    def savers(self) -> list:
+        """The live savers of this backend, in one fixed order (locks are taken in it)."""
+        return sorted(list(self._savers), key=id)
 
     def pinned_ids(self) -> set[bytes]:
         """Chunk ids remembered by baselines of the current session: GC must keep them."""
@@ -71,3 +87,48 @@ def writer_state(backend: Backend) -> WriterState:
         if state is None:
             state = _STATES[backend] = WriterState(backend)
         return state
+
+
+class SharedGate:
+    """The gate of what frees chunks (see ``castore.maintenance.maintainer.SaveGate``) over
+    every saver of one backend: ``own`` (the saver of the ``Store`` maintaining) and the
+    others registered in ``writer``.  Savers' locks are taken in one global order, so two
+    gates never deadlock."""
+
+    def __init__(self, writer: WriterState, own):
+        self._writer = writer
+        self._own = own
+
+    def _all(self) -> list:
+        savers = self._writer.savers()
+        return savers if self._own in savers else sorted([*savers, self._own], key=id)
+
+    @contextlib.contextmanager
+    def quiesced(self):
+        with contextlib.ExitStack() as stack:
+            for saver in self._all():
+                stack.enter_context(saver.quiesced())
+            yield
+
+    @contextlib.contextmanager
+    def locked(self):
+        with contextlib.ExitStack() as stack:
+            for saver in self._all():
+                stack.enter_context(saver.locked())
+            yield
+
+    @contextlib.contextmanager
+    def quiet_after_commit(self):
+        """True if nothing else is being saved through any saver of the backend (the save
+        committing now is the only one in flight, of ``own``)."""
+        held = []
+        try:
+            for saver in self._all():
+                if not saver.try_lock():
+                    yield False
+                    return
+                held.append(saver)
+            yield all(saver.in_flight() <= (1 if saver is self._own else 0) for saver in held)
+        finally:
+            for saver in held:
+                saver.unlock()
