@@ -228,7 +228,7 @@ class Checkpoint:
                     for _ in state:
                         pass
             return None
-        if path is not None and _fspath(path) != self._directory:
+        if path is not None and not self._is_own(path):
             return self._save_elsewhere(path, names, states, step, overwrite, metrics)
         if step is None:
             step = self._step_number(states)
@@ -251,8 +251,14 @@ class Checkpoint:
         )
         return result
 
+    def _is_own(self, path) -> bool:
+        """Whether ``path`` names this checkpoint's store, however it is spelled."""
+        return self._directory is not None and os.path.realpath(_fspath(path)) == os.path.realpath(self._directory)
+
     def _save_elsewhere(self, path, names, states, step, overwrite, metrics) -> SaveResult:
-        with Store(path, **self._options) as other:
+        # another store: this checkpoint's retention and branch are its own, not that store's
+        options = {k: v for k, v in self._options.items() if k not in ("keep", "branch")}
+        with Store(path, **options) as other:
             if step is None:
                 step = self._number_from(states)
                 if step is None:
@@ -262,7 +268,9 @@ class Checkpoint:
 
     def _save_partial(self, step, states, carry, overwrite, metrics, block) -> SaveResult | SaveHandle:
         self._store.wait()  # the step carried from is committed, not in flight
-        latest = self._store.latest()
+        # after a rollback, the loaded step (its lineage), not the future about to move away
+        source = self._store.continuing_from
+        latest = self._store.latest() if source is None else source
         have = set(self._store.manifest(latest).names) if latest is not None else set()
         missing = [name for name in carry if name not in have]
         if missing:
@@ -351,9 +359,7 @@ class Checkpoint:
         """
         keys = self._load_keys(keys)
         map_location = self._map_location if map_location is None else map_location
-        if path is None or (
-            self._directory is not None and os.path.realpath(_fspath(path)) == os.path.realpath(self._directory)
-        ):
+        if path is None or self._is_own(path):
             store = self._store
             store.wait(raise_errors=False)  # load what was saved; errors stay pending
             return self._load_from(store, step, keys, regex, verify, map_location)

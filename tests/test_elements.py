@@ -276,3 +276,40 @@ def test_trainer_and_evaluator_checkpoints_on_one_store_in_one_process(tmp_path,
         cp.close()
     with castore.Store(path, readonly=True) as store:
         assert store.steps() == [0, 1] and store.verify().ok
+
+
+def test_a_partial_save_after_a_rollback_carries_from_the_loaded_step(tmp_path):
+    with castore.Checkpoint(tmp_path / "ck") as cp:
+        cp.a, cp.b = {"v": np.zeros(1)}, {"v": np.zeros(1)}
+        for step in range(6):
+            cp.a, cp.b = {"v": np.full(1, step)}, {"v": np.full(1, step)}
+            cp.save(step=step)
+        cp.load(step=3)
+        cp.a = {"v": np.full(1, 100)}
+        assert cp.save(keys=["a"]).step == 4  # steps 4 and 5 move to main-abandoned-3
+        state = cp.store.load(4)
+        assert state["a"]["v"][0] == 100 and state["b"]["v"][0] == 3  # b of the loaded lineage
+        assert cp.steps() == [0, 1, 2, 3, 4] and "main-abandoned-3" in cp.branches()
+
+
+def test_saving_to_this_store_spelled_otherwise_is_a_save_of_this_checkpoint(tmp_path):
+    with castore.Checkpoint(tmp_path / "ck") as cp:
+        cp.a, cp.b = {"v": np.zeros(1)}, {"v": np.zeros(1)}
+        cp.save()
+        (tmp_path / "link").symlink_to(tmp_path / "ck")
+        for spelling in (f"{tmp_path}/ck/", tmp_path / "link", f"{tmp_path}/./ck"):
+            cp.save(spelling, keys=["a"])  # a partial save here: b is carried
+        assert cp.steps() == [0, 1, 2, 3]
+        assert set(cp.store.manifest(3).names) == {"a", "b"}
+        assert cp.load_or_save() == 3
+
+
+def test_saving_to_another_store_leaves_its_steps_to_its_own_policy(tmp_path):
+    with castore.Store(tmp_path / "other") as other:
+        for step in range(5):
+            other.save(step, {"x": np.full(2, step)})
+    with castore.Checkpoint(tmp_path / "ck", keep=1, branch="main") as cp:
+        cp.x = np.ones(2)
+        assert cp.save(tmp_path / "other").step == 5
+    with castore.Store(tmp_path / "other", readonly=True) as other:
+        assert other.steps() == [0, 1, 2, 3, 4, 5]  # this checkpoint's keep=1 is not applied there
