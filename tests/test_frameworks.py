@@ -947,3 +947,110 @@ def test_dataclass_records_keep_their_fields_as_a_restore_target_gives_them(stor
     assert type(plain) is dict and list(plain) == ["a", "b"] and plain["b"] == 5
     loaded = store.load(1, into={"c": Local(np.zeros(3, np.int64), 0)})["c"]
     assert type(loaded) is Local and loaded.b == 5 and loaded.a.tolist() == [0, 1, 2]
+
+
+# --- what review found: refactored classes, hostile type names, long tie paths -------------------
+
+HOOKS_MODULE = """
+import dataclasses, typing
+CALLS = []
+class Meta(type):
+    def __getattribute__(cls, name):
+        CALLS.append(("metaclass", name))
+        return super().__getattribute__(name)
+@dataclasses.dataclass
+class WithMeta(metaclass=Meta):
+    x: int = 0
+class Point(typing.NamedTuple):
+    x: int
+class Proxy:
+    __slots__ = ("_target",)
+    def __init__(self, target): object.__setattr__(self, "_target", target)
+    def __getattr__(self, name):
+        CALLS.append(("proxy", name))
+        return getattr(self._target, name)
+proxy = Proxy(Point)
+class Liar:
+    @property
+    def __class__(self):
+        CALLS.append(("__class__", None))
+        return type
+liar = Liar()
+"""
+
+
+def test_finding_a_stored_type_runs_no_attribute_hook(tmp_path, monkeypatch):
+    (tmp_path / "castore_fw_hooks.py").write_text(HOOKS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import castore_fw_hooks as hooks
+
+    hooks.CALLS.clear()  # what defining the classes called
+    try:
+        for name, fields, is_tuple in [
+            ("castore_fw_hooks:WithMeta", ("x",), False),
+            ("castore_fw_hooks:proxy.x", ("x",), True),
+            ("castore_fw_hooks:liar", ("x",), True),
+            ("castore_fw_hooks:Point.__class__", ("x",), True),
+        ]:
+            assert codec.find_type(name, fields, namedtuple=is_tuple) is None
+        assert hooks.CALLS == []
+        assert codec.find_type("castore_fw_hooks:Point", ("x",), namedtuple=True) is hooks.Point
+    finally:
+        sys.modules.pop("castore_fw_hooks", None)
+
+
+def test_a_record_refactored_between_namedtuple_and_dataclass_still_loads(store):
+    import typing
+
+    class State(typing.NamedTuple):
+        step: int
+        w: np.ndarray
+
+    store.save(0, {"st": State(1, np.zeros(3))})
+
+    @dataclasses.dataclass
+    class State2:
+        step: int
+        w: np.ndarray
+
+    State2.__qualname__ = State.__qualname__  # the same name, now a dataclass
+    loaded = store.load(0, into={"st": State2(0, np.ones(3))})["st"]
+    assert tuple(loaded) == (1, loaded.w) and np.array_equal(loaded.w, np.zeros(3))  # a namedtuple
+    store.save(1, {"st": State2(2, np.ones(3))})
+    loaded = store.load(1, into={"st": State(0, np.zeros(3))})["st"]
+    assert loaded["step"] == 2  # a dataclass node into a NamedTuple target: its fields, as a dict
+
+
+def test_dataclasses_that_are_also_builtins_or_unset_are_refused_naming_the_leaf(store):
+    @dataclasses.dataclass
+    class Config(dict):
+        lr: float = 0.1
+
+    @dataclasses.dataclass
+    class Lazy:
+        cache: int = dataclasses.field(init=False)
+
+    with pytest.raises(castore.UnsupportedValueError, match="derives from a builtin") as info:
+        store.save(0, {"c": {"cfg": Config()}})
+    assert info.value.path == "c/cfg"
+    with pytest.raises(castore.UnsupportedValueError, match="not set") as info:
+        store.save(0, {"c": {"lazy": Lazy()}})
+    assert info.value.path == "c/lazy/cache"
+    assert store.steps() == []
+
+
+def test_a_deleted_jax_array_is_refused_naming_the_leaf(store):
+    x = jnp.ones(4)
+    x.delete()
+    with pytest.raises(castore.UnsupportedValueError, match="deleted or donated") as info:
+        store.save(0, {"p": {"w": x}})
+    assert info.value.path == "p/w"
+
+
+def test_a_tie_to_a_path_too_long_for_an_attr_is_stored_untied_and_loads(store):
+    shared = torch.arange(1000, dtype=torch.float32)
+    long_key = "k" * 5000
+    store.save(0, {"c": {long_key: shared, "b": shared}})
+    loaded = store.load(0)["c"]
+    assert torch.equal(loaded["b"], shared) and torch.equal(loaded[long_key], shared)
+    assert store.verify().ok

@@ -15,6 +15,7 @@ import collections
 import collections.abc
 import copy
 import dataclasses
+import inspect
 import keyword
 import math
 import pickle
@@ -31,6 +32,7 @@ from ..tracking import TrackedArray
 from . import frameworks
 from .chunker import row_nbytes_of
 from .manifest import (
+    MAX_ATTR_TEXT,
     MAX_DEPTH,
     ArrayLeaf,
     Blob,
@@ -254,10 +256,23 @@ class Encoder:
             return TypedNode("odict", (), self._dict(value, path, depth))
         if isinstance(value, tuple) and isinstance(getattr(kind, "_fields", None), tuple):
             fields = dict(zip(kind._fields, value))
-            return TypedNode("namedtuple", (("type", _type_name(kind)),), self._fields(fields, path, depth))
+            return TypedNode(
+                "namedtuple", (("type", _stored_type_name(kind, path)),), self._fields(fields, path, depth)
+            )
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-            return TypedNode("dataclass", (("type", _type_name(kind)),), self._fields(fields, path, depth))
+            if kind.__new__ is not object.__new__:  # also a dict, an Exception, ...: its fields are not all of it
+                raise UnsupportedValueError(
+                    path, f"dataclass {kind.__qualname__} also derives from a builtin type; store its fields as a dict"
+                )
+            fields = {}
+            for field in dataclasses.fields(value):
+                try:
+                    fields[field.name] = getattr(value, field.name)
+                except AttributeError:
+                    raise UnsupportedValueError(
+                        join(path, field.name), "dataclass field is not set (init=False and never assigned)"
+                    ) from None
+            return TypedNode("dataclass", (("type", _stored_type_name(kind, path)),), self._fields(fields, path, depth))
         return self._pickled(value, path)
 
     def _fields(self, fields: dict, path: str, depth: int) -> DictNode:
@@ -270,7 +285,8 @@ class Encoder:
         if seen is not None:  # tied weights: the same bytes, hashed and stored once
             first, node, _ = seen
             self.logical_bytes += array.nbytes
-            return TypedNode("torch", tuple(attrs.items()) + (("tied", first),), node)
+            tie = (("tied", first),) if len(first.encode()) <= MAX_ATTR_TEXT else ()  # else stored twice, deduplicated
+            return TypedNode("torch", tuple(attrs.items()) + tie, node)
         node = self._array(array, path)
         if identity is not None:
             self._tensors[identity] = (path.removeprefix(self._prefix), node, tensor)  # as a load names it
@@ -363,26 +379,49 @@ def _type_name(kind: type) -> str:
     return f"{kind.__module__}:{kind.__qualname__}"
 
 
+def _stored_type_name(kind: type, path: str) -> str:
+    name = _type_name(kind)
+    if len(name.encode()) > MAX_ATTR_TEXT:
+        raise UnsupportedValueError(path, f"type name {name[:60]!r}... is longer than {MAX_ATTR_TEXT} bytes")
+    return name
+
+
 def find_type(name, fields: tuple, *, namedtuple: bool) -> type | None:
     """The NamedTuple / dataclass type stored as ``module:qualname`` with these fields, if
     this program has imported its module.  Nothing is imported and no attribute hook runs:
-    only module and class ``__dict__`` entries are read."""
+    names are looked up statically (``inspect.getattr_static``) in real modules and in
+    classes whose metaclass is ``type``; anything else is not found."""
     if not isinstance(name, str) or ":" not in name:
         return None
     module_name, _, qualname = name.partition(":")
-    found: object = sys.modules.get(module_name)
-    for part in qualname.split("."):
-        namespace = getattr(found, "__dict__", None)
-        if not isinstance(namespace, collections.abc.Mapping):
-            return None
-        found = namespace.get(part)
-    if not isinstance(found, type):
+    module = sys.modules.get(module_name)
+    if not issubclass(type(module), types.ModuleType):
         return None
+    found: object = module
+    for part in qualname.split("."):
+        found = inspect.getattr_static(found, part, None)
+        if type(found) is not type:  # no metaclass, so no hook on its attributes
+            return None
+    kind: type = found  # type: ignore[assignment]
     if namedtuple:
-        ok = issubclass(found, tuple) and getattr(found, "_fields", None) == fields
+        ok = issubclass(kind, tuple) and inspect.getattr_static(kind, "_fields", None) == fields
     else:
-        ok = dataclasses.is_dataclass(found) and tuple(f.name for f in dataclasses.fields(found)) == fields
-    return found if ok else None
+        declared = inspect.getattr_static(kind, "__dataclass_fields__", None)
+        ok = isinstance(declared, dict) and tuple(_field_names(declared)) == fields
+    return kind if ok else None
+
+
+def _field_names(declared: dict):
+    """The names ``dataclasses.fields`` would give, from a ``__dataclass_fields__`` dict."""
+    plain = getattr(dataclasses, "_FIELD", None)
+    for key, field in declared.items():
+        if isinstance(field, dataclasses.Field) and getattr(field, "_field_type", plain) is plain:
+            yield key
+
+
+def _can_build(kind: type) -> bool:
+    """Whether a dataclass can be made without its ``__init__``: no builtin base, not abstract."""
+    return kind.__new__ is object.__new__ and not inspect.isabstract(kind)
 
 
 class _Decoder:
@@ -445,11 +484,17 @@ class _Decoder:
         name, fields = node.attr("type"), tuple(k for k, _ in inner.items)
         if len(set(fields)) != len(fields):
             raise CorruptDataError(f"at {path!r}: a {node.kind} node names a field twice")
-        if into is not None and _type_name(type(into)) == name:
+        into_kind_fits = into is not None and (
+            (isinstance(into, tuple) and is_tuple) or (not is_tuple and dataclasses.is_dataclass(into))
+        )
+        if into_kind_fits and _type_name(type(into)) == name:
             same = find_type(name, fields, namedtuple=is_tuple) is type(into) or _fields_of(into) == fields
             kind = type(into) if same else None
         else:
             kind = find_type(name, fields, namedtuple=is_tuple)
+            into = into if into_kind_fits and kind is type(into) else None
+        if kind is not None and not is_tuple and not _can_build(kind):
+            kind = None
         targets = _fields_as_dict(into) if kind is not None and into is not None else {}
         values = {k: self.node(v, join(path, k), targets.get(k)) for k, v in inner.items}
         if is_tuple:
@@ -460,7 +505,7 @@ class _Decoder:
             return values
         record = copy.copy(into) if into is not None and type(into) is kind else object.__new__(kind)
         for key, value in values.items():
-            object.__setattr__(record, key, value)  # frozen dataclasses too, as copy and pickle do
+            object.__setattr__(record, key, value)  # frozen dataclasses too; __init__ is not run
         return record
 
     def tensor(self, node: TypedNode, inner: ArrayLeaf, path: str, into):

@@ -245,6 +245,8 @@ def _has_device(torch, device) -> bool:
 
 def jax_to_numpy(array, path: str) -> np.ndarray:
     """A host numpy copy (a view on the CPU) of a fully addressable ``jax.Array``."""
+    if array.is_deleted():  # donated to a jitted call, or deleted
+        raise UnsupportedValueError(path, "the jax.Array was deleted or donated: save the value the call returned")
     if not array.is_fully_addressable:
         raise UnsupportedValueError(
             path, "a jax.Array sharded across processes is not stored: each process holds only part of it"
@@ -255,6 +257,8 @@ def jax_to_numpy(array, path: str) -> np.ndarray:
         raise UnsupportedValueError(
             path, f"jax dtype {array.dtype} has no numpy form ({exc}); store jax.random.key_data(key)"
         ) from None
+    except RuntimeError as exc:  # an array jax cannot read back (a failed computation's result)
+        raise UnsupportedValueError(path, f"jax cannot read this array back: {exc}") from None
     return host
 
 

@@ -116,6 +116,7 @@ class MapNode:
 #: kinds of :class:`TypedNode`; the codec (``castore.format.codec``) gives their meaning
 TYPED_KINDS = frozenset({"odict", "namedtuple", "dataclass", "torch", "jax"})
 MAX_ATTRS = 32
+MAX_ATTR_TEXT = 4096  #: UTF-8 bytes of a str attr (or of each str of a list attr)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,9 +370,13 @@ def _key_item_from_wire(w, depth: int) -> tuple[object, Node]:
 def _attr_value(value, what: str):
     if value is None or isinstance(value, (bool, int, float)):
         return value
-    if isinstance(value, str) and len(value) <= 4096:
+    if isinstance(value, str) and len(value.encode()) <= MAX_ATTR_TEXT:
         return value
-    if isinstance(value, list) and len(value) <= 65536 and all(isinstance(v, str) and len(v) <= 4096 for v in value):
+    if (
+        isinstance(value, list)
+        and len(value) <= 65536
+        and all(isinstance(v, str) and len(v.encode()) <= MAX_ATTR_TEXT for v in value)
+    ):
         return tuple(value)
     _fail(f"{what} must be None, a bool, number, str or list of str")
 
