@@ -379,3 +379,34 @@ def test_a_tag_on_another_branch_exports_that_branch_step(tmp_path):
     index = json.loads((tmp_path / "out" / INDEX).read_text())
     assert (index["branch"], index["step"]) == ("main-abandoned-2", 3)
     assert read_export(tmp_path / "out")["w"][()].tolist() == [3.0] * 4
+
+
+def test_framework_values_and_typed_containers_export_as_arrays_and_dicts(tmp_path):
+    import collections
+    import typing
+
+    import jax.numpy as jnp
+    import torch
+
+    class Moments(typing.NamedTuple):
+        mu: object
+        count: int
+
+    model = torch.nn.Linear(3, 2)
+    tree = {
+        "model": model.state_dict(),  # an OrderedDict of tensors
+        "opt": {"state": {0: {"step": torch.tensor(3.0), "m": torch.ones(2, dtype=torch.bfloat16)}}},
+        "jax": Moments(jnp.arange(4.0), 7),
+        "od": collections.OrderedDict(b=1, a=np.arange(3)),
+    }
+    with castore.Store(tmp_path / "store") as store:
+        store.save(0, tree)
+        export_step(store, 0, tmp_path / "out")
+    got = read_export(tmp_path / "out")
+    assert np.array_equal(got["model"][("weight",)], model.weight.detach().numpy())
+    assert got["opt"][("state", "0", "step")] == 3.0
+    assert got["opt"][("state", "0", "m")].dtype == ml_dtypes.bfloat16
+    assert np.array_equal(got["jax"][("mu",)], np.arange(4.0)) and got["jax"][("count",)] == 7
+    assert list(got["od"]) == [("b",), ("a",)]
+    entries = json.loads((tmp_path / "out" / "model" / LEAVES).read_text())
+    assert {e["framework"] for e in entries} == {"torch"}

@@ -34,13 +34,16 @@ import sys
 
 from ..errors import CastoreError
 from ..format import codec
-from ..format.manifest import ArrayLeaf, InlineBlob
+from ..format.manifest import ArrayLeaf, InlineBlob, TypedNode
 from ..store import Store
 from .export import export_step
 from .migrate import import_elements, import_replay
 
 
 def _describe(node) -> str:
+    if isinstance(node, TypedNode) and isinstance(node.node, ArrayLeaf):  # a torch / jax array
+        extra = {"torch": f" {node.attr('dtype')} on {node.attr('device')}"}.get(node.kind, "")
+        return f"{node.kind}{extra}: {_describe(node.node)}"
     if isinstance(node, ArrayLeaf):
         where = "inline" if isinstance(node.blob, InlineBlob) else f"{node.blob.nbytes} bytes"
         return f"array {node.dtype} {list(node.shape)} ({where})"

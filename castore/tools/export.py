@@ -17,7 +17,10 @@ sequence indices as integers; it is the exact position in the tree, where the ``
 ``leaf`` is ambiguous if a key holds ``/``.  A sharded component's first path element is
 the shard index.  bfloat16 and float8 arrays are written as void dtypes of their width
 (``.npy`` has no name for them): ``np.load(f).view(ml_dtypes.bfloat16)`` using ``dtype``.
-Containers themselves are not recorded (lists and tuples look alike; empty ones vanish).
+Containers themselves are not recorded (lists and tuples look alike; empty ones vanish):
+dicts with keys that are not str, OrderedDicts, NamedTuples and dataclasses are written as
+dicts (keys as ``str(key)``, fields by name); a ``torch.Tensor`` or ``jax.Array`` leaf is
+an ``array`` with ``"framework": "torch"`` / ``"jax"``.
 
 Names are untrusted: a store may come from elsewhere, and its component names and dict
 keys may be anything (``../x``, ``/etc/passwd``, ``a\\0b``, ``""``, ``..``, 10,000 bytes).
@@ -53,6 +56,7 @@ import blake3
 import numpy as np
 
 from ..errors import StepNotFoundError, UnsupportedValueError, UsageError
+from ..format import codec, frameworks
 from ..format.codec import dtype_name
 from ..store import Store
 
@@ -187,17 +191,19 @@ class _Exporter:
         if isinstance(value, collections.abc.Iterator):  # sharded: read one shard at a time
             for index, shard in enumerate(value):
                 self.item(index, shard, [], directory)
-        elif type(value) in (dict, list, tuple):
+        elif codec.children(value) is not None:
             self.tree(value, [], directory)
         else:
             self.leaf(value, [], directory)
 
     def tree(self, value, path: list, directory: _Directory) -> None:
-        for key, child in value.items() if type(value) is dict else enumerate(value):
-            self.item(key, child, path, directory)
+        # dicts (any key), OrderedDicts, NamedTuples and dataclasses by key, sequences by index
+        is_sequence = type(value) in (list, tuple)
+        for key, child in codec.children(value) or ():
+            self.item(key if is_sequence else str(key), child, path, directory)
 
     def item(self, key, child, path: list, directory: _Directory) -> None:
-        if type(child) in (dict, list, tuple):
+        if codec.children(child) is not None:
             self.tree(child, [*path, key], directory.child(str(key)))
         else:
             self.leaf(child, [*path, key], directory)
@@ -205,6 +211,11 @@ class _Exporter:
     def leaf(self, value, path: list, directory: _Directory) -> None:
         leaf = "/".join(map(str, path))
         entry: dict[str, Any] = {"path": path, "leaf": leaf}
+        torch, jax = frameworks.torch_module(), frameworks.jax_module()
+        if torch is not None and isinstance(value, torch.Tensor):  # written as the array it holds
+            value, entry["framework"] = frameworks.torch_to_numpy(value, leaf)[0], "torch"
+        elif jax is not None and isinstance(value, jax.Array):
+            value, entry["framework"] = np.asarray(value), "jax"
         kind = type(value)
         if kind in _VALUE_KINDS:
             entry.update(kind=_VALUE_KINDS[kind], value=_json_value(value))
