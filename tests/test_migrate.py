@@ -431,3 +431,15 @@ def test_imported_steps_keep_their_folders_save_time(tmp_path):
             want = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SF%f").timestamp()
             assert store.manifest(imported.step).created == pytest.approx(want, abs=1e-6)
             assert store.metrics(imported.step) == {}
+
+
+def test_replay_merge_carries_the_other_components_without_reading_them(tmp_path):
+    import collections
+
+    _write_replay(tmp_path / "replay", [[4]])
+    with castore.Store(tmp_path / "store", allow_pickle=True) as store:  # a leaf only a pickling store reads
+        store.save(0, {"agent": {"w": np.arange(3.0), "extra": collections.deque([1])}})
+    assert not import_replay(tmp_path / "replay", tmp_path / "store", step=0, merge=True).unchanged
+    with castore.Store(tmp_path / "store", allow_pickle=True) as store:
+        state = store.load(0)
+        assert state["agent"]["extra"] == collections.deque([1]) and len(state["replay"]["fields"]["reward"]) == 4

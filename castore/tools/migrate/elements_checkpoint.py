@@ -252,7 +252,10 @@ def import_elements(
     ``store`` is a path (the store is created if absent, and closed afterwards) or an open
     :class:`Store`.  Steps are saved in ascending order, each atomically; a step the store
     holds with the same state already is left as it is, so a re-run imports only what is
-    new.  Numbering, skipping and sharding are as the module docstring says.
+    new, as long as the numbering gives each folder the same step again: with unnumbered
+    folders and elements' ``keep=1`` (DreamerV3's default) the one folder left is step 0 on
+    every run, so pass ``step_key="step"`` there.  Numbering, skipping and sharding are as
+    the module docstring says.
 
     Raises :class:`UsageError` without ``allow_pickle=True`` (reading the checkpoint
     unpickles its files, which runs code), for a missing directory, or one that mixes

@@ -249,10 +249,12 @@ def import_replay(
         if merge and target.has_step(step):
             others = [n for n, _ in target.manifest(step).components if n != name]
 
-        def tree() -> dict:  # the other components read anew for each attempt (shards are iterators)
-            return {**(target.load(step, keys=others) if others else {}), name: state}
-
-        result = save_step(target, step, tree, overwrite=overwrite or merge, source=directory)
+        # the other components go into the new record by reference: nothing of them is read,
+        # so a component this machine could not load (pickled, a tensor on a missing device) stays as it is
+        carry = (step, others) if others else None
+        result = save_step(
+            target, step, lambda: {name: state}, overwrite=overwrite or merge, source=directory, carry=carry
+        )
         log.info(
             "replay %s: %d rows of %d chunk files as %r of step %d", directory, len(buffer), len(chunks), name, step
         )

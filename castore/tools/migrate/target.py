@@ -31,7 +31,14 @@ def open_target(store: str | os.PathLike | Store, branch: str | None, allow_netw
 
 
 def save_step(
-    target: Store, step: int, tree_of: Callable[[], dict], *, overwrite: bool, source: str, created=None
+    target: Store,
+    step: int,
+    tree_of: Callable[[], dict],
+    *,
+    overwrite: bool,
+    source: str,
+    created=None,
+    carry=None,
 ) -> SaveResult:
     """Save ``tree_of()`` as ``step``, leaving a step that holds this very state as it is.
 
@@ -42,14 +49,14 @@ def save_step(
     """
     try:
         try:
-            return target.save(step, tree_of(), created=created)
+            return target.save(step, tree_of(), created=created, carry=carry)
         except StepExistsError:
             if not overwrite:
                 raise StepExistsError(
                     f"step {step} of {target.path} holds other content than {source}: pass "
                     "overwrite=True (--overwrite) to replace it"
                 ) from None
-        return target.save(step, tree_of(), overwrite=True, created=created)
+        return target.save(step, tree_of(), overwrite=True, created=created, carry=carry)
     except UnsupportedValueError as exc:
         raise unsupported_in(exc, source) from None
 
