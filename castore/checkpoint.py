@@ -151,8 +151,9 @@ class Checkpoint:
             raise AttributeError(f"no component {name!r} is registered on this Checkpoint") from None
 
     def __delattr__(self, name: str) -> None:
-        if self._components.pop(name, None) is None:
+        if name not in self._components:
             raise AttributeError(name)
+        del self._components[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._components

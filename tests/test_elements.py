@@ -313,3 +313,14 @@ def test_saving_to_another_store_leaves_its_steps_to_its_own_policy(tmp_path):
         assert cp.save(tmp_path / "other").step == 5
     with castore.Store(tmp_path / "other", readonly=True) as other:
         assert other.steps() == [0, 1, 2, 3, 4, 5]  # this checkpoint's keep=1 is not applied there
+
+
+def test_bad_carry_arguments_are_usage_errors_and_commit_nothing(tmp_path):
+    with castore.Store(tmp_path / "s") as store:
+        store.save(0, {"a": np.zeros(2), "b": np.ones(2)})
+        for carry in ((0, "b"), (0, ["b", "b"]), (0, [1]), 0, (0, ["ghost"]), (7, ["b"]), (0, ["a"])):
+            with pytest.raises(castore.UsageError):
+                store.save(1, {"a": np.full(2, 5.0)}, carry=carry)
+        assert store.steps() == [0]
+        store.save(1, {"a": np.full(2, 5.0)}, carry=(0, ["b"]))
+        assert np.array_equal(store.load(1)["b"], np.ones(2)) and store.verify().ok

@@ -141,7 +141,9 @@ def _check_unique_paths(node: Node, name: str) -> None:
     seen = set()
     for path, _ in leaf_nodes(node):
         if path in seen:
-            raise UnsupportedValueError(join(name, path), "two leaves have this path (a dict key contains '/')")
+            raise UnsupportedValueError(
+                join(name, path), "two leaves have this path (a dict key contains '/', or keys 1 and '1' side by side)"
+            )
         seen.add(path)
 
 

@@ -310,7 +310,13 @@ class Saver:
     def _carried(self, carry, tree: dict) -> tuple[tuple, tuple[bytes, bytes]]:
         """The components ``carry = (step, names)`` names, as that step's manifest holds
         them: a partial save references their chunks again instead of writing them."""
-        source, names = carry
+        try:
+            source, names = carry
+        except (TypeError, ValueError):
+            raise UsageError(f"carry is (step, [component names]), got {carry!r}") from None
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise UsageError(f"carry=(step, names): names is a list of distinct component names, got {names!r}")
+        names = list(names)
         key = step_key(check_step(source), self._branch)
         with self._backend.read() as txn:
             raw = txn.get(Table.STEPS, key)
