@@ -561,3 +561,23 @@ def test_missing_permissions_are_one_line_errors_that_say_what_to_do(as_other_us
     assert results[6][0] == "StoreNotFoundError" and "no such directory" in results[6][1], results[6]
     assert not (top / "parent" / "store").exists()
     assert issubclass(StorePermissionError, PermissionError) and issubclass(StorePermissionError, CastoreError)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(readonly=True), dict(create=False), dict()], ids=["readonly", "create=False", "create"]
+)
+def test_someone_elses_lmdb_file_is_refused_and_left_byte_for_byte(tmp_path, options):
+    """An LMDB environment castore did not make (no lock.mdb: copied, or its writer
+    cleaned up): the look at it takes no lock, so not even a lock.mdb appears."""
+    import lmdb
+
+    path = tmp_path / "theirs"
+    env = lmdb.open(str(path), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"k", b"v")
+    env.close()
+    (path / "lock.mdb").unlink()
+    before = snapshot(tmp_path)
+    with pytest.raises(castore.FormatError, match="not a castore store"):
+        castore.Store(path, **options)
+    assert snapshot(tmp_path) == before

@@ -156,11 +156,14 @@ class LmdbFile:
     def _open_lmdb(self, map_size: int):
         """The environment, opened after checking the data file's size (see _check_data_size)."""
         data = os.path.join(self.path, DATA_FILE)
-        if not self.readonly and os.path.exists(data) and os.path.getsize(data):
+        unlocked = not os.path.exists(os.path.join(self.path, "lock.mdb"))
+        if os.path.exists(data) and os.path.getsize(data) and (not self.readonly or unlocked):
             # A writable map first grows the file to the map size, padding a truncated one with
             # zeros: look at it through a read-only environment first, and leave a file that
-            # holds no castore store as it was.
-            probe = self._lmdb_open(map_size, readonly=True)
+            # holds no castore store as it was.  Without a lock.mdb (castore always leaves
+            # one: this is someone else's LMDB file, or a copy), the look takes no lock
+            # either, so it does not create one; nothing writes such a file meanwhile.
+            probe = self._lmdb_open(map_size, readonly=True, lock=False if unlocked else None)
             try:
                 _check_data_size(probe, data)
                 self._check_is_store(probe)
@@ -175,7 +178,16 @@ class LmdbFile:
                 raise
         return env
 
-    def _lmdb_open(self, map_size: int, *, readonly: bool):
+    def _lmdb_open(self, map_size: int, *, readonly: bool, lock: bool | None = None):
+        if lock is False:  # a look without a reader slot (see _open_lmdb)
+            try:
+                return lmdb.open(
+                    self.path, map_size=map_size, max_dbs=len(ALL_TABLES), subdir=True, readonly=True, lock=False
+                )
+            except lmdb.Error as exc:
+                if _is_permission_error(exc):
+                    raise StorePermissionError(f"no permission to read {self.path} ({exc}); {READ_ADVICE}") from None
+                raise FormatError(f"cannot open LMDB store at {self.path}: {exc}") from None
         try:
             return lmdb.open(
                 self.path,
