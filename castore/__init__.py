@@ -1,6 +1,6 @@
 """castore: a content-addressed, deduplicating checkpoint store for long training runs."""
 
-from .checkpoint import Checkpoint, Counter, Every, load
+from .checkpoint import Checkpoint, load
 from .errors import (
     CastoreError,
     ChunkCorruptError,
@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedValueError,
     UsageError,
 )
+from .loop import Counter, Every
 from .maintenance.gc import GcPlan, StepAccount, StoreStats
 from .maintenance.retention import Keep
 from .maintenance.verify import Problem, VerifyReport

@@ -11,6 +11,10 @@ Guarantees:
 * *the rollback rule*: after :meth:`Saver.continue_from` (a load of step k), the save
   that commits first moves the branch's steps after k to ``<branch>-abandoned-<k>`` in the
   transaction that commits its manifest; a save that commits nothing keeps it pending.
+
+Past ~400 lines on purpose: these orderings (capture, chunk batches, the manifest's
+transaction with retention, rollback moves and partial-save checks, baselines after the
+commit) are what make a save crash-safe, and they are kept in one file to be read together.
 """
 
 from __future__ import annotations

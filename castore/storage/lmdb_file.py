@@ -10,6 +10,9 @@ is a :class:`StorePermissionError` saying what would work; compaction replaces t
 atomically, only when no other process has it open.  Used by
 :class:`~castore.storage.lmdb_engine.LmdbBackend`, which holds the locks; nothing here is
 thread-safe by itself.
+
+Just past ~400 lines: the opening checks are one sequence (directory, size, a look,
+then the real open), best read top to bottom.
 """
 
 from __future__ import annotations
