@@ -18,10 +18,6 @@ Guarantees, beyond those of :class:`~castore.storage.base.Backend`:
 
 Past ~400 lines on purpose: the locking that keeps map resizes, snapshots, writes and
 fork() apart is one argument, and reads best in one file.
-
-Past ~400 lines on purpose: sharing one environment between openers, growing its map and
-locking the writer interlock (each waits for the others' transactions), so they are one
-module with one lock discipline.
 """
 
 from __future__ import annotations
