@@ -581,3 +581,47 @@ def test_someone_elses_lmdb_file_is_refused_and_left_byte_for_byte(tmp_path, opt
     with pytest.raises(castore.FormatError, match="not a castore store"):
         castore.Store(path, **options)
     assert snapshot(tmp_path) == before
+
+
+def test_a_writable_open_waiting_for_snapshots_does_not_hold_up_other_stores(tmp_path):
+    """A writable open after read-only ones waits until this process's snapshots of that
+    store end; opens of other stores meanwhile go on (they used to wait with it)."""
+    import threading
+
+    with castore.Store(tmp_path / "a") as a:
+        a.save(0, {"x": np.zeros(2)})
+    with castore.Store(tmp_path / "b") as b:
+        b.save(0, {"x": np.ones(2)})
+    reader = castore.Store(tmp_path / "a", readonly=True)
+    holding, release = threading.Event(), threading.Event()
+    other_opened = threading.Event()
+
+    def hold_snapshot():
+        with reader.backend.read():
+            holding.set()
+            release.wait(60)
+
+    def open_writable():
+        with castore.Store(tmp_path / "a") as writable:
+            writable.save(1, {"x": np.full(2, 2.0)})
+
+    def open_other():
+        with castore.Store(tmp_path / "b", readonly=True) as other:
+            assert other.steps() == [0]
+        other_opened.set()
+
+    threads = [threading.Thread(target=hold_snapshot)]
+    threads[0].start()
+    assert holding.wait(30)
+    threads.append(threading.Thread(target=open_writable))
+    threads[1].start()
+    threads.append(threading.Thread(target=open_other))
+    threads[2].start()
+    try:
+        assert other_opened.wait(30), "an open of another store waited for this store's snapshot"
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(60)
+    assert reader.steps() == [0, 1]
+    reader.close()

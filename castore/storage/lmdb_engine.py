@@ -88,20 +88,27 @@ class LmdbBackend:
                 del cls._open[real]
                 existing = None
             if existing is not None:
-                if existing.readonly and not readonly:
-                    existing._become_writable()
                 backend = existing
             else:
                 fsinfo.check_local_filesystem(real, force=allow_network_fs)
                 backend = cls(real, create=create, readonly=readonly, lock_timeout=lock_timeout)
                 cls._open[real] = backend
-            backend.refs += 1
+            backend.refs += 1  # held: no close of another opener ends the environment now
             if lock_timeout is not None:
                 backend.lock_timeout = lock_timeout
-            if readonly:
-                return ReadOnlyBackend(backend)
+        if readonly:
+            return ReadOnlyBackend(backend)
+        if backend.readonly:
+            # outside the registry lock: the reopen waits for this store's snapshots in
+            # other threads, and opens of other stores must not wait with it
+            try:
+                backend._become_writable()
+            except BaseException:
+                backend.close(view=True)  # the ref taken above, as a read-only one
+                raise
+        with cls._registry_lock:
             backend.writable_refs += 1
-            return backend
+        return backend
 
     def __init__(self, path: str, *, create: bool, readonly: bool, lock_timeout: float | None = None):
         create = create and not readonly
@@ -162,6 +169,8 @@ class LmdbBackend:
                 "snapshot of it; end the snapshot before opening the store writable"
             )
         with self._write_mutex, self._lock.exclusive():
+            if not self.readonly:  # another thread's writable open reopened it meanwhile
+                return
             map_size = self._file.map_size()
             old, self._file = self._file, LmdbFile(self.path, readonly=False, create=False)
             old.close()
