@@ -282,8 +282,10 @@ class Checkpoint:
                 f"a partial save (keys={list(states)}) carries the other components from the latest step, "
                 f"which lacks {missing}: save the whole state once first (cp.save())"
             )
+        continuing = self._store.continuing_from is not None
         handle = self._store.save_async(step, states, overwrite=overwrite, metrics=metrics, carry=(latest, carry))
         object.__setattr__(self, "_last_submitted", handle.step)
+        object.__setattr__(self, "_submitted_head", continuing or self._submitted_head)
         return handle if not block else handle.result()
 
     def wait(self) -> None:

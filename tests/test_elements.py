@@ -324,3 +324,15 @@ def test_bad_carry_arguments_are_usage_errors_and_commit_nothing(tmp_path):
         assert store.steps() == [0]
         store.save(1, {"a": np.full(2, 5.0)}, carry=(0, ["b"]))
         assert np.array_equal(store.load(1)["b"], np.ones(2)) and store.verify().ok
+
+
+def test_async_partial_save_after_a_rollback_numbers_the_next_save_after_it(tmp_path):
+    with castore.Checkpoint(tmp_path / "ck") as cp:
+        cp.a, cp.b = {"v": np.zeros(1)}, {"v": np.zeros(1)}
+        for step in range(10):
+            cp.save(step=step)
+        cp.load(step=5)
+        first = cp.save(keys=["a"], block=False)  # continues from 5: steps 6..9 move away
+        second = cp.save(block=False)
+        assert (first.result().step, second.result().step) == (6, 7)
+        assert cp.steps() == [0, 1, 2, 3, 4, 5, 6, 7]

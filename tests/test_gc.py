@@ -1232,3 +1232,44 @@ def test_gc_through_one_store_waits_for_another_stores_save_on_the_same_path(tmp
         assert handle.result().step == 0
         assert a.verify().ok
         assert np.array_equal(a.load(0)["big"], big)
+
+
+@pytest.mark.parametrize("through", ["own", "other"])
+def test_gc_from_inside_a_save_is_refused_and_frees_nothing_of_it(tmp_path, through):
+    """A shard generator runs on the saving thread, which holds its saver's (re-entrant)
+    lock: a gc() from there must not pass the gate and free the shards written so far."""
+    path = tmp_path / "store"
+    with castore.Store(path, chunk_bytes=1 << 20) as a, castore.Store(path, branch="other") as b:
+        collector = a if through == "own" else b
+        errors = []
+
+        def shards():
+            for i in range(3):
+                if i == 2:
+                    try:
+                        collector.gc()
+                    except castore.UsageError as exc:
+                        errors.append(exc)
+                yield {"x": np.full((300 << 20) // 8 // 3, float(i))}  # a journaled batch each
+
+        a.save(0, {"s": shards()})
+        assert len(errors) == 1 and "inside a save" in str(errors[0])
+        assert a.verify().ok and [np.asarray(s["x"])[0] for s in a.load(0)["s"]] == [0.0, 1.0, 2.0]
+        with pytest.raises(castore.UsageError, match="inside a save"):
+            a.save(1, {"s": (a.save(2, {"y": 1}) for _ in range(1))})  # a save inside a save
+        assert a.steps() == [0]
+
+
+def test_gc_through_another_store_leaves_a_background_error_to_its_store(tmp_path):
+    path = tmp_path / "store"
+    a, b = castore.Store(path), castore.Store(path, branch="other")
+    try:
+        a.save(0, {"x": np.zeros(3)})
+        handle = a.save_async(0, {"x": np.ones(3)})  # other content under step 0: fails in the background
+        handle.wait()
+        b.gc()  # does not raise a's error, nor use it up
+        with pytest.raises(castore.StepExistsError):
+            a.wait()
+    finally:
+        b.close()
+        a.close()

@@ -164,6 +164,8 @@ class Saver:
         self._baselines: dict = {}  # leaf path -> Baseline of untracked leaves (see capture)
         self._staging = Staging()
         self._background: Background | None = None
+        self._saving = threading.local()  # .depth: saves this thread is inside (capture, or capture + write)
+        self._closed = False
         writer.add_holder(self)
         writer.add_saver(self)
 
@@ -173,7 +175,7 @@ class Saver:
         self, step: int, tree: dict, *, overwrite: bool, metrics: dict | None, carry=None, created=None
     ) -> SaveResult:
         created = None if created is None else _check_created(created)  # before a capture holds anything
-        with self._lock:
+        with self._lock, self._saving_here():
             self.wait()
             captured = self._capture(step, tree, overwrite, metrics, copy=False, carry=carry)
             return self._write(dataclasses.replace(captured, created=created))
@@ -183,12 +185,29 @@ class Saver:
         while True:
             while background.in_flight() >= background.max_pending:
                 background.wait(raise_errors=False)  # bound memory; not holding the save lock
-            with self._lock:
+            with self._lock, self._saving_here():
                 if background.in_flight() >= background.max_pending:
                     continue  # another thread took the slot
                 background.raise_failed()  # checked after the wait: a save in flight may have failed
                 captured = self._capture(step, tree, overwrite, metrics, copy=True, carry=carry)
                 return background.submit(SaveHandle(captured.step), self._write, captured)
+
+    @contextlib.contextmanager
+    def _saving_here(self):
+        """Mark this thread as inside a save of this saver; a save inside one (a shard
+        generator that saves) is refused: the outer save's lock would not hold it off."""
+        if self.is_saving_here():
+            raise UsageError(f"a save of {self._where} inside a save of it (from a shard generator?) is refused")
+        self._saving.depth = 1
+        try:
+            yield
+        finally:
+            self._saving.depth = 0
+
+    def is_saving_here(self) -> bool:
+        """Whether this thread is inside a save of this saver (its lock is re-entrant, so
+        what frees chunks must ask: a shard generator may call ``gc()``)."""
+        return getattr(self._saving, "depth", 0) > 0
 
     def in_flight(self) -> int:
         """Async saves submitted and not yet finished."""
@@ -224,6 +243,16 @@ class Saver:
         """Writer lock held and no save being captured (saves in flight may still commit)."""
         with self._lock:
             self._take_writer()
+            yield
+
+    @contextlib.contextmanager
+    def held_for_other(self, *, quiet: bool):
+        """This saver held off for another ``Store``'s maintenance on the same backend: no
+        save being captured, and (``quiet``) none in flight.  Its errors stay its own (not
+        raised here), and a closed saver holds nothing off."""
+        with self._lock:
+            if not self._closed and quiet:
+                self.wait(raise_errors=False)
             yield
 
     def try_lock(self) -> bool:
@@ -519,4 +548,5 @@ class Saver:
         longer waits for this saver."""
         if self._background is not None:
             self._background.wait(raise_errors=False)
+        self._closed = True
         self._writer.discard_saver(self)

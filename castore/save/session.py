@@ -103,24 +103,38 @@ class SharedGate:
         savers = self._writer.savers()
         return savers if self._own in savers else sorted([*savers, self._own], key=id)
 
-    @contextlib.contextmanager
-    def quiesced(self):
-        with contextlib.ExitStack() as stack:
-            for saver in self._all():
-                stack.enter_context(saver.quiesced())
-            yield
+    def _refuse_inside_a_save(self) -> None:
+        # the savers' locks are re-entrant: a thread inside a save (a shard generator that
+        # calls gc()) would pass every gate and free what that save has written so far
+        if any(saver.is_saving_here() for saver in self._all()):
+            raise UsageError("gc, retain, compact, delete and tags cannot run inside a save (a shard generator?)")
 
     @contextlib.contextmanager
-    def locked(self):
+    def _held(self, quiet: bool):
+        self._refuse_inside_a_save()
         with contextlib.ExitStack() as stack:
             for saver in self._all():
-                stack.enter_context(saver.locked())
+                if saver is self._own:  # takes the writer lock; its own errors are raised here
+                    stack.enter_context(saver.quiesced() if quiet else saver.locked())
+                else:
+                    stack.enter_context(saver.held_for_other(quiet=quiet))
             yield
+
+    def quiesced(self):
+        """Writer lock held; no save of any Store on the backend captured or in flight."""
+        return self._held(quiet=True)
+
+    def locked(self):
+        """Writer lock held; no save of any Store on the backend being captured."""
+        return self._held(quiet=False)
 
     @contextlib.contextmanager
     def quiet_after_commit(self):
         """True if nothing else is being saved through any saver of the backend (the save
         committing now is the only one in flight, of ``own``)."""
+        if any(saver.is_saving_here() for saver in self._all() if saver is not self._own):
+            yield False  # a save nested in another's shard generator: that one is mid-way
+            return
         held = []
         try:
             for saver in self._all():
