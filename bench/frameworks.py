@@ -76,7 +76,9 @@ def bench_torch(work: str, rounds: int) -> dict:
         start = time.perf_counter()
         model.load_state_dict(torch.load(pt, weights_only=True))
         times["torch"].append(time.perf_counter() - start)
-    return {"castore in place (verified) / torch.load + load_state_dict": median_ratio(times["castore"], times["torch"])}
+    return {
+        "castore in place (verified) / torch.load + load_state_dict": median_ratio(times["castore"], times["torch"])
+    }
 
 
 def main() -> None:
