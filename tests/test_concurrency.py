@@ -54,10 +54,13 @@ def assert_clean_reads(result: dict, reader: Child, first: int, last: int) -> No
 def test_reader_process_loads_only_whole_steps_while_writer_process_saves(tmp_path):
     path = tmp_path / "store"
     count = 30
-    with Child("writer", path, "--count", count, "--pause", 0.03, "--max-seconds", 60) as writer:
-        writer.expect("committed", 30)  # the store and step 0 exist
+    with Child(
+        "writer", path, "--count", count, "--pause", 0.03, "--wait-go", "--max-seconds", 60, stdin=True
+    ) as writer:
+        writer.expect("committed", 30)  # the store and step 0 exist; the writer waits for the reader
         with Child("reader", path, "--until-step", count - 1, "--max-seconds", 60) as reader:
             reader.expect("reading", 30)
+            writer.send("go")  # only now: a reader slow to start on a loaded machine still sees the saves
             assert writer.finish(60) == 0, writer.describe()
             result = reader_result(reader)
         writer_lines = [line for _, line in writer.lines]
