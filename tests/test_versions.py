@@ -324,21 +324,18 @@ def test_a_format3_reader_refuses_a_format4_store(tmp_path, monkeypatch):
     assert config_of(path)["format"] == 4
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
-def test_castore_0_4_0_itself_refuses_a_format4_store(tmp_path):
-    """The real format-3 reader (commit 061472b, from this repository's history) refuses."""
-    old = tmp_path / "castore-0.4.0"
+def old_castore_refusals(tmp_path, commit: str, version: str, store) -> list[str]:
+    """What the castore of ``commit`` (``version``, from this repository's history) says
+    opening ``store`` read-only and writable: one FormatError message each."""
+    old = tmp_path / f"castore-{version}"
     old.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", LAST_FORMAT3, "castore"], capture_output=True, check=False
-    )
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "castore"], capture_output=True, check=False)
     if archive.returncode:
-        pytest.skip(f"commit {LAST_FORMAT3} is not in this clone")
+        pytest.skip(f"commit {commit} is not in this clone")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
-    path = copy_golden(4, tmp_path / "store")
     script = (
         "import sys, castore\n"
-        "assert castore.__version__ == '0.4.0', castore.__file__\n"
+        f"assert castore.__version__ == {version!r}, castore.__file__\n"
         "for readonly in (True, False):\n"
         "    try:\n"
         "        castore.Store(sys.argv[1], readonly=readonly)\n"
@@ -348,9 +345,16 @@ def test_castore_0_4_0_itself_refuses_a_format4_store(tmp_path):
         "        sys.exit('opened')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(old))
-    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env, cwd=old, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script, str(store)], env=env, cwd=old, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    return done.stdout.splitlines()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_castore_0_4_0_itself_refuses_a_format4_store(tmp_path):
+    """The real format-3 reader (commit 061472b, from this repository's history) refuses."""
+    path = copy_golden(4, tmp_path / "store")
+    lines = old_castore_refusals(tmp_path, LAST_FORMAT3, "0.4.0", path)
     assert len(lines) == 2 and all("format 4" in line and "upgrade castore" in line for line in lines)
     assert config_of(path)["format"] == 4
 
@@ -362,33 +366,11 @@ LAST_FORMAT4 = "a4f635b"  #: castore 0.5.0, the last commit that reads only up t
 def test_castore_0_5_0_itself_refuses_a_format5_store(tmp_path):
     """A store with typed nodes (format 5) is refused by the real 0.5.0 reader, which
     would otherwise take the new nodes for damage."""
-    old = tmp_path / "castore-0.5.0"
-    old.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", LAST_FORMAT4, "castore"], capture_output=True, check=False
-    )
-    if archive.returncode:
-        pytest.skip(f"commit {LAST_FORMAT4} is not in this clone")
-    subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     path = tmp_path / "store"
     with castore.Store(path) as store:
         store.save(0, {"opt": {"state": {0: {"step": 3}}, "groups": collections.OrderedDict(lr=0.1)}})
     assert config_of(path)["format"] == STORE_FORMAT == 5
-    script = (
-        "import sys, castore\n"
-        "assert castore.__version__ == '0.5.0', castore.__file__\n"
-        "for readonly in (True, False):\n"
-        "    try:\n"
-        "        castore.Store(sys.argv[1], readonly=readonly)\n"
-        "    except castore.FormatError as exc:\n"
-        "        print(exc)\n"
-        "    else:\n"
-        "        sys.exit('opened')\n"
-    )
-    env = dict(os.environ, PYTHONPATH=str(old))
-    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env, cwd=old, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = old_castore_refusals(tmp_path, LAST_FORMAT4, "0.5.0", path)
     assert len(lines) == 2 and all("format 5" in line and "upgrade castore" in line for line in lines)
     with castore.Store(path, readonly=True) as store:
         assert store.load(0)["opt"]["state"] == {0: {"step": 3}}
