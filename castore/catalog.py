@@ -30,7 +30,7 @@ from .format.keys import (
 )
 from .format.manifest import Manifest, decode_manifest
 from .format.schema import Table
-from .format.stepinfo import StepRecord, decode_stepinfo, encode_stepinfo
+from .format.stepinfo import SaveTimes, StepRecord, decode_stepinfo, encode_stepinfo
 from .storage.base import Backend, ReadTxn, WriteTxn
 
 
@@ -160,9 +160,11 @@ def trash_manifest(txn: WriteTxn, key: bytes, raw) -> None:
     txn.delete(Table.STEPINFO, key)
 
 
-def put_stepinfo(txn: WriteTxn, key: bytes, created: float, metrics: dict | None) -> None:
+def put_stepinfo(
+    txn: WriteTxn, key: bytes, created: float, metrics: dict | None, save: SaveTimes | None = None
+) -> None:
     """Write the stepinfo record of step key ``key`` (every committed step has one)."""
-    txn.put(Table.STEPINFO, key, encode_stepinfo(created, metrics))
+    txn.put(Table.STEPINFO, key, encode_stepinfo(created, metrics, save))
 
 
 def check_metrics(metrics) -> dict | None:

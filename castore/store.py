@@ -32,6 +32,7 @@ from .maintenance import verify as verify_
 from .maintenance.gc import GcPlan, StepAccount, StoreStats
 from .maintenance.maintainer import Maintainer
 from .maintenance.retention import policy_of
+from .maintenance.usage import StoreUsage
 from .save.background import SaveHandle
 from .save.saver import Saver, SaveResult
 from .save.session import SharedGate, writer_state
@@ -321,6 +322,22 @@ class Store:
         self._check_open()
         return self._maintainer.retain(keep)
 
+    def plan_retain(self, keep=None) -> list[int]:
+        """The steps :meth:`retain` would delete now (a dry run); nothing changes."""
+        self._check_open()
+        return self._maintainer.plan_retain(keep)
+
+    def rollback(self, step: int) -> str | None:
+        """Make ``step`` this branch's latest now: its later steps move (with their tags and
+        metrics) to a new branch ``<branch>-abandoned-<step>``, whose name is returned (None
+        if ``step`` is the latest already).  No chunk is written or freed.  A
+        :class:`Checkpoint` does this lazily, at the first save after ``load(step=...)``.
+
+        Raises StepNotFoundError.
+        """
+        self._check_open()
+        return self._maintainer.rollback(step)
+
     def plan_gc(self) -> GcPlan:
         """What :meth:`gc` would free now: steps, chunks, pages, bytes (a dry run)."""
         self._check_open()
@@ -352,6 +369,12 @@ class Store:
         self._check_open()
         return self._maintainer.accounting()
 
+    def usage(self) -> StoreUsage:
+        """Where the bytes go: every kept step (with its components, tags, metrics and save
+        times) and the totals, dedup and compression ratios.  Reads manifests, not chunks."""
+        self._check_open()
+        return self._maintainer.usage()
+
     def tag(self, name: str, step: int | str | None = None) -> int:
         """Name ``step`` (default: latest); tagged steps survive retention. Returns the step."""
         self._check_open()
@@ -380,16 +403,20 @@ class Store:
         self._check_open()
         return self._maintainer.delete_branch(name)
 
-    def verify(self, sample: float = 1.0, *, seed: int | None = None) -> verify_.VerifyReport:
+    def verify(
+        self, sample: float = 1.0, *, seed: int | None = None, steps=None, progress=None
+    ) -> verify_.VerifyReport:
         """Check every step of every branch down to its chunks; returns every problem found.
 
         All chunks are hashed unless ``sample`` (a fraction, e.g. 0.05) asks for a part;
-        presence and length are always checked.  Damage is reported, never raised: each
-        problem names step, branch, component, leaf path and chunk.  Runs in one read
-        transaction beside a writer.
+        presence and length are always checked.  ``steps`` (``(branch, step)`` pairs)
+        checks only those steps' chunks (tags, trash and counters are checked still).
+        ``progress(done, total)`` is called with chunk bytes hashed so far and to hash.
+        Damage is reported, never raised: each problem names step, branch, component, leaf
+        path and chunk.  Runs in one read transaction beside a writer.
         """
         self._check_open()
-        return verify_.verify(self._chunks, self._pool, sample=sample, seed=seed)
+        return verify_.verify(self._chunks, self._pool, sample=sample, seed=seed, steps=steps, progress=progress)
 
     # -- listing --------------------------------------------------------------------------------
 

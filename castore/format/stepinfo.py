@@ -24,15 +24,28 @@ class StepRecord:
 
     created: float | None  #: UNIX time of the save; None in a record that predates the field
     metrics: dict[str, float] = field(default_factory=dict)  #: ``save(metrics=...)``, or empty
+    save: SaveTimes | None = None  #: how the save went; None where not recorded (before 0.7)
 
 
-def encode_stepinfo(created: float, metrics: dict | None) -> bytes:
+@dataclass(frozen=True, slots=True)
+class SaveTimes:
+    """How long a step's save took and what it wrote, as its commit measured them."""
+
+    seconds: float  #: from the call to ``save`` to the commit
+    blocked_seconds: float  #: of those, the caller was blocked (all of them for a blocking save)
+    written_bytes: int  #: stored bytes of the chunks and pages the save added
+
+
+def encode_stepinfo(created: float, metrics: dict | None, save: SaveTimes | None = None) -> bytes:
     """The sealed record of a step saved at ``created`` with ``metrics`` (checked already).
 
     ``metrics`` is always present (an empty map when none were given), so a reader of the
-    metrics-only records of formats 2 and 3 reads these too.
+    metrics-only records of formats 2 and 3 reads these too.  ``save`` adds the optional
+    ``save`` field, which readers that predate it ignore.
     """
-    body = {"created": float(created), "metrics": dict(metrics or {})}
+    body: dict = {"created": float(created), "metrics": dict(metrics or {})}
+    if save is not None:
+        body["save"] = [float(save.seconds), float(save.blocked_seconds), int(save.written_bytes)]
     return seal(msgpack.packb(body, use_bin_type=True))
 
 
@@ -51,6 +64,20 @@ def decode_stepinfo(raw, what: str) -> StepRecord:
             if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
                 raise TypeError(f"created is {created!r}, not a finite number")
             created = float(created)
-        return StepRecord(created, {str(k): float(v) for k, v in metrics.items()})
+        return StepRecord(created, {str(k): float(v) for k, v in metrics.items()}, _save_times(record.get("save")))
     except (msgpack.UnpackException, ValueError, TypeError, KeyError, OverflowError) as exc:
         raise CorruptDataError(f"{what} is malformed: {exc}") from None
+
+
+def _save_times(field) -> SaveTimes | None:
+    if field is None:
+        return None
+    if not isinstance(field, list) or len(field) != 3:
+        raise TypeError("save is not [seconds, blocked seconds, written bytes]")
+    seconds, blocked, written = field
+    for value in (seconds, blocked):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise TypeError(f"save time {value!r} is not a finite number >= 0")
+    if isinstance(written, bool) or not isinstance(written, int) or written < 0:
+        raise TypeError(f"save written bytes {written!r} is not an int >= 0")
+    return SaveTimes(float(seconds), float(blocked), written)

@@ -35,7 +35,8 @@ from ..format.schema import Table
 from ..storage.base import Backend, WriteTxn
 from ..storage.chunks import ChunkStore
 from . import gc as gc_
-from .retainer import Pass, Retainer
+from . import usage as usage_
+from .retainer import Pass, Retainer, step_infos
 from .retention import Keep, StepInfo, policy_of
 
 #: after a save, collect once the trash and journal hold at least this many entries...
@@ -90,6 +91,24 @@ class Maintainer:
             self._retainer.committed(done)
             self._execute_gc(None)
             return list(done.doomed)
+
+    def plan_retain(self, keep=None) -> list[int]:
+        policy = policy_of(keep) if keep is not None else self.keep
+        if policy is None:
+            raise UsageError("no retention policy: pass keep= here or to the Store")
+        with self._backend.read() as txn:
+            infos = step_infos(txn, self._branch)
+        kept = policy.select(list(infos.values()))
+        return sorted(step for step in infos if step not in kept)
+
+    def rollback(self, step: int) -> str | None:
+        key = step_key(check_step(step), self._branch)
+        with self._gate.quiesced():
+            return self._backend.write(self._rollback, key, step)
+
+    def _rollback(self, txn: WriteTxn, key: bytes, step: int) -> str | None:
+        catalog.manifest_bytes(txn, key, self._path)  # raises StepNotFoundError
+        return catalog.move_steps_after(txn, self._branch, step)
 
     def retain_in_commit(
         self, txn: WriteTxn, step: int, created: float, metrics: dict | None, moved: bool
@@ -175,6 +194,10 @@ class Maintainer:
     def accounting(self) -> list[gc_.StepAccount]:
         with self._backend.read() as txn:
             return gc_.account(self._chunks, txn)
+
+    def usage(self) -> usage_.StoreUsage:
+        with self._backend.read() as txn:
+            return usage_.usage(self._chunks, txn)
 
     def stats(self) -> gc_.StoreStats:
         with self._backend.read() as txn:

@@ -86,11 +86,19 @@ def check_sample(sample) -> float:
     return float(sample)
 
 
-def verify(chunks: ChunkStore, pool, *, sample: float = 1.0, seed: int | None = None) -> VerifyReport:
-    """Check the whole store (see the module docstring); never raises for damage it finds."""
+def verify(
+    chunks: ChunkStore, pool, *, sample: float = 1.0, seed: int | None = None, steps=None, progress=None
+) -> VerifyReport:
+    """Check the whole store (see the module docstring); never raises for damage it finds.
+
+    ``steps``: ``(branch, step)`` pairs to check instead of every step.  ``progress(done,
+    total)``: called as chunk bytes are hashed.
+    """
     sample = check_sample(sample)
     salt = random.Random(seed).getrandbits(64)
     checker = _Checker(chunks, pool, sample, salt)
+    checker.only = None if steps is None else {(str(b), int(s)) for b, s in steps}
+    checker.progress = progress
     try:
         with chunks.backend.read() as txn:
             checker.run(txn)
@@ -118,6 +126,9 @@ class _Checker:
         self.bad_chunks: dict[bytes, str] = {}  # chunk id -> problem kind
         self.damaged = False  # some paged blob has an unusable page or a wrong chunk count
         self._scratch = threading.local()  # a decode buffer per pool thread
+        self.only: set | None = None  # (branch, step) pairs to check; None: all
+        self.progress = None  # progress(done bytes, total bytes), or None
+        self._done = self._total = 0
 
     def run(self, txn: ReadTxn) -> None:
         self.walker = PageWalker(txn, check_pages=True)
@@ -141,6 +152,8 @@ class _Checker:
                 branch, step = branch_of(key), step_of(key)
             except CorruptDataError as exc:
                 self.problems.append(Problem("manifest", str(exc)))
+                continue
+            if self.only is not None and (branch, step) not in self.only:
                 continue
             self.steps += 1
             try:
@@ -175,6 +188,9 @@ class _Checker:
     def _check_chunks(self, txn: ReadTxn) -> None:
         group: list = []
         wanted = list(self.lengths.items())
+        if self.progress is not None:
+            self._total = sum(length for cid, length in wanted if self._sampled(cid))
+            self.progress(0, self._total)
         for start in range(0, len(wanted), VERIFY_BATCH):
             part = wanted[start : start + VERIFY_BATCH]
             for (cid, length), view in zip(part, self.chunks.get_many(txn, [cid for cid, _ in part])):
@@ -186,11 +202,14 @@ class _Checker:
             self.bad_chunks[cid] = "chunk-missing"
         elif len(view) != length and not is_encoded(view):
             self.bad_chunks[cid] = "chunk-corrupt"
-        elif (int.from_bytes(cid[:8], "big") ^ self.salt) < self.threshold:
+        elif self._sampled(cid):
             group.append((cid, length, view))
             if len(group) == VERIFY_BATCH:
                 self._hash(group)
                 group.clear()
+
+    def _sampled(self, cid: bytes) -> bool:
+        return (int.from_bytes(cid[:8], "big") ^ self.salt) < self.threshold
 
     def _hash(self, group) -> None:
         """Decode (into a scratch buffer per thread) and hash each chunk of ``group``."""
@@ -207,6 +226,9 @@ class _Checker:
             self.hashed_bytes += length
             if not ok:
                 self.bad_chunks[cid] = "chunk-corrupt"
+        if self.progress is not None and group:
+            self._done += sum(length for _, length, _ in group)
+            self.progress(self._done, self._total)
 
     def _locate_damage(self, branch: str, step: int, manifest) -> None:
         """One problem per damaged chunk or page, per leaf of this step that references it."""

@@ -103,6 +103,11 @@ class ChunkSink:
             _check_unchanged(self._last)
         self._last_count = self.chunks.put_many(txn, self._last)
 
+    def written_bytes(self) -> int:
+        """Bytes of new chunks committed so far, and of the last batch as put (in the
+        manifest's transaction, which is running)."""
+        return self.new_bytes + (self._last_count.new_bytes if self._last_count is not None else 0)
+
     def last_batch_committed(self) -> None:
         """The transaction holding :meth:`put_last_batch` committed: count it."""
         if self._last_count is not None:
@@ -291,6 +296,10 @@ class SaveJob:
         """Put the chunks :meth:`finish` left in ``txn``, which commits the manifest."""
         if self._sink is not None:
             self._sink.put_last_batch(txn, attempts)
+
+    def written_bytes(self) -> int:
+        """Stored bytes this save added, its last batch included once put (see ChunkSink)."""
+        return self._sink.written_bytes() if self._sink is not None else 0
 
     def commit_last_batch(self) -> None:
         """Commit the chunks :meth:`finish` left on their own (no manifest needs committing:

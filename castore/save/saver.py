@@ -38,6 +38,7 @@ from ..format.keys import check_step, describe_key, step_key
 from ..format.manifest import Manifest, encode_manifest
 from ..format.schema import Table
 from ..format.sealing import unseal
+from ..format.stepinfo import SaveTimes
 from ..storage.base import Backend, WriteTxn
 from ..storage.chunks import ChunkStore
 from ..tracking import Baseline
@@ -97,6 +98,7 @@ class _Captured:
     #: step's record as read then (the commit checks it is still there, unchanged)
     carried_from: tuple[bytes, bytes] | None = None
     created: float | None = None  #: the save time to record (an import's); None: the commit's
+    background: bool = False  #: committed by the background worker (the caller waited only for the capture)
 
     def is_continuation(self) -> bool:
         """True if this save moves the branch's steps after ``continue_from`` away first."""
@@ -338,6 +340,7 @@ class Saver:
             time.perf_counter() - started,
             continue_from,
             carried_from,
+            background=copy,  # a copying capture is an async save's
         )
 
     def _carried(self, carry, tree: dict) -> tuple[tuple, tuple[bytes, bytes]]:
@@ -538,7 +541,13 @@ class Saver:
                 )
             catalog.trash_manifest(txn, key, old)
         txn.put(Table.STEPS, key, data)
-        catalog.put_stepinfo(txn, key, created, captured.metrics)
+        seconds = time.perf_counter() - captured.started
+        times = SaveTimes(
+            seconds,
+            captured.capture_seconds if captured.background else seconds,
+            captured.job.written_bytes(),
+        )
+        catalog.put_stepinfo(txn, key, created, captured.metrics, times)
         drop_journal(txn, captured.job.sink.token)  # its chunks are referenced now
         moved = abandoned_to is not None or old is not None  # steps changed beyond this one
         return abandoned_to, self._retain_in_commit(txn, captured.step, created, captured.metrics, moved)
