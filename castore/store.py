@@ -29,6 +29,7 @@ from .format.schema import STORE_FORMAT, Table
 from .inspection import StoreInspector
 from .loading import Loader
 from .maintenance import verify as verify_
+from .maintenance.diffing import StepDiff
 from .maintenance.gc import GcPlan, StepAccount, StoreStats
 from .maintenance.maintainer import Maintainer
 from .maintenance.retention import policy_of
@@ -338,20 +339,26 @@ class Store:
         self._check_open()
         return self._maintainer.rollback(step)
 
-    def plan_gc(self) -> GcPlan:
-        """What :meth:`gc` would free now: steps, chunks, pages, bytes (a dry run)."""
-        self._check_open()
-        return self._maintainer.plan_gc()
+    def plan_gc(self, *, keep=None) -> GcPlan:
+        """What :meth:`gc` would free now: steps, chunks, pages, bytes (a dry run).
 
-    def gc(self, plan: GcPlan | None = None) -> GcPlan:
+        With ``keep`` (a policy as for :meth:`retain`), what ``retain(keep)`` would delete
+        and free; such a plan given to :meth:`gc` is planned again, as the store is.  Works
+        on a read-only store too.
+        """
+        self._check_open()
+        return self._maintainer.plan_gc(quiesce=not self.readonly, keep=keep)
+
+    def gc(self, plan: GcPlan | None = None, *, progress=None) -> GcPlan:
         """Free the chunks and pages no kept step references; returns what was freed.
 
         Crash-safe (a kill loses no chunk of a kept step; what is left is found by the next
         GC), never frees a chunk a save in this process may reuse, and readers keep
         working.  A ``plan`` from :meth:`plan_gc` is re-planned if the store changed since.
+        ``progress(done, total)`` is called with ids freed so far, after each batch.
         """
         self._check_open()
-        return self._maintainer.gc(plan)
+        return self._maintainer.gc(plan, progress)
 
     def compact(self) -> tuple[int, int]:
         """Collect garbage, then rewrite the data file without free pages.
@@ -374,6 +381,17 @@ class Store:
         times) and the totals, dedup and compression ratios.  Reads manifests, not chunks."""
         self._check_open()
         return self._maintainer.usage()
+
+    def diff(
+        self, a: int | str | None, b: int | str | None = None, *, branch: str | None = None, branch_b: str | None = None
+    ) -> StepDiff:
+        """What changed from step ``a`` to step ``b`` (default: the latest), leaf by leaf:
+        chunks changed at each position, and stored bytes of B that A does not reference.
+        Steps are ints or tags; ``branch_b`` (default ``branch``) is B's branch.  Reads
+        manifests and pages, not chunks.  Raises StepNotFoundError."""
+        self._check_open()
+        branch = self._branch(branch)
+        return self._maintainer.diff((a, branch), (b, branch if branch_b is None else check_branch(branch_b)))
 
     def tag(self, name: str, step: int | str | None = None) -> int:
         """Name ``step`` (default: latest); tagged steps survive retention. Returns the step."""

@@ -1033,8 +1033,9 @@ def test_a_format1_store_loads_and_a_writer_upgrades_it(tmp_path, later_dbs):
             assert_state_equal(store.load(step, verify=True), state)
         assert store.tags() == {} and store.metrics(1) == {}
         assert store.stats().steps == 2
+        assert store.plan_gc().is_empty  # a dry run works read-only, and finds no garbage
         with pytest.raises(castore.UsageError):
-            store.plan_gc()
+            store.gc()
     with castore.Store(path) as store:
         assert_state_equal(store.load(2, verify=True), states_[2])
         assert read_config(store)["format"] == 1  # opening does not upgrade; a writer does

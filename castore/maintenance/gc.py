@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-from ..errors import CorruptDataError
+from ..errors import CorruptDataError, UsageError
 from ..format import journal
 from ..format.ids import split_ids
 from ..format.keys import MAIN, branch_of
@@ -54,22 +54,41 @@ class GcPlan:
     journal_keys: tuple[bytes, ...]  #: journal entries of saves that never committed
     live_pages: int  #: unique live chunk-list pages read to build the plan
     generation: int  #: the store's generation when planned (a later commit makes it stale)
+    #: a dry run's steps taken as deleted though they are not (a retention preview): such a
+    #: plan is never executed, only re-planned
+    assumed_deleted: tuple[bytes, ...] = ()
 
     @property
     def is_empty(self) -> bool:
         return not (self.chunks or self.pages or self.trash_keys or self.journal_keys or self.deferred)
 
 
-def plan(chunks: ChunkStore, txn: ReadTxn, pinned: AbstractSet[bytes] = frozenset()) -> GcPlan:
-    """Plan a collection from the snapshot ``txn``; ``pinned`` ids are deferred, not freed."""
+def plan(
+    chunks: ChunkStore,
+    txn: ReadTxn,
+    pinned: AbstractSet[bytes] = frozenset(),
+    assume_deleted: AbstractSet[bytes] = frozenset(),
+) -> GcPlan:
+    """Plan a collection from the snapshot ``txn``; ``pinned`` ids are deferred, not freed.
+
+    ``assume_deleted`` (step keys) plans as if those steps were in the trash: a preview of
+    what deleting them would free, which :func:`execute` must never be given.
+    """
     walker = PageWalker(txn, check_pages=False)
     live_chunks: set = set()
     live_pages: set = set()
-    for _, raw in txn.scan(Table.STEPS):
+    doomed = []
+    for key, raw in txn.scan(Table.STEPS):
+        if bytes(key) in assume_deleted:
+            doomed.append(decode_manifest(raw))
+            continue
         _collect(walker, decode_manifest(raw), live_chunks, live_pages)
     cand_chunks: set = set()
     cand_pages: set = set()
     steps, trash_keys = [], []
+    for manifest in doomed:
+        steps.append(manifest.step)
+        _collect(walker, manifest, cand_chunks, cand_pages, live_pages=live_pages)
     for key, raw in txn.scan(Table.TRASH):
         manifest = decode_manifest(raw)
         steps.append(manifest.step)
@@ -95,17 +114,30 @@ def plan(chunks: ChunkStore, txn: ReadTxn, pinned: AbstractSet[bytes] = frozense
         tuple(journal_keys),
         len(live_pages),
         txn.generation,
+        tuple(sorted(assume_deleted)),
     )
 
 
-def execute(backend: Backend, chunks: ChunkStore, gc_plan: GcPlan) -> None:
-    """Free what ``gc_plan`` lists, in batches; crash-safe (see the module docstring)."""
-    if len(gc_plan.chunks) + len(gc_plan.pages) <= DELETE_BATCH:  # the common, small collection
+def execute(backend: Backend, chunks: ChunkStore, gc_plan: GcPlan, progress=None) -> None:
+    """Free what ``gc_plan`` lists, in batches; crash-safe (see the module docstring).
+
+    ``progress(done, total)`` is called with ids freed so far after each batch."""
+    if gc_plan.assumed_deleted:
+        raise UsageError("a preview plan (plan_gc(keep=...)) is never executed: plan again")
+    total = len(gc_plan.chunks) + len(gc_plan.pages)
+    if total <= DELETE_BATCH:  # the common, small collection
         backend.write(_delete_all, chunks, gc_plan)
+        if progress is not None:
+            progress(total, total)
         return
+    done = 0
     for table, ids in ((Table.CHUNKS, gc_plan.chunks), (Table.PAGES, gc_plan.pages)):
         for start in range(0, len(ids), DELETE_BATCH):
-            backend.write(_delete_ids, chunks, table, ids[start : start + DELETE_BATCH])
+            batch = ids[start : start + DELETE_BATCH]
+            backend.write(_delete_ids, chunks, table, batch)
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
     backend.write(_delete_entries, gc_plan)
 
 

@@ -30,10 +30,11 @@ from typing import Protocol
 
 from .. import catalog
 from ..errors import StepNotFoundError, UsageError
-from ..format.keys import check_branch, check_step, step_key, step_of, tag_key
+from ..format.keys import branch_of, check_branch, check_step, step_key, step_of, tag_key
 from ..format.schema import Table
 from ..storage.base import Backend, WriteTxn
 from ..storage.chunks import ChunkStore
+from . import diffing
 from . import gc as gc_
 from . import usage as usage_
 from .retainer import Pass, Retainer, step_infos
@@ -157,28 +158,37 @@ class Maintainer:
             if quiet:
                 self._execute_gc(None)
 
-    def plan_gc(self) -> gc_.GcPlan:
+    def plan_gc(self, *, quiesce: bool = True, keep=None) -> gc_.GcPlan:
+        """``quiesce=False`` for a read-only store (no save of its own to wait for);
+        ``keep``: preview what retention with that policy and then GC would free."""
+        doomed: frozenset[bytes] = frozenset()
+        if keep is not None:
+            doomed = frozenset(step_key(step, self._branch) for step in self.plan_retain(keep))
+        if not quiesce:
+            with self._backend.read() as txn:
+                return gc_.plan(self._chunks, txn, self._pinned_ids(), doomed)
         with self._gate.quiesced():
-            return self._plan_gc()
+            with self._backend.read() as txn:
+                return gc_.plan(self._chunks, txn, self._pinned_ids(), doomed)
 
-    def gc(self, plan: gc_.GcPlan | None = None) -> gc_.GcPlan:
+    def gc(self, plan: gc_.GcPlan | None = None, progress=None) -> gc_.GcPlan:
         with self._gate.quiesced():
-            return self._execute_gc(plan)
+            return self._execute_gc(plan, progress)
 
     def _plan_gc(self) -> gc_.GcPlan:
         with self._backend.read() as txn:
             return gc_.plan(self._chunks, txn, self._pinned_ids())
 
-    def _execute_gc(self, plan: gc_.GcPlan | None) -> gc_.GcPlan:
+    def _execute_gc(self, plan: gc_.GcPlan | None, progress=None) -> gc_.GcPlan:
         self._backend.clear_stale_readers()  # a killed reader's slot would keep freed pages from reuse
-        if plan is None or plan.generation != self._backend.generation():
+        if plan is None or plan.generation != self._backend.generation() or plan.assumed_deleted:
             plan = self._plan_gc()
         if not plan.is_empty:
             # Other writes of this process are held off, so the retention index knows that
             # these commits changed no step, stepinfo record or tag (no rebuild after a GC).
             with self._backend.exclusive_writes():
                 before = self._backend.generation()
-                gc_.execute(self._backend, self._chunks, plan)
+                gc_.execute(self._backend, self._chunks, plan, progress)
                 self._retainer.unchanged(before, self._backend.generation())
         self._written, self._owes_gc = 0, False
         return plan
@@ -198,6 +208,15 @@ class Maintainer:
     def usage(self) -> usage_.StoreUsage:
         with self._backend.read() as txn:
             return usage_.usage(self._chunks, txn)
+
+    def diff(self, a: tuple, b: tuple) -> diffing.StepDiff:
+        """``a``, ``b``: ``(step or tag or None, branch)``."""
+        with self._backend.read() as txn:
+            sides = []
+            for step, branch in (a, b):
+                key = catalog.locate(txn, step, branch, self._path)
+                sides.append((branch_of(key), step_of(key), catalog.manifest(txn, key, self._path)))
+            return diffing.diff(self._chunks, txn, sides[0], sides[1])
 
     def stats(self) -> gc_.StoreStats:
         with self._backend.read() as txn:
