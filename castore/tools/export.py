@@ -288,7 +288,7 @@ class _Exporter:
         with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             for key, array in pending:
                 with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, array, allow_pickle=False)
+                    np.lib.format.write_array(member, _npy_able(array), allow_pickle=False)
                 self._wrote(array.nbytes)
 
     def _wrote(self, nbytes: int) -> None:
@@ -321,7 +321,7 @@ class _Exporter:
             dtype, shape = dtype_name(array.dtype, leaf), list(array.shape)
             if self.layout == "npy":
                 entry.update(file=self._file(path, directory, ".npy"), dtype=dtype, shape=shape)
-                self.writer.write(entry["file"], lambda file: np.save(file, array, allow_pickle=False))
+                self.writer.write(entry["file"], lambda file: np.save(file, _npy_able(array), allow_pickle=False))
                 self._wrote(array.nbytes)
             else:
                 if self.layout == "safetensors" and dtype_code(array.dtype) is None:
@@ -359,6 +359,14 @@ class _Exporter:
         if len(rel) - len(base) > MAX_PATH:
             rel = f"{base}/{DEEP}/{_digest(json.dumps(path))}{suffix}"
         return rel
+
+
+def _npy_able(array: np.ndarray) -> np.ndarray:
+    """``array`` as ``.npy`` can name it: an ml_dtypes array as void of its width.  numpy
+    would write float8_e5m2 as ``<f1``, a descr no numpy reads back."""
+    if dtype_name(array.dtype, "")[:1] not in "<>|":  # castore names ml_dtypes by name, others by dtype.str
+        return array.view(f"V{array.dtype.itemsize}")
+    return array
 
 
 def _stem(directory: _Directory) -> str:
