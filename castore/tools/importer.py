@@ -618,7 +618,7 @@ def import_dir(
         return tree_of()
 
     with open_target(store, branch, allow_network_fs) as target:
-        result = save_step(target, step, attempt, overwrite=overwrite, source=reader.root)
+        result = save_step(target, step, attempt, overwrite=overwrite, source=os.path.realpath(source))
         unchanged = result.manifest_bytes == 0
         log.info("step %d from %s%s", step, reader.root, " (stored already)" if unchanged else "")
         return ImportResult(
