@@ -7,6 +7,7 @@ import json
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import ml_dtypes
@@ -410,3 +411,70 @@ def test_framework_values_and_typed_containers_export_as_arrays_and_dicts(tmp_pa
     assert list(got["od"]) == [("b",), ("a",)]
     entries = json.loads((tmp_path / "out" / "model" / LEAVES).read_text())
     assert {e["framework"] for e in entries} == {"torch"}
+
+
+def imported_leaves(out: Path, root: Path) -> dict:
+    """``{component: {path tuple: value}}`` of an export imported into a fresh store."""
+    from castore.tools.importer import import_dir
+
+    result = import_dir(out, root / "imported")
+    with castore.Store(root / "imported", readonly=True) as store:
+        loaded = store.load(result.step)
+        return {name: expected_leaves(list(value) if name == "sharded" else value) for name, value in loaded.items()}
+
+
+def test_hostile_names_round_trip_through_npz_inside_out_dir(tmp_path, hostile_store):
+    store, tree = hostile_store
+    out = tmp_path / "out"
+    result = export_step(store, 5, out, format="npz")
+    assert_all_inside(out)
+    assert result.format == "npz" and result.files == len(list(out.rglob("*.npz")))
+    for archive in out.rglob("*.npz"):
+        with zipfile.ZipFile(archive) as members:
+            for name in members.namelist():  # safe to unzip anywhere: derived names only
+                assert not name.startswith("/") and ".." not in name.split("/"), name
+                assert all(re.fullmatch(r"[A-Za-z0-9._%~-]+", part) for part in name.split("/")), name
+    got = imported_leaves(out, tmp_path)
+    assert list(got) == list(tree)
+    for name, value in tree.items():
+        want = expected_leaves(value)
+        if name == "sharded":
+            want = {(i, *path): v for i, shard in enumerate(value) for path, v in expected_leaves(shard).items()}
+        assert_same_leaves(got[name], want)
+
+
+def test_safetensors_refuses_dtypes_it_cannot_name_before_writing_the_component(tmp_path, hostile_store):
+    store, tree = hostile_store
+    out = tmp_path / "out"
+    with pytest.raises(castore.UnsupportedValueError, match=r"hostile/types/u3.*--format npy"):
+        export_step(store, 5, out, keys=["ok", "hostile"], format="safetensors")
+    assert (out / "ok" / "ok.safetensors").is_file()  # the component before it is complete
+    assert not list(out.glob("hostile/*.safetensors"))  # nothing of the refused one
+    names = [name for name in tree if name != "hostile"]
+    export_step(store, 5, out, keys=names, format="safetensors", overwrite=True)
+    assert_all_inside(out)
+    got = imported_leaves(out, tmp_path)
+    for name in names:
+        want = expected_leaves(tree[name])
+        if name == "sharded":
+            want = {(i, *path): v for i, shard in enumerate(tree[name]) for path, v in expected_leaves(shard).items()}
+        assert_same_leaves(got[name], want)
+    header = json.loads((out / "sharded" / "sharded-0001.safetensors").read_bytes()[8:].split(b"}}")[0] + b"}}")
+    assert header["__metadata__"]["shard"] == "1" and "obs" in header  # keys relative to the shard
+
+
+def test_every_ml_dtype_npy_file_loads_in_plain_numpy(tmp_path):
+    kinds = ["bfloat16", "float8_e4m3fn", "float8_e5m2"]  # numpy names float8_e5m2 "<f1", which it cannot read back
+    with castore.Store(tmp_path / "store") as store:
+        store.save(1, {"c": {k: np.arange(4).astype(getattr(ml_dtypes, k)) for k in kinds}})
+        export_step(store, 1, tmp_path / "out")
+    for kind in kinds:
+        array = np.load(tmp_path / "out" / "c" / f"{kind}.npy", allow_pickle=False)
+        assert array.view(getattr(ml_dtypes, kind)).astype(np.float32).tolist() == [0, 1, 2, 3]
+
+
+def test_an_unknown_format_is_refused(tmp_path, hostile_store):
+    store, _ = hostile_store
+    with pytest.raises(castore.UsageError, match="unknown export format"):
+        export_step(store, 5, tmp_path / "out", format="hdf5")
+    assert not (tmp_path / "out").exists()
