@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ...format.codec import node_nbytes
-from ..export import export_step
+from ..export import export_nbytes, export_step
 from ..migrate import import_elements, import_replay
 from ._common import EXIT_OK, emit_json, human, locate, open_store, positive_arg, progress, step_arg, step_number_arg
 
@@ -82,9 +81,7 @@ def add_parsers(sub, common) -> None:
 def run_export(args) -> int:
     with open_store(args, branch=args.branch) as store:
         branch, step = locate(store, args.step, args.branch)
-        manifest = store.manifest(step, branch=branch)
-        names = manifest.names if args.keys is None else args.keys
-        total = sum(node_nbytes(node) for name, node in manifest.components if name in names)
+        total = export_nbytes(store, args.step, keys=args.keys)
         with progress(total, "export") as bar:
             result = export_step(
                 store,
@@ -136,7 +133,9 @@ def run_import(args) -> int:
         emit_json(
             "import",
             {
-                "store": args.store,
+                "store": result.store,
+                "branch": result.branch,
+                "layout": result.layout,
                 "step": result.step,
                 "components": list(result.components),
                 "leaves": result.leaves,
