@@ -366,6 +366,8 @@ def _per_component(ax, data: _Data) -> None:
     for name, heights, color in zip(data.names, data.parts, _colors(data.names, data.has_other)):
         _bars(ax, data, heights, bottom=bottom.copy(), color=color, label=_plain(name, 32))
         bottom += heights
+    ax.use_sticky_edges = False  # a zero-height bar on top of the stack would pin the y limit to it
+    ax.set_ylim(bottom=0)
     _bytes_axis(ax.yaxis, [bottom.max(initial=0)])
     ax.set_title("new stored bytes per step, by component")
     _step_axis(ax, data)
