@@ -77,7 +77,9 @@ class ReportResult:
     bytes: int  #: size of the file written
 
 
-def write_report(store: Store, out: str | os.PathLike, *, branch: str | None = None, title: str | None = None):
+def write_report(
+    store: Store, out: str | os.PathLike, *, branch: str | None = None, title: str | None = None
+) -> ReportResult:
     """Draw the storage of ``store`` into ``out`` (``.png``, or ``.html``/``.htm``); returns a
     :class:`ReportResult`.
 
