@@ -15,11 +15,11 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,torch,jax,elements,test-frameworks]'
+	$(PY) -m pip install --quiet -e '.[test,torch,jax,elements,test-frameworks,report]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m castore.tools.demo
+	$(VENV)/bin/castore demo
 
 test: lint
 	$(PY) -m pytest -q tests

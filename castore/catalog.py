@@ -114,12 +114,20 @@ def move_steps_after(txn: WriteTxn, branch: str, step: int) -> str | None:
     return target
 
 
-def copy_step(txn: WriteTxn, source: bytes, target: bytes) -> None:
-    """Put the manifest (and metrics) of key ``source`` under ``target`` too: no chunk is written."""
+def copy_step(txn: WriteTxn, source: bytes, target: bytes, *, is_move: bool = True) -> None:
+    """Put the manifest (and metrics) of key ``source`` under ``target`` too: no chunk is written.
+
+    A copy that is not a move (a fork) drops the record's save times: no save made it."""
     txn.put(Table.STEPS, target, bytes(manifest_bytes(txn, source, "the store")))
     info = txn.get(Table.STEPINFO, source)
-    if info is not None:
-        txn.put(Table.STEPINFO, target, bytes(info))
+    if info is None:
+        return
+    if not is_move:
+        record = decode_stepinfo(info, f"metrics record of {describe_key(source)}")
+        if record.save is not None and record.created is not None:
+            txn.put(Table.STEPINFO, target, encode_stepinfo(record.created, record.metrics))
+            return
+    txn.put(Table.STEPINFO, target, bytes(info))
 
 
 def _move_step(txn: WriteTxn, source: bytes, target: bytes, retag: dict) -> None:

@@ -436,3 +436,34 @@ def test_demo_runs_the_main_job(tmp_path):
     child = run("demo", "--", "--logdir", logdir, "--capacity", 256, "--every", 64, "--total", 512, "--pace", 0)
     assert "bit-exact against an uninterrupted run" in child.stdout and "MISMATCH" not in child.stdout
     assert run_json("ls", logdir)["steps"]
+
+
+def test_progress_bars_show_on_a_terminal_only(store_path, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    for args in (["verify", store_path], ["export", store_path, 100, tmp_path / "tty-out"]):
+        leader, follower = pty.openpty()
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 wide
+        child = subprocess.Popen(
+            [sys.executable, "-m", "castore", *map(str, args)], stdout=subprocess.PIPE, stderr=follower
+        )
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            seen += data
+        os.close(leader)
+        assert child.wait(timeout=120) == 0
+        assert f"{args[0]}:".encode() in seen and b"B/s" in seen, seen  # drawn (updates come every 0.1 s)
+    piped = run("verify", store_path)
+    assert piped.stderr == ""  # quiet when not a terminal
+    piped = run("export", store_path, 100, tmp_path / "piped-out")
+    assert piped.stderr == ""

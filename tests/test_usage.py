@@ -45,6 +45,8 @@ def test_usage_agrees_with_stats_and_accounting(tmp_path):
     first, *later, fork = usage.steps
     assert first.new_bytes == 17 * CHUNK  # a's 16 chunks and b's one
     assert all(s.new_bytes == CHUNK for s in later) and fork.new_bytes == 0
+    assert fork.save is None and usage.steps[2].save is not None  # a fork is no save
+    assert fork.metrics == usage.steps[2].metrics and fork.created == usage.steps[2].created
     a_total = next(c for c in usage.components if c.name == "a")
     assert (a_total.steps, a_total.raw_bytes, a_total.stored_bytes) == (6, 20 * CHUNK, 20 * CHUNK)
     assert usage.dedup_ratio == pytest.approx(usage.logical_bytes / usage.raw_bytes)
@@ -118,13 +120,16 @@ def test_plan_gc_with_keep_previews_retention_without_changing_anything(tmp_path
         assert before - store.stats().stored_bytes == preview.freed_bytes
 
 
-def test_gc_reports_progress_by_batch(tmp_path):
-    from castore.maintenance.gc import DELETE_BATCH
+def test_gc_reports_progress_by_batch(tmp_path, monkeypatch):
+    from castore.maintenance import gc
 
-    with castore.Store(tmp_path / "s", chunk_bytes=4096, compression="none") as store:
-        store.save(0, {"a": rows(0, 1 + (DELETE_BATCH * 4096) // CHUNK)})
+    monkeypatch.setattr(gc, "DELETE_BATCH", 4)  # batches of 4 ids: 17 chunks take 5 of them
+    DELETE_BATCH = 4
+    with castore.Store(tmp_path / "s", chunk_bytes=CHUNK, compression="none") as store:
+        store.save(0, {"a": rows(0, 17)})
         store.save(1, {"a": np.zeros(1, np.uint8)})
         store.delete(0)
+    with castore.Store(tmp_path / "s") as store:  # no baseline of this process pins step 0's chunks
         calls = []
         store.gc(progress=lambda done, total: calls.append((done, total)))
     total = calls[-1][1]

@@ -261,7 +261,7 @@ class Maintainer:
         catalog.manifest_bytes(txn, source, self._path)
         if catalog.latest_step(txn, name) is not None:
             raise UsageError(f"branch {name!r} exists in {self._path}; fork to a new name")
-        catalog.copy_step(txn, source, step_key(step_of(source), name))
+        catalog.copy_step(txn, source, step_key(step_of(source), name), is_move=False)
         return step_of(source)
 
     def delete_branch(self, name: str) -> list[int]:
