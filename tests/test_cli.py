@@ -467,3 +467,31 @@ def test_progress_bars_show_on_a_terminal_only(store_path, tmp_path):
     assert piped.stderr == ""  # quiet when not a terminal
     piped = run("export", store_path, 100, tmp_path / "piped-out")
     assert piped.stderr == ""
+
+
+def test_while_a_trainer_writes_readers_work_and_writers_are_refused(store_path):
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, numpy as np, castore\n"
+            f"s = castore.Store({str(store_path)!r})\n"
+            "s.save(400, {'agent': {'w': np.ones(10)}})\n"  # takes the writer lock and keeps it
+            "print('saved', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "s.close()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert trainer.stdout.readline() == "saved\n"
+        assert [s["step"] for s in run_json("ls", store_path)["steps"]] == [0, 100, 200, 300, 400]
+        assert run_json("verify", store_path)["ok"]
+        child = run("tag", store_path, 100, "x", check=1)
+        assert "lock" in child.stderr.lower() and child.stderr.count("\n") == 1
+        run("gc", store_path, check=1)
+    finally:
+        trainer.communicate("\n", timeout=60)
+    run("tag", store_path, 100, "x")  # the lock went with the trainer
