@@ -495,3 +495,17 @@ def test_while_a_trainer_writes_readers_work_and_writers_are_refused(store_path)
     finally:
         trainer.communicate("\n", timeout=60)
     run("tag", store_path, 100, "x")  # the lock went with the trainer
+
+
+def test_hostile_names_cannot_fake_lines_or_drive_the_terminal(tmp_path):
+    path = tmp_path / "s"
+    evil = "evil\nstep 9: fake\x1b[2J\u202e"
+    with castore.Store(path) as store:
+        store.save(0, {evil: {evil: 1, "w": np.zeros(4)}})
+        store.save(1, {evil: {evil: 2, "w": np.ones(4)}})
+    for args in (["show", path], ["diff", path, 0, 1], ["du", path]):
+        out = run(*args).stdout
+        assert "\x1b" not in out and "\u202e" not in out and "\nstep 9" not in out, args
+        assert "evil\\x0astep 9: fake\\x1b[2J\\u202e" in out, args
+    doc = run_json("show", path)
+    assert doc["components"][0]["name"] == evil  # JSON carries the name exactly

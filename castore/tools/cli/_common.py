@@ -126,6 +126,23 @@ def step_label(branch: str, step: int) -> str:
 # -- output ----------------------------------------------------------------------------------
 
 
+def clean(text: str) -> str:
+    """``text`` safe for a terminal: control and format characters (newlines, ANSI escapes,
+    bidi overrides) of untrusted names are shown as ``\\xNN`` / ``\\uNNNN`` escapes, so a
+    component name can neither fake a line of output nor drive the terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable() or ch == " ":
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
 def human(nbytes: float) -> str:
     """``1.5 MiB``: powers of 1024, three significant digits."""
     if nbytes < 1024:
@@ -159,7 +176,7 @@ def iso(created: float) -> str | None:
 
 def table(rows: list[list[str]], headers: list[str], right: set[int] = frozenset()) -> str:  # type: ignore[assignment]
     """Columns aligned; ``right`` holds the indices of right-aligned (number) columns."""
-    cells = [headers, *rows]
+    cells = [headers, *([clean(cell) for cell in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []
     for row in cells:
@@ -276,7 +293,7 @@ def describe(record: dict) -> str:
     kind = record["kind"]
     prefix = f"{record['framework']} " if "framework" in record else ""
     if kind == "value":
-        return f"{prefix}{record['type']} = {json.dumps(record['value'], ensure_ascii=False)[:120]}"
+        return f"{prefix}{record['type']} = {clean(json.dumps(record['value'], ensure_ascii=False)[:120])}"
     if kind == "scalar":
         shown = f" = {record['value']}" if "value" in record else ""
         return f"{prefix}scalar {record['dtype']}{shown}"

@@ -10,6 +10,7 @@ from ._common import (
     EXIT_OK,
     all_tags,
     check_branch_exists,
+    clean,
     describe,
     emit_json,
     human,
@@ -161,9 +162,9 @@ def run_show(args) -> int:
     if metrics:
         print("metrics: " + " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
     for component in components:
-        print(f"{component['name']}: {len(component['leaves'])} leaves, {human(component['logical_bytes'])}")
+        print(f"{clean(component['name'])}: {len(component['leaves'])} leaves, {human(component['logical_bytes'])}")
         for leaf in component["leaves"]:
-            print(f"  {leaf['path']}: {describe(leaf)}")
+            print(f"  {clean(leaf['path'])}: {describe(leaf)}")
     return EXIT_OK
 
 
@@ -235,9 +236,9 @@ def run_diff(args) -> int:
             detail = describe(c["b"])
         else:
             detail = describe(c["a"])
-        print(f"{ {'changed': 'M', 'added': 'A', 'removed': 'D'}[c['change']] } {c['path']}: {detail}")
+        print(f"{ {'changed': 'M', 'added': 'A', 'removed': 'D'}[c['change']] } {clean(c['path'])}: {detail}")
     for path in same:
-        print(f"  {path}: same")
+        print(f"  {clean(path)}: same")
     print(
         f"{step_label(*a)} -> {step_label(*b)}: {len(changes)} leaves changed, {result.same_leaves} same; "
         f"{result.changed_chunks} chunks changed ({human(result.changed_bytes)}); "
@@ -329,7 +330,7 @@ def run_tags(args) -> int:
     if not tags:
         print(f"{store.path}: no tags")
     for name, (branch, step) in tags.items():
-        print(f"{name}\t{step_label(branch, step)}")
+        print(f"{clean(name)}\t{step_label(branch, step)}")
     return EXIT_OK
 
 
