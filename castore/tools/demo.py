@@ -1,6 +1,6 @@
 """The main job, small enough to watch: a DreamerV3-like run checkpointed with castore.
 
-``python -m castore.tools.demo`` (what ``make demo`` runs):
+``castore demo`` (what ``make demo`` runs; also ``python -m castore.tools.demo``):
 
 1. starts a training process (a ``castore.RingBuffer`` replay of 64x64x3 images, actions
    and rewards; an agent with parameters and Adam moments; a step counter) that saves
@@ -273,7 +273,9 @@ def report_verify(store: castore.Store) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="castore demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--logdir", default="demo-logdir/ckpt")
     parser.add_argument("--capacity", type=int, default=4096, help="replay capacity (env steps)")
     parser.add_argument("--every", type=int, default=512, help="env steps between saves")
