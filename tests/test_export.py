@@ -340,11 +340,11 @@ def test_cli_export(tmp_path, capsys, hostile_store):
     assert "step 5: 2 components" in capsys.readouterr().out
     got = read_export(out)
     assert_same_leaves(got["leaf"], {(): tree["leaf"]})
-    assert main(["export", path, "best", str(out)]) == 1  # not empty
+    assert main(["export", path, "best", str(out)]) == 2  # not empty: a usage error
     assert "not empty" in capsys.readouterr().err
     assert main(["export", path, "best", str(out), "--overwrite"]) == 0
     assert list(read_export(out)) == list(tree)
-    assert main(["export", path, "nosuchtag", str(tmp_path / "x")]) == 1
+    assert main(["export", path, "nosuchtag", str(tmp_path / "x")]) == 2
     assert "no tag 'nosuchtag'" in capsys.readouterr().err
 
 
