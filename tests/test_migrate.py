@@ -201,7 +201,7 @@ def test_values_castore_does_not_store_name_their_path_and_folder(tmp_path):
 def test_cli_import_elements(tmp_path, capsys):
     _write_checkpoints(tmp_path / "ckpt", saves=2)
     args = ["import-elements", str(tmp_path / "ckpt"), str(tmp_path / "store")]
-    assert main(args) == 1
+    assert main(args) == 2  # refused without --allow-pickle: a usage error
     assert capsys.readouterr().err.startswith("castore: reading an elements checkpoint unpickles")
     assert main([*args, "--allow-pickle"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -413,7 +413,7 @@ def test_cli_import_replay(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "12 rows of 3 chunk files in 2 streams, 3 older rows left out, capacity 12" in out
     assert "saved as 'replay' of step 4" in out
-    assert main(["import-replay", str(tmp_path / "none"), str(tmp_path / "store")]) == 1
+    assert main(["import-replay", str(tmp_path / "none"), str(tmp_path / "store")]) == 2  # no such directory
     assert capsys.readouterr().err.startswith("castore: ")
     with pytest.raises(SystemExit) as caught:
         main([*args, "--capacity", "0"])
