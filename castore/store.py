@@ -307,13 +307,17 @@ class Store:
 
     # -- maintenance ----------------------------------------------------------------------------
 
-    def delete(self, step: int) -> None:
-        """Remove a step; its chunks stay until garbage collection (:meth:`gc`) frees them.
+    def delete(self, step) -> None:
+        """Remove a step, or a list of steps in one transaction (all or none); their chunks
+        stay until garbage collection (:meth:`gc`) frees them.
 
         Raises StepNotFoundError, and UsageError for a tagged step (untag it first).
         """
         self._check_open()
-        self._maintainer.delete(step)
+        if isinstance(step, (list, tuple)):
+            self._maintainer.delete(list(step))
+        else:
+            self._maintainer.delete([step])
 
     def retain(self, keep=None) -> list[int]:
         """Delete the steps ``keep`` (default: the store's policy) does not keep, then collect.

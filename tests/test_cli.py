@@ -318,6 +318,8 @@ def test_gc_keep_policies_parse(store_path):
     assert doc["deleted_steps"] == [0, 100]  # 300 has the lowest loss and is the latest; 200 is tagged
     assert run_json("gc", store_path, "--keep", "1", "--dry-run")["deleted_steps"] == [0, 100]
     assert "needs metric" in run("gc", store_path, "--keep", "best=1", check=2).stderr
+    child = run("gc", store_path, "--keep", "best=1,metric=lsos", check=2)  # a typo would delete almost all
+    assert "recorded: loss" in child.stderr
 
 
 def test_compact_returns_the_file_to_its_used_size(store_path):
@@ -502,10 +504,65 @@ def test_hostile_names_cannot_fake_lines_or_drive_the_terminal(tmp_path):
     evil = "evil\nstep 9: fake\x1b[2J\u202e"
     with castore.Store(path) as store:
         store.save(0, {evil: {evil: 1, "w": np.zeros(4)}})
-        store.save(1, {evil: {evil: 2, "w": np.ones(4)}})
-    for args in (["show", path], ["diff", path, 0, 1], ["du", path]):
+        store.save(1, {evil: {evil: 2, "w": np.ones(4)}}, metrics={"lo\x1b[31mss": 1.0})
+        store.tag("t\x1b[2J", 1)
+    for args in (["show", path], ["diff", path, 0, 1], ["du", path], ["ls", path], ["tags", path]):
         out = run(*args).stdout
         assert "\x1b" not in out and "\u202e" not in out and "\nstep 9" not in out, args
-        assert "evil\\x0astep 9: fake\\x1b[2J\\u202e" in out, args
+        if args[0] in ("show", "diff", "du"):
+            assert "evil\\x0astep 9: fake\\x1b[2J\\u202e" in out, args
+    assert "\x1b" not in run("show", path, "nosuchtag", check=2).stderr
     doc = run_json("show", path)
     assert doc["components"][0]["name"] == evil  # JSON carries the name exactly
+
+
+def test_a_tag_or_branch_step_of_another_branch_is_the_step_acted_on(store_path):
+    run("rollback", store_path, 100)  # 200 (tagged best) and 300 move to main-abandoned-100
+    with castore.Store(store_path) as store:
+        store.save(200, {"other": np.ones(3)})  # main gets its own, different step 200
+    run("tag", store_path, "best", "best2")
+    assert {t["name"]: (t["branch"], t["step"]) for t in run_json("tags", store_path)["tags"]} == {
+        "best": ("main-abandoned-100", 200),
+        "best2": ("main-abandoned-100", 200),
+    }
+    assert run_json("fork", store_path, "fb", "best")["from"] == {"branch": "main-abandoned-100", "step": 200}
+    assert run_json("show", store_path, "fb:200")["components"][0]["name"] == "agent"  # the tagged state
+    assert run_json("show", store_path, "main-abandoned-100:300")["step"] == 300
+    run("tag", store_path, "main:200", "mine")
+    with castore.Store(store_path, readonly=True) as store:
+        assert store.locate("mine") == ("main", 200)
+
+
+def test_delete_is_all_or_nothing(store_path):
+    assert "untag it" in run("delete", store_path, 100, 200, check=2).stderr  # 200 is tagged
+    run("delete", store_path, 300, 300)  # a step named twice is deleted once
+    with castore.Store(store_path, readonly=True) as store:
+        assert store.steps() == [0, 100, 200]
+
+
+def test_closed_stdout_or_stderr_never_misreport(store_path):
+    child = subprocess.run(
+        f"'{sys.executable}' -m castore verify '{store_path}' 2>&-", shell=True, capture_output=True, text=True
+    )
+    assert child.returncode == 0 and "no problems found" in child.stdout
+    child = subprocess.run(
+        f"'{sys.executable}' -m castore ls '{store_path}' >&-", shell=True, capture_output=True, text=True
+    )
+    assert child.returncode == 0 and child.stderr == ""
+    child = subprocess.run(
+        f"'{sys.executable}' -m castore ls '{store_path}/nosuch' --json 2>&-",
+        shell=True,
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 2 and child.stdout == ""  # the error never lands on stdout
+
+
+def test_diff_keeps_components_with_slashes_apart(tmp_path):
+    path = tmp_path / "s"
+    with castore.Store(path) as store:
+        store.save(1, {"m": {"a": {"b": 1}}, "m/a": {"b": 5}})
+        store.save(2, {"m": {"a": {"b": 2}}, "m/a": {"b": 5}})
+    doc = run_json("diff", path, 1, 2, "--all")
+    assert [(c["component"], c["leaf"]) for c in doc["changes"]] == [("m", "a/b")]
+    assert doc["same_leaves"] == 1 and doc["same"] == ["m/a/b"]

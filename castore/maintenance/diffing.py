@@ -28,7 +28,9 @@ ADDED, REMOVED, CHANGED = "added", "removed", "changed"
 class LeafChange:
     """One leaf that differs between the steps."""
 
-    path: str  #: ``component/leaf/path``
+    path: str  #: ``component/leaf/path`` (for display: a component name may hold ``/``)
+    component: str
+    leaf: str  #: the path inside the component ("" for a component that is one leaf)
     change: str  #: ``added``, ``removed`` or ``changed``
     a: Node | None  #: its manifest node in A (None if added)
     b: Node | None  #: its manifest node in B (None if removed)
@@ -57,12 +59,18 @@ class StepDiff:
         return sum(c.changed_bytes for c in self.changes)
 
 
-def _leaves(manifest: Manifest) -> dict[str, Node]:
-    out: dict[str, Node] = {}
+def _leaves(manifest: Manifest) -> dict[tuple[str, str], Node]:
+    """Leaves by (component, path): component names may hold ``/``, so a joined string
+    could name two leaves."""
+    out: dict[tuple[str, str], Node] = {}
     for name, node in manifest.components:
         for path, leaf in leaf_nodes(node):
-            out[f"{name}/{path}" if path else name] = leaf
+            out[name, path] = leaf
     return out
+
+
+def _label(key: tuple[str, str]) -> str:
+    return f"{key[0]}/{key[1]}" if key[1] else key[0]
 
 
 def _chunked(node: Node | None):
@@ -111,11 +119,21 @@ def diff(chunks: ChunkStore, txn: ReadTxn, a: tuple[str, int, Manifest], b: tupl
         else:
             changed_bytes = node_nbytes(node_b)
         changes.append(
-            LeafChange(path, CHANGED if node_a is not None else ADDED, node_a, node_b, count, changed, changed_bytes)
+            LeafChange(
+                _label(path),
+                path[0],
+                path[1],
+                CHANGED if node_a is not None else ADDED,
+                node_a,
+                node_b,
+                count,
+                changed,
+                changed_bytes,
+            )
         )
     for path, node_a in leaves_a.items():
         if path not in leaves_b:
-            changes.append(LeafChange(path, REMOVED, node_a, None, 0, 0, 0))
+            changes.append(LeafChange(_label(path), path[0], path[1], REMOVED, node_a, None, 0, 0, 0))
     new_items = _step_items(walker, b[2]) - _step_items(walker, a[2])
     sizes = 0
     for table in (Table.CHUNKS, Table.PAGES):

@@ -222,10 +222,10 @@ class Maintainer:
         with self._backend.read() as txn:
             return gc_.stats(self._chunks, txn, self._backend.file_bytes())
 
-    def delete(self, step: int) -> None:
-        key = step_key(check_step(step), self._branch)
+    def delete(self, steps: list[int]) -> None:
+        keys = list(dict.fromkeys(step_key(check_step(step), self._branch) for step in steps))
         with self._gate.locked():
-            self._backend.write(catalog.delete_steps, [key], self._path)
+            self._backend.write(catalog.delete_steps, keys, self._path)
 
     # -- tags -------------------------------------------------------------------------------------
 

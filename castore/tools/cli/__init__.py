@@ -93,20 +93,24 @@ def main(argv=None) -> int:
     args.allow_network_fs = getattr(args, "allow_network_fs", False) or args.top_allow_network_fs
     try:
         code = args.run(args)
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None: stdout was closed before we started (>&-)
+            sys.stdout.flush()
         return code
     except BrokenPipeError:
         return _pipe_closed()
     except CastoreError as exc:
         return _fail(args, exc, EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_PROBLEMS)
     except KeyboardInterrupt:
-        print("castore: interrupted", file=sys.stderr)
+        if sys.stderr is not None:
+            print("castore: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: one line, the traceback with --debug
         return _fail(args, exc, EXIT_PROBLEMS, unexpected=True)
 
 
 def _fail(args, exc: BaseException, code: int, *, unexpected: bool = False) -> int:
+    if sys.stderr is None:  # stderr closed (2>&-): the exit status says it; never print to stdout
+        return code
     try:
         if args.debug:
             traceback.print_exc()

@@ -6,6 +6,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 
 from ...errors import StepNotFoundError
@@ -105,8 +106,11 @@ def locate(store: Store, step: int | str | None, branch: str | None = None) -> t
         try:
             return store.locate(step)
         except StepNotFoundError:
+            named, sep, number = step.rpartition(":")
+            if sep and number.isdigit() and named in store.branches():  # BRANCH:STEP, as output writes it
+                return locate(store, int(number), named)
             tags = all_tags(store)
-            known = ", ".join(tags) if tags else "none"
+            known = clean(", ".join(tags)) if tags else "none"
             raise StepNotFoundError(f"no tag {step!r} in {store.path}; tags: {known}") from None
     steps = store.steps(branch=branch)
     if step is None:
@@ -218,8 +222,8 @@ def progress(total: int | None, description: str):
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        disable=None,
-        file=sys.stderr,
+        disable=True if sys.stderr is None else None,  # stderr closed (2>&-): no bar at all
+        file=sys.stderr if sys.stderr is not None else open(os.devnull, "w"),
         leave=False,
         dynamic_ncols=True,
     )
@@ -293,7 +297,9 @@ def describe(record: dict) -> str:
     kind = record["kind"]
     prefix = f"{record['framework']} " if "framework" in record else ""
     if kind == "value":
-        return f"{prefix}{record['type']} = {clean(json.dumps(record['value'], ensure_ascii=False)[:120])}"
+        value = record["value"]
+        shown = value if record["type"] == "float" and isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        return f"{prefix}{record['type']} = {clean(shown[:120])}"
     if kind == "scalar":
         shown = f" = {record['value']}" if "value" in record else ""
         return f"{prefix}scalar {record['dtype']}{shown}"

@@ -157,10 +157,10 @@ def run_show(args) -> int:
             },
         )
         return EXIT_OK
-    extra = f", tags {', '.join(tags)}" if tags else ""
+    extra = f", tags {clean(', '.join(tags))}" if tags else ""
     print(f"step {step_label(branch, step)}, saved {when(manifest.created)}: {human(manifest.logical_bytes)}{extra}")
     if metrics:
-        print("metrics: " + " ".join(f"{k}={v:.6g}" for k, v in metrics.items()))
+        print("metrics: " + clean(" ".join(f"{k}={v:.6g}" for k, v in metrics.items())))
     for component in components:
         print(f"{clean(component['name'])}: {len(component['leaves'])} leaves, {human(component['logical_bytes'])}")
         for leaf in component["leaves"]:
@@ -188,6 +188,8 @@ def run_diff(args) -> int:
     changes: list[dict[str, Any]] = [
         {
             "path": c.path,
+            "component": c.component,
+            "leaf": c.leaf,
             "change": c.change,
             "a": None if c.a is None else leaf_record(c.path, c.a),
             "b": None if c.b is None else leaf_record(c.path, c.b),
@@ -199,12 +201,11 @@ def run_diff(args) -> int:
     ]
     same = []
     if args.all:
-        changed = {c.path for c in result.changes}
+        changed = {(c.component, c.leaf) for c in result.changes}
         for name, node in manifest_b.components:
             for path, _leaf in leaf_nodes(node):
-                full = f"{name}/{path}" if path else name
-                if full not in changed:
-                    same.append(full)
+                if (name, path) not in changed:
+                    same.append(f"{name}/{path}" if path else name)
     if args.json:
         body = {
             "store": store.path,
@@ -294,7 +295,7 @@ def run_du(args) -> int:
         return EXIT_OK
     print(f"{store.path}: {len(usage.steps)} steps")
     print(f"  logical   {human(usage.logical_bytes):>10}  the state of every kept step, summed")
-    print(f"  unique    {human(usage.raw_bytes):>10}  after deduplication ({ratio(usage.dedup_ratio)})")
+    print(f"  deduped   {human(usage.raw_bytes):>10}  after deduplication ({ratio(usage.dedup_ratio)})")
     print(f"  stored    {human(usage.live_bytes):>10}  after compression ({ratio(usage.compression_ratio)})")
     print(f"  overall   {ratio(body['total_ratio']):>10}  logical per stored byte")
     print(f"  held      {human(stats.stored_bytes):>10}  chunks held, garbage included")
@@ -308,7 +309,7 @@ def run_du(args) -> int:
             [c.name, str(c.steps), human(c.logical_bytes), human(c.raw_bytes), human(c.stored_bytes)]
             for c in usage.components
         ]
-        print(table(rows, ["COMPONENT", "STEPS", "LOGICAL", "UNIQUE", "STORED"], right={1, 2, 3, 4}))
+        print(table(rows, ["COMPONENT", "STEPS", "LOGICAL", "DEDUPED", "STORED"], right={1, 2, 3, 4}))
     if usage.steps:
         print()
         rows = [

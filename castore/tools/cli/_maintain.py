@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from ._common import (
     EXIT_OK,
     EXIT_PROBLEMS,
     all_tags,
+    clean,
     emit_json,
     fraction_arg,
     human,
@@ -131,6 +133,16 @@ def positive(text: str) -> int:
     return int(text)
 
 
+@contextlib.contextmanager
+def on_branch(store, args, branch: str):
+    """``store`` if it is on ``branch``, else a writable Store on that branch (same engine)."""
+    if branch == store.branch:
+        yield store
+        return
+    with open_store(args, store.path, write=True, branch=branch) as there:
+        yield there
+
+
 def run_tag(args) -> int:
     with open_store(args, write=True, branch=args.branch) as store:
         branch, step = locate(store, args.step, args.branch)
@@ -139,7 +151,8 @@ def run_tag(args) -> int:
         target = all_tags(store).get(args.name)
         if target is not None and target != (branch, step) and not args.move:
             raise UsageError(f"tag {args.name!r} names step {step_label(*target)} already; pass --move to move it")
-        store.tag(args.name, step)  # the store is on the step's branch
+        with on_branch(store, args, branch) as there:  # a tag or BRANCH:STEP may name another branch
+            there.tag(args.name, step)
     if args.json:
         emit_json("tag", {"store": store.path, "name": args.name, "branch": branch, "step": step})
     else:
@@ -151,7 +164,7 @@ def run_untag(args) -> int:
     with open_store(args, write=True) as store:
         target = all_tags(store).get(args.name)
         if target is None:
-            tags = ", ".join(all_tags(store)) or "none"
+            tags = clean(", ".join(all_tags(store)) or "none")
             raise StepNotFoundError(f"no tag {args.name!r} in {store.path}; tags: {tags}")
         store.untag(args.name)
     if args.json:
@@ -164,10 +177,10 @@ def run_untag(args) -> int:
 def run_delete(args) -> int:
     branch = args.branch or "main"
     with open_store(args, write=True, branch=branch) as store:
-        for step in args.steps:
-            locate(store, step, branch)  # all named steps exist before any is deleted
-        for step in args.steps:
-            store.delete(step)
+        steps = list(dict.fromkeys(args.steps))
+        for step in steps:
+            locate(store, step, branch)  # names what exists if one is missing
+        store.delete(steps)  # one transaction: all of them or none (a tagged one refuses all)
         freed = store.gc() if args.gc else None
     if args.json:
         emit_json(
@@ -175,12 +188,12 @@ def run_delete(args) -> int:
             {
                 "store": store.path,
                 "branch": branch,
-                "deleted": args.steps,
+                "deleted": steps,
                 "gc": None if freed is None else {"freed_bytes": freed.freed_bytes, "chunks": len(freed.chunks)},
             },
         )
     else:
-        print(f"deleted {len(args.steps)} steps of {branch}: {', '.join(map(str, args.steps))}")
+        print(f"deleted {len(steps)} steps of {branch}: {', '.join(map(str, steps))}")
         if freed is not None:
             print(f"freed {human(freed.freed_bytes)} ({len(freed.chunks) + len(freed.pages)} chunks and pages)")
         else:
@@ -205,6 +218,14 @@ def run_gc(args) -> int:
     branch = args.branch or "main"
     with open_store(args, write=not args.dry_run, branch=branch) as store:
         doomed: list[int] = []
+        if args.keep is not None and args.keep.metric is not None:  # a typo would keep only latest and tagged
+            recorded = sorted(
+                {name for step in store.steps(branch=branch) for name in store.metrics(step, branch=branch)}
+            )
+            if args.keep.metric not in recorded:
+                raise UsageError(
+                    f"no step of {branch} records metric {args.keep.metric!r}; recorded: {clean(', '.join(recorded)) or 'none'}"
+                )
         if args.dry_run:
             doomed = store.plan_retain(args.keep) if args.keep is not None else []
             plan = store.plan_gc(keep=args.keep)
@@ -256,12 +277,13 @@ def run_compact(args) -> int:
 def run_fork(args) -> int:
     branch = args.branch or "main"
     with open_store(args, write=True, branch=branch) as store:
-        _, step = locate(store, args.step, branch)
-        store.fork(args.name, step)
+        source, step = locate(store, args.step, branch)
+        with on_branch(store, args, source) as there:
+            there.fork(args.name, step)
     if args.json:
-        emit_json("fork", {"store": store.path, "branch": args.name, "from": {"branch": branch, "step": step}})
+        emit_json("fork", {"store": store.path, "branch": args.name, "from": {"branch": source, "step": step}})
     else:
-        print(f"branch {args.name} starts at step {step_label(branch, step)}")
+        print(f"branch {args.name} starts at step {step_label(source, step)}")
     return EXIT_OK
 
 
@@ -350,6 +372,8 @@ def _verify_isolated(argv: list[str]) -> int:
     if child.returncode >= 0:
         return child.returncode
     name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else "a signal"
+    if sys.stderr is None:
+        return EXIT_PROBLEMS
     print(
         f"castore: reading the store killed the verifying process ({name}): LMDB's own structure in "
         "data.mdb is damaged. Restore the store from a backup, or copy intact steps out with "
