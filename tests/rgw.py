@@ -361,13 +361,15 @@ def running(path: Path) -> Rgw | None:
 
 
 def _is_daemon(pid: int) -> bool:
-    """Whether ``pid`` is a live (not zombie) Ceph daemon: only those are ever signalled."""
+    """Whether ``pid`` is still a Ceph daemon: only those are ever signalled.
+
+    A daemon stopping can show its main thread as a zombie while its other threads still
+    run (and hold the ports), so a zombie counts until the process is gone.
+    """
     try:
-        comm = Path(f"/proc/{pid}/comm").read_text().strip()
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return Path(f"/proc/{pid}/comm").read_text().strip() in DAEMONS
+    except OSError:
         return False
-    return comm in DAEMONS and state != "Z"
 
 
 def _kill(pid_file: Path, grace: float = 5.0) -> None:
