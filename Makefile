@@ -4,7 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-real stress fuzz clean
+# The S3 tests' server: Ceph's RADOS Gateway from Debian (tests/rgw.py starts it).
+S3_PACKAGES := radosgw ceph-mon ceph-osd
+
+.PHONY: demo test s3-deps lint bench bench-real stress fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +18,28 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,torch,jax,elements,test-frameworks,report]'
+	$(PY) -m pip install --quiet -e '.[test,torch,jax,elements,test-frameworks,report,s3]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/castore demo
 
-test: lint
+test: lint s3-deps
 	$(PY) -m pytest -q tests
+
+# Nothing to do when the programs are there; as root (CI), apt-get install (then update and
+# again if the package lists are stale); otherwise say how.  ~45 s the first time.
+s3-deps:
+	@if command -v radosgw >/dev/null && command -v radosgw-admin >/dev/null && command -v ceph-mon >/dev/null \
+	    && command -v ceph-osd >/dev/null && command -v monmaptool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  echo "installing $(S3_PACKAGES) for the S3 tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(S3_PACKAGES) >/dev/null \
+	  || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(S3_PACKAGES) >/dev/null; }; \
+	else \
+	  echo "the S3 tests need Ceph's RADOS Gateway: as root, run: apt-get install -y --no-install-recommends $(S3_PACKAGES)" >&2; \
+	  exit 1; \
+	fi
 
 # The walls: lint and format check, the type check, the import layers (pyproject.toml).
 lint: $(STAMP)

@@ -15,6 +15,11 @@ __all__ = [
     "FormatError",
     "IntegrityError",
     "MigrationError",
+    "RemoteBucketNotFoundError",
+    "RemoteError",
+    "RemoteNotFoundError",
+    "RemotePermissionError",
+    "RemoteUnavailableError",
     "SaveError",
     "SelectionError",
     "StepExistsError",
@@ -186,3 +191,46 @@ class UnsafeFilesystemError(CastoreError):
             "disk, or pass allow_network_fs=True to force it if only one process on one "
             "machine will ever open it"
         )
+
+
+class RemoteError(CastoreError):
+    """An object-storage request failed (``castore.storage.objects``).
+
+    Attributes: ``url`` (``s3://bucket/prefix/key``, or the store's URL when no one key is
+    concerned), ``status`` (the HTTP status, when there was a reply) and ``code`` (the
+    server's error code, ``SignatureDoesNotMatch``, ``NoSuchBucket``, ...).  The message
+    never contains credentials.
+    """
+
+    def __init__(self, message: str, *, url: str, status: int | None = None, code: str | None = None):
+        self.url, self.status, self.code = url, status, code
+        super().__init__(message)
+
+
+class RemoteNotFoundError(RemoteError, KeyError):
+    """The object does not exist (in a bucket that does)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RemoteBucketNotFoundError(RemoteError, FileNotFoundError):
+    """The bucket of an object-store URL does not exist (or this user may not see it)."""
+
+    def __str__(self) -> str:  # FileNotFoundError would show "[Errno None]" otherwise
+        return str(self.args[0]) if self.args else ""
+
+
+class RemotePermissionError(RemoteError, PermissionError):
+    """The server refused the credentials (unknown key, bad signature) or the request (403)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class RemoteUnavailableError(RemoteError, ConnectionError):
+    """The server could not be reached, or kept answering 5xx (throttling included), after
+    the retries the store's :class:`~castore.storage.s3.RetryPolicy` allows."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

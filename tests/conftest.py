@@ -62,3 +62,59 @@ def as_other_user():
         if sub.is_dir():
             sub.chmod(0o755)
     shutil.rmtree(top)
+
+
+# -- a real S3 server (Ceph RADOS Gateway, tests/rgw.py) for the tests that ask for one ----------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A RADOS Gateway on 127.0.0.1 for the whole session (:class:`rgw.Rgw`: endpoint, keys).
+
+    Started by the first test that asks for it (about 3 s; the Debian packages are installed
+    first if missing, as root), stopped at the session's end whatever happened.  If it
+    cannot start, the tests asking for it fail with the reason and the daemons' log tails:
+    ``make test`` installs what it needs, so a missing server is a broken setup, not a skip.
+    """
+    import rgw  # beside this file; imported here so that sessions without S3 tests never load it
+
+    try:
+        server = rgw.start(owner=os.getpid())
+    except rgw.RgwError as e:
+        pytest.fail(f"cannot start the S3 server for the tests: {e}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_admin(s3_server):
+    """A boto3 client of the test server's user, for what the object store does not do
+    (creating and removing buckets)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name=s3_server.region,
+        config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 3}),
+    )
+
+
+@pytest.fixture
+def bucket(s3_admin):
+    """A fresh bucket (a unique name) for one test; deleted with everything in it after."""
+    import uuid
+
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    s3_admin.create_bucket(Bucket=name)
+    yield name
+    pages = s3_admin.get_paginator("list_objects_v2").paginate(Bucket=name)
+    keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+    for i in range(0, len(keys), 1000):
+        s3_admin.delete_objects(Bucket=name, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+    s3_admin.delete_bucket(Bucket=name)
