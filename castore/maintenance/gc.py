@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from ..errors import CorruptDataError, UsageError
 from ..format import journal
 from ..format.ids import split_ids
-from ..format.keys import MAIN, branch_of
+from ..format.keys import MAIN
 from ..format.manifest import Manifest, decode_manifest, iter_blobs
 from ..format.schema import Table
 from ..storage.base import Backend, ReadTxn, WriteTxn
@@ -203,36 +203,6 @@ class StepAccount:
     unique_bytes: int  #: of those, referenced by no other kept step: what deleting it frees
     shared_bytes: int  #: referenced_bytes - unique_bytes
     branch: str = MAIN
-
-
-def account(chunks: ChunkStore, txn: ReadTxn) -> list[StepAccount]:
-    """Per-step accounting over every kept step of every branch (reads manifests and pages,
-    not chunks).  A step forked to another branch shares all its bytes with its source."""
-    walker = PageWalker(txn, check_pages=False)
-    per_step = []
-    counts: dict[tuple[Table, bytes], int] = {}
-    for key, raw in txn.scan(Table.STEPS):
-        manifest = decode_manifest(raw)
-        chunk_ids: set = set()
-        pages: set = set()
-        _collect(walker, manifest, chunk_ids, pages)
-        ids = {(Table.CHUNKS, c) for c in chunk_ids} | {(Table.PAGES, p) for p in pages}
-        per_step.append((manifest, branch_of(key), ids))
-        for item in ids:
-            counts[item] = counts.get(item, 0) + 1
-    sizes = {}
-    for table in (Table.CHUNKS, Table.PAGES):
-        wanted = [cid for t, cid in counts if t is table]
-        found = chunks.sizes(txn, table, wanted)
-        sizes.update({(table, cid): found.get(cid, 0) for cid in wanted})
-    accounts = []
-    for manifest, branch, ids in per_step:
-        referenced = sum(sizes[k] for k in ids)
-        unique = sum(sizes[k] for k in ids if counts[k] == 1)
-        accounts.append(
-            StepAccount(manifest.step, manifest.logical_bytes, referenced, unique, referenced - unique, branch)
-        )
-    return accounts
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,7 +203,17 @@ class Maintainer:
 
     def accounting(self) -> list[gc_.StepAccount]:
         with self._backend.read() as txn:
-            return gc_.account(self._chunks, txn)
+            return [
+                gc_.StepAccount(
+                    s.step,
+                    s.logical_bytes,
+                    s.referenced_bytes,
+                    s.unique_bytes,
+                    s.referenced_bytes - s.unique_bytes,
+                    s.branch,
+                )
+                for s in usage_.usage(self._chunks, txn).steps
+            ]
 
     def usage(self) -> usage_.StoreUsage:
         with self._backend.read() as txn:
