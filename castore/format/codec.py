@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import CorruptDataError, SelectionError, UnsupportedValueError
 from ..tracking import TrackedArray
-from . import frameworks
+from . import frameworks, mldtypes
 from .chunker import row_nbytes_of
 from .manifest import (
     MAX_ATTR_TEXT,
@@ -53,11 +53,6 @@ from .manifest import (
     TypedNode,
     ValueLeaf,
 )
-
-try:  # bfloat16 and float8 types, when the user has them
-    import ml_dtypes
-except ImportError:  # pragma: no cover - exercised only without ml_dtypes
-    ml_dtypes = None  # type: ignore[assignment]
 
 _PLAIN = (type(None), bool, int, float, str)
 _MAX_NBYTES = np.iinfo(np.intp).max  # numpy's bound on an array's size times its item size
@@ -98,7 +93,7 @@ def join(path: str, key) -> str:
 
 def dtype_name(dtype: np.dtype, path: str) -> str:
     """The stored name of a dtype; raises for dtypes that would need pickling."""
-    if dtype.name in _ML_DTYPE_NAMES and ml_dtypes is not None:
+    if dtype.name in _ML_DTYPE_NAMES and (ml_dtypes := mldtypes.module()) is not None:
         if np.dtype(getattr(ml_dtypes, dtype.name)) == dtype:
             return dtype.name
     if dtype.kind not in _ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
@@ -115,6 +110,7 @@ def dtype_from_name(name: str) -> np.dtype:
     (``"|S0"``), of which numpy builds no array.
     """
     if name in _ML_DTYPE_NAMES:
+        ml_dtypes = mldtypes.module()
         if ml_dtypes is None:
             raise CorruptDataError(f"dtype {name!r} needs the ml_dtypes package: pip install ml_dtypes")
         return np.dtype(getattr(ml_dtypes, name))

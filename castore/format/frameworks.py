@@ -23,11 +23,7 @@ import sys
 import numpy as np
 
 from ..errors import CorruptDataError, UnsupportedValueError, UsageError
-
-try:
-    import ml_dtypes
-except ImportError:  # pragma: no cover - exercised only without ml_dtypes
-    ml_dtypes = None  # type: ignore[assignment]
+from . import mldtypes
 
 #: torch dtypes numpy holds as they are
 _TORCH_NATIVE = frozenset(
@@ -94,7 +90,7 @@ def torch_to_numpy(tensor, path: str) -> tuple[np.ndarray, dict]:
         size = data.element_size()
         array = data.view(getattr(torch, f"int{8 * size}") if size > 1 else torch.uint8).numpy()
         array = array.view(_INT_OF_SIZE[size])
-        if ml_dtypes is not None:
+        if (ml_dtypes := mldtypes.module()) is not None:
             array = array.view(np.dtype(getattr(ml_dtypes, name)))
     attrs = {"dtype": name, "device": device, "requires_grad": bool(tensor.requires_grad)}
     if type(tensor) is torch.nn.Parameter:
@@ -139,6 +135,7 @@ def check_torch_array(attrs, stored: np.dtype, path: str) -> None:
     else:
         size = _TORCH_ML[name]
         ok = stored == np.dtype(_INT_OF_SIZE[size])
+        ml_dtypes = mldtypes.module()
         ok = ok or (ml_dtypes is not None and stored == np.dtype(getattr(ml_dtypes, name)))
     if not ok:
         raise CorruptDataError(f"at {path!r}: stored array {stored} is not torch {name}")

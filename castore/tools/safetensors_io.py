@@ -30,15 +30,12 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
 from ..errors import MigrationError
-
-try:  # bfloat16 and float8, when the user has them (castore.format.codec does the same)
-    import ml_dtypes
-except ImportError:  # pragma: no cover - exercised only without ml_dtypes
-    ml_dtypes = None  # type: ignore[assignment]
+from ..format import mldtypes
 
 __all__ = ["MAX_HEADER", "METADATA", "SafetensorsFile", "TensorEntry", "dtype_code", "write_safetensors"]
 
@@ -62,22 +59,33 @@ _NUMPY_CODES = {
 _ML_CODES = {"bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 
 
-def _dtypes() -> dict[str, np.dtype]:
-    table = {
+#: safetensors dtype code -> the numpy dtype it reads as (the ml_dtypes ones: see _dtype_of)
+DTYPES: dict[str, np.dtype | None] = {
+    **{
         code: np.dtype(f"<{kind}{size}") if kind != "b" else np.dtype(bool)
         for (kind, size), code in _NUMPY_CODES.items()
-    }
-    if ml_dtypes is not None:
-        table.update({code: np.dtype(getattr(ml_dtypes, name)) for name, code in _ML_CODES.items()})
-    return table
+    },
+    **{code: None for code in _ML_CODES.values()},
+}
 
 
-DTYPES: dict[str, np.dtype] = _dtypes()  #: safetensors dtype code -> the numpy dtype it reads as
+def _dtype_of(code: str) -> np.dtype | None:
+    """The numpy dtype of a known code; None for BF16/F8 without ml_dtypes (imported here,
+    when a file holds such a tensor, not with this module: it costs ~0.65 s)."""
+    dtype = DTYPES[code]
+    if dtype is None and (ml_dtypes := mldtypes.module()) is not None:
+        name = next(name for name, c in _ML_CODES.items() if c == code)
+        dtype = np.dtype(getattr(ml_dtypes, name))
+    return dtype
 
 
 def dtype_code(dtype: np.dtype) -> str | None:
     """The safetensors code of ``dtype`` (either byte order), or None if the format has none."""
-    if dtype.name in _ML_CODES and ml_dtypes is not None and dtype == np.dtype(getattr(ml_dtypes, dtype.name)):
+    if (
+        dtype.name in _ML_CODES
+        and (ml_dtypes := mldtypes.module()) is not None
+        and dtype == np.dtype(getattr(ml_dtypes, dtype.name))
+    ):
         return _ML_CODES[dtype.name]
     if dtype.fields is not None or dtype.subdtype is not None:
         return None
@@ -212,7 +220,7 @@ class SafetensorsFile:
         if type(info) is not dict or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise MigrationError(self.path, f"{where} is not an object with dtype, shape and data_offsets")
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if type(code) is not str or code not in DTYPES:
+        if type(code) is not str or code not in DTYPES or _dtype_of(code) is None:
             hint = " (bfloat16 and float8 need the ml_dtypes package)" if code in ("BF16", "F8_E4M3", "F8_E5M2") else ""
             raise MigrationError(self.path, f"{where} has dtype {str(code)[:20]!r}, which castore does not read{hint}")
         if type(shape) is not list or not all(map(_int, shape)):
@@ -222,7 +230,7 @@ class SafetensorsFile:
         begin, end = offsets
         if end > self.data_nbytes:
             raise MigrationError(self.path, f"{where} ends at byte {end}, past the {self.data_nbytes} in the file")
-        dtype = DTYPES[code]
+        dtype = cast(np.dtype, _dtype_of(code))  # not None: checked above
         if math.prod(shape) * dtype.itemsize != end - begin:
             raise MigrationError(
                 self.path,
