@@ -9,7 +9,11 @@ import math
 import os
 import sys
 
+import numpy as np
+
 from ...errors import StepNotFoundError
+from ...format.chunker import chunk_count
+from ...format.codec import dtype_from_name
 from ...format.manifest import ArrayLeaf, BytesLeaf, InlineBlob, PickleLeaf, ScalarLeaf, TypedNode, ValueLeaf
 from ...store import Store
 
@@ -264,13 +268,11 @@ def leaf_record(path: str, node) -> dict:
 def _blob_record(blob) -> dict:
     if isinstance(blob, InlineBlob):
         return {"nbytes": len(blob.data), "stored": "inline", "chunks": 0}
-    count = -(-blob.nbytes // blob.chunk_nbytes) if blob.nbytes else 0
+    count = chunk_count(blob.nbytes, blob.chunk_nbytes)
     return {"nbytes": blob.nbytes, "stored": "chunks", "chunks": count, "chunk_bytes": blob.chunk_nbytes}
 
 
 def _dtype(name: str) -> str:
-    from ...format.codec import dtype_from_name
-
     try:
         return dtype_from_name(name).name
     except Exception:  # an unknown name (ml_dtypes missing): show it as stored
@@ -278,10 +280,6 @@ def _dtype(name: str) -> str:
 
 
 def _scalar_value(node: ScalarLeaf):
-    import numpy as np
-
-    from ...format.codec import dtype_from_name
-
     try:
         dtype = dtype_from_name(node.dtype)
         if dtype.kind not in "biuf" or dtype.itemsize != len(node.data):

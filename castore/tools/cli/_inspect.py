@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...errors import CastoreError
+from ...errors import CastoreError, StepNotFoundError
 from ...format.codec import leaf_nodes, node_nbytes
 from ._common import (
     EXIT_OK,
@@ -169,8 +169,6 @@ def run_show(args) -> int:
 
 
 def _no_component(missing, names, step) -> CastoreError:
-    from ...errors import StepNotFoundError
-
     return StepNotFoundError(
         f"step {step} has no component {', '.join(map(repr, missing))}; it has {', '.join(map(repr, names))}"
     )

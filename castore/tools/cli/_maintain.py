@@ -20,6 +20,7 @@ from ._common import (
     human,
     locate,
     open_store,
+    positive_arg,
     progress,
     step_arg,
     step_label,
@@ -105,7 +106,7 @@ def add_parsers(sub, common) -> None:
 def keep_arg(text: str) -> Keep:
     """``3`` or ``last=3,every=1000,interval=3600,best=2,metric=loss,mode=min``."""
     if text.isdigit():
-        return Keep(last=positive(text))
+        return Keep(last=positive_arg(text))
     fields: dict = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
@@ -113,7 +114,7 @@ def keep_arg(text: str) -> Keep:
         if not sep or name not in ("last", "every", "interval", "best", "metric", "mode") or name in fields:
             raise argparse.ArgumentTypeError(f"not a retention policy: {text!r} (e.g. 3 or last=3,every=1000)")
         if name in ("last", "every", "best"):
-            fields[name] = positive(value)
+            fields[name] = positive_arg(value)
         elif name == "interval":
             try:
                 fields[name] = float(value)
@@ -125,12 +126,6 @@ def keep_arg(text: str) -> Keep:
         return Keep(**fields)
     except UsageError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
-    return int(text)
 
 
 @contextlib.contextmanager
