@@ -196,16 +196,29 @@ def _env(path: Path) -> dict[str, str]:
     return {**os.environ, "CEPH_CONF": str(path / "ceph.conf")}
 
 
+#: what the ceph CLI says when the monitor did not answer it yet (seen on a loaded machine right
+#: after the quorum formed): the command was never sent, so running it again is safe
+_NOT_SENT = ("problem getting command descriptions",)
+
+
 def _run(command: list[str], path: Path, deadline: float, what: str) -> str:
-    """Run a ceph command to completion within the deadline; its stdout, or fail with logs."""
-    left = max(1.0, deadline - time.monotonic())
-    try:
-        done = subprocess.run(command, env=_env(path), capture_output=True, text=True, timeout=left)
-    except subprocess.TimeoutExpired:
-        raise _failure(f"{what}: `{' '.join(command)}` did not finish in {left:.0f} s", path) from None
-    if done.returncode != 0:
+    """Run a ceph command to completion within the deadline; its stdout, or fail with logs.
+
+    A command the monitor did not take yet (``_NOT_SENT``) is run again until the deadline."""
+    delay = 0.1
+    while True:
+        left = max(1.0, deadline - time.monotonic())
+        try:
+            done = subprocess.run(command, env=_env(path), capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            raise _failure(f"{what}: `{' '.join(command)}` did not finish in {left:.0f} s", path) from None
+        if done.returncode == 0:
+            return done.stdout
+        if any(text in done.stderr for text in _NOT_SENT) and time.monotonic() + delay < deadline:
+            time.sleep(delay)  # bounded by the deadline; the monitor is still settling
+            delay = min(delay * 2, 2.0)
+            continue
         raise _failure(f"{what}: `{' '.join(command)}` exited {done.returncode}: {done.stderr.strip()[-800:]}", path)
-    return done.stdout
 
 
 def _wait(ready, deadline: float, what: str, path: Path) -> None:
