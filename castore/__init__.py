@@ -2,6 +2,7 @@
 
 from .checkpoint import Checkpoint, load
 from .errors import (
+    BucketBusyError,
     CastoreError,
     ChunkCorruptError,
     ChunkMissingError,
@@ -9,6 +10,7 @@ from .errors import (
     FormatError,
     IntegrityError,
     MigrationError,
+    MirrorError,
     RemoteBucketNotFoundError,
     RemoteError,
     RemoteNotFoundError,
@@ -54,6 +56,8 @@ __all__ = [
     "Keep",
     "MigrationError",
     "Problem",
+    "BucketBusyError",
+    "MirrorError",
     "RemoteBucketNotFoundError",
     "RemoteError",
     "RemoteNotFoundError",

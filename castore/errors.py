@@ -8,6 +8,7 @@ do not know castore.  Errors carry the ids and paths a user needs to act on them
 from __future__ import annotations
 
 __all__ = [
+    "BucketBusyError",
     "CastoreError",
     "ChunkCorruptError",
     "ChunkMissingError",
@@ -15,6 +16,7 @@ __all__ = [
     "FormatError",
     "IntegrityError",
     "MigrationError",
+    "MirrorError",
     "RemoteBucketNotFoundError",
     "RemoteError",
     "RemoteNotFoundError",
@@ -234,3 +236,20 @@ class RemoteUnavailableError(RemoteError, ConnectionError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class BucketBusyError(RemoteError, BlockingIOError):
+    """A bucket lock is held by another party: an upload while bucket GC runs, or GC while
+    an upload (or another GC) does.  ``holder`` names it (host, pid, a random tag)."""
+
+    def __init__(self, message: str, *, url: str, holder: str):
+        self.holder = holder
+        super().__init__(message, url=url)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class MirrorError(CastoreError):
+    """Uploading a step to a store's mirror failed (raised once, by the next save, ``wait`` or
+    ``close``); the step stays committed locally and is uploaded again by the next one."""

@@ -15,6 +15,7 @@ or two of delegation; the logic lives in the collaborators.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +35,15 @@ from .maintenance.gc import GcPlan, StepAccount, StoreStats
 from .maintenance.maintainer import Maintainer
 from .maintenance.retention import policy_of
 from .maintenance.usage import StoreUsage
+from .mirror import Mirror, MirrorOptions, bucket_gc, transfer
+from .mirror.mirror import push_steps
 from .save.background import SaveHandle
 from .save.saver import Saver, SaveResult
 from .save.session import SharedGate, writer_state
 from .storage import ChunkStore, open_backend
 from .storage.base import Backend
+from .storage.bucket import Bucket
+from .storage.objects import open_object_store
 
 __all__ = ["Store"]
 
@@ -96,6 +101,8 @@ class Store:
         branch: str = MAIN,
         allow_network_fs: bool = False,
         lock_timeout: float | None = None,
+        mirror: str | None = None,
+        mirror_options: MirrorOptions | None = None,
     ):
         if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
@@ -146,7 +153,7 @@ class Store:
             max_pending=max_pending,
             # the maintainer is built just below (it needs the saver as its gate)
             retain_in_commit=lambda *args: self._maintainer.retain_in_commit(*args),
-            after_commit=lambda retained, new_bytes: self._maintainer.after_commit(retained, new_bytes),
+            after_commit=self._after_commit,
         )
         self._loader = Loader(self._backend, self._chunks, pool=self._pool, where=self.path, allow_pickle=allow_pickle)
         self._maintainer = Maintainer(
@@ -158,6 +165,28 @@ class Store:
             path=self.path,
             keep=keep,
         )
+        self._mirror: Mirror | None = None
+        if mirror is not None:
+            self._open_mirror(mirror, mirror_options or MirrorOptions())
+
+    def _open_mirror(self, url: str, options: MirrorOptions) -> None:
+        if self.readonly:
+            raise UsageError(f"store {self.path} is open read-only: it cannot mirror (mirror= is for writers)")
+        if not isinstance(options, MirrorOptions):
+            raise UsageError(f"mirror_options must be a castore.MirrorOptions, got {type(options).__name__}")
+        try:
+            bucket = Bucket(open_object_store(url), create=True)
+            self._mirror = Mirror(
+                self._backend, self._chunks, bucket, branch=self.branch, keep=lambda: self.keep, options=options
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def _after_commit(self, retained, new_bytes: int, key: bytes | None) -> None:
+        self._maintainer.after_commit(retained, new_bytes)
+        if key is not None and self._mirror is not None:
+            self._mirror.enqueue(key)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -171,11 +200,15 @@ class Store:
         try:
             self._saver.close()
             self._maintainer.close()  # collects what amortized GC left behind
+            if self._mirror is not None:
+                self._mirror.close()  # uploads what is queued first
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
             self._backend.close()
         self._saver.raise_failed()
+        if self._mirror is not None:
+            self._mirror.raise_failed()
 
     def __enter__(self) -> Store:
         return self
@@ -264,7 +297,14 @@ class Store:
         checkpoints keeps theirs, so time-based retention buckets them as they were).
         """
         self._check_open()
-        return self._saver.save(step, tree, overwrite=overwrite, metrics=metrics, carry=carry, created=created)
+        result = self._saver.save(step, tree, overwrite=overwrite, metrics=metrics, carry=carry, created=created)
+        self._raise_mirror_failed()
+        return result
+
+    def _raise_mirror_failed(self) -> None:
+        """An upload error nobody has seen, raised after the local commit (the step is safe)."""
+        if self._mirror is not None:
+            self._mirror.raise_failed()
 
     def save_async(
         self, step: int, tree: dict, *, overwrite: bool = False, metrics: dict | None = None, carry=None
@@ -279,7 +319,9 @@ class Store:
         ``carry`` as in :meth:`save`.
         """
         self._check_open()
-        return self._saver.save_async(step, tree, overwrite=overwrite, metrics=metrics, carry=carry)
+        handle = self._saver.save_async(step, tree, overwrite=overwrite, metrics=metrics, carry=carry)
+        self._raise_mirror_failed()
+        return handle
 
     def in_flight(self) -> int:
         """Async saves submitted and not yet finished."""
@@ -289,6 +331,64 @@ class Store:
         """Wait for async saves in flight; raise the first error nobody has seen yet (with
         ``raise_errors=False`` the errors stay for the next save, wait or close)."""
         self._saver.wait(raise_errors=raise_errors)
+        if self._mirror is not None:
+            self._mirror.wait(raise_errors=raise_errors)
+
+    # -- the mirror -----------------------------------------------------------------------------
+
+    @property
+    def mirror(self) -> Mirror | None:
+        """The background uploader of ``mirror=`` (None without one): ``pending()``, ``results``."""
+        return self._mirror
+
+    def pull(self, step: int | str | None = None, *, branch: str | None = None, url: str | None = None):
+        """Copy a step (default: the latest of ``branch``) from the mirror (or the bucket at
+        ``url``) into this store, fetching only the chunks it lacks; returns the step, or None
+        if the bucket has no step of the branch.  Verified on the way in.  A step the store
+        has already is left as it is; one it has with other content is a StepExistsError.
+        """
+        self._check_open()
+        branch = self._branch(branch)
+        with self._remote(url) as bucket:
+            key = transfer.remote_key(bucket, step, branch)
+            if key is None:
+                return None
+            with self._saver.locked():  # the writer lock; GC waits (it would see the pull's batches as garbage)
+                transfer.pull_step(bucket, self._backend, self._chunks, key)
+        return step_of(key)
+
+    def push(self, url: str | None = None, *, branches=None, options: MirrorOptions | None = None) -> list:
+        """Upload every step of ``branches`` (default: all) and their tags to the bucket at
+        ``url`` (default: the mirror's), only what it lacks; returns an
+        :class:`~castore.mirror.UploadResult` per step sent.  Waits for the mirror first."""
+        self._check_open()
+        self.wait()
+        names = self.branches() if branches is None else [check_branch(b) for b in branches]
+        with self._remote(url, create=True) as bucket:
+            return push_steps(self._backend, self._chunks, bucket, names, options or MirrorOptions())
+
+    def mirror_gc(self, *, url: str | None = None, dry_run: bool = False, repack_below: float = 0.5):
+        """Bucket GC of the mirror (or ``url``): free packs no step needs, repack mostly-garbage
+        ones; returns the :class:`~castore.mirror.BucketGcPlan`.  Raises BucketBusyError while
+        an upload holds the bucket's lock (this store's own uploads are waited for first)."""
+        self._check_open()
+        if url is None and self._mirror is not None:
+            self._mirror.wait(raise_errors=False)
+        with self._remote(url) as bucket:
+            return bucket_gc.collect(bucket, dry_run=dry_run, repack_below=repack_below)
+
+    @contextlib.contextmanager
+    def _remote(self, url: str | None, *, create: bool = False):
+        if url is None:
+            if self._mirror is None:
+                raise UsageError(f"store {self.path} has no mirror: pass url= or open it with mirror=")
+            url = self._mirror.url
+        bucket = Bucket(open_object_store(url), create=create)
+        try:
+            bucket.refresh_index()
+            yield bucket
+        finally:
+            bucket.close()
 
     def continue_from(self, step: int) -> None:
         """Make the next save continue the lineage of ``step`` (of this branch).

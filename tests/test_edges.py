@@ -212,7 +212,6 @@ def test_a_store_whose_creation_stopped_before_its_config_is_not_opened_without_
 
 URLS = [
     "gs://bucket/run",
-    "s3://bucket/run/ckpt",
     "http://example.com/store",
     "https://example.com/store",
     "hdfs://namenode/run",
@@ -235,10 +234,24 @@ def test_a_url_is_refused_with_a_typed_error_and_nothing_is_created(tmp_path, mo
             scheme = os.fspath(url).split(":", 1)[0]
             assert caught.value.scheme == scheme and caught.value.location == os.fspath(url)
             if scheme in ("gs", "s3", "http", "https", "hdfs", "az"):
-                assert "not supported yet" in message and "S3 tier is planned" in message, message
+                assert "is not supported" in message and "mirror='s3://" in message, message
             if scheme == "file":
                 assert "'/tmp/run'" in message, message  # the local path to pass instead
     assert list(tmp_path.iterdir()) == []  # no 'gs:' folder
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/run/ckpt", "S3://bucket/run"])
+def test_an_s3_url_opens_only_read_only_and_says_how_to_write_to_it(tmp_path, monkeypatch, url):
+    """A bucket is written through a local store's mirror; a writable open of one is refused
+    before any request (the read-only open is tested against a real server in test_mirror)."""
+    monkeypatch.chdir(tmp_path)
+    for opener in (castore.Store, castore.Checkpoint):
+        for options in ({}, {"create": False}):
+            with pytest.raises(UsageError) as caught:
+                opener(url, **options)
+            message = assert_one_line_error(caught.value, UsageError)
+            assert "opens read-only" in message and "mirror=" in message and "castore push" in message, message
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("path", ["run:3/ckpt", "C:/runs/exp", "./gs:/bucket", "a:b//c", "x:", "memory://edges"])

@@ -122,7 +122,8 @@ class Saver:
     ``retain_in_commit(txn, step, created, metrics, moved)`` runs inside the transaction
     that commits a manifest, after the manifest and its stepinfo record are in it
     (retention: it may delete steps in ``txn``, and is re-run with it); its result goes to
-    ``after_commit(result, new_bytes)`` once the transaction committed (garbage collection);
+    ``after_commit(result, new_bytes, key)`` once the transaction committed (garbage collection;
+    ``key``: the step key committed, None for a save of the same state again, e.g. to mirror it);
     ``writer`` is the backend's :class:`~castore.save.session.WriterState`, where the saver
     registers its baselines.
     """
@@ -144,7 +145,7 @@ class Saver:
         check_tracking: bool,
         max_pending: int,
         retain_in_commit: Callable[[WriteTxn, int, float, dict | None, bool], Any],
-        after_commit: Callable[[Any, int], None],
+        after_commit: Callable[[Any, int, bytes | None], None],
     ):
         self._backend = backend
         self._chunks = chunks
@@ -381,7 +382,7 @@ class Saver:
             )
         self._remember_baselines(job.capture)
         sink = job.sink
-        self._after_commit(retained, sink.new_bytes)
+        self._after_commit(retained, sink.new_bytes, step_key(captured.step, self._branch) if data else None)
         return SaveResult(
             step=captured.step,
             logical_bytes=captured.logical_bytes,

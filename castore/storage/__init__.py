@@ -15,12 +15,15 @@ import os
 import re
 from urllib.parse import unquote, urlsplit
 
-from ..errors import UnsupportedLocationError
+from ..errors import UnsupportedLocationError, UsageError
 from .base import Backend, ReadTxn, WriteTxn
+from .bucket import Bucket
 from .chunks import ChunkStore, PageWalker
 from .lmdb_engine import LmdbBackend
 from .memory import SCHEME as MEMORY_SCHEME
 from .memory import MemoryBackend
+from .objects import open_object_store
+from .remote import RemoteBackend
 
 __all__ = [
     "Backend",
@@ -56,10 +59,22 @@ def open_backend(
         return MemoryBackend.open(
             text[len(MEMORY_SCHEME) :], create=create, readonly=readonly, lock_timeout=lock_timeout
         )
+    if re.match(r"(?i)s3://", text):
+        return _open_bucket(text, create=create, readonly=readonly)
     check_location(text)
     return LmdbBackend.open(
         text, create=create, readonly=readonly, allow_network_fs=allow_network_fs, lock_timeout=lock_timeout
     )
+
+
+def _open_bucket(url: str, *, create: bool, readonly: bool) -> Backend:
+    """``s3://bucket/prefix`` as a read-only store (a bucket is written through a mirror)."""
+    if not readonly:
+        raise UsageError(
+            f"{url}: a bucket opens read-only (Store(url, readonly=True)); to save to it, save to a local "
+            f"store that mirrors it: Store(path, mirror={url!r}), or castore push STORE URL"
+        )
+    return RemoteBackend(Bucket(open_object_store(url), create=False))
 
 
 #: ``scheme://``: a URL (RFC 3986 scheme), never a local path.  One letter is a Windows drive.
@@ -90,10 +105,9 @@ def check_location(text: str) -> None:
             else "file:// URLs are not accepted; pass a local path"
         )
     elif scheme in _OBJECT_STORAGE:
-        # issue 14 (an S3 tier) will replace this refusal for s3://
         advice = (
-            f"object storage ({scheme}://) is not supported yet (an S3 tier is planned); castore "
-            "stores to a local directory: pass a local path, and copy the store to or from the bucket"
+            f"{scheme}:// is not supported; castore mirrors to S3-compatible object storage (s3://bucket/prefix, "
+            "with AWS_ENDPOINT_URL for GCS's S3 API, Ceph, MinIO, ...): Store(path, mirror='s3://...')"
         )
     else:
         advice = f"{scheme}:// is not a supported location; pass a local directory (or memory://name for tests)"

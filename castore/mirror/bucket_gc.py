@@ -1,0 +1,172 @@
+"""Bucket GC: free the packs no step record needs, repack the mostly-garbage ones.
+
+``plan`` reads every step record (the roots: every branch's steps) and walks their chunks
+through the pages, then sorts each pack by its live bytes (a value counts where the index
+finds it; a copy in another pack is garbage):
+
+* no live value: the pack is deleted;
+* live share below ``repack_below``: its live values are copied into new packs (uploaded,
+  with their indexes, before anything is deleted), then it is deleted;
+* a pack object without an index object (an upload killed between the two) is deleted, as
+  is an index whose pack is gone, and every stale lock.
+
+``execute`` deletes index objects before their packs, so a pack is never indexed without
+its bytes for longer than a request.  Safety beside uploads comes from the locks
+(:meth:`~castore.storage.bucket.Bucket.take_lock`): :func:`collect` takes the exclusive
+``gc`` lock, which an uploader never overlaps (it writes its own lock, then checks), and an
+uploader whose lock a GC removed as stale re-checks before it writes a step record
+(:func:`~castore.mirror.transfer.upload_step`).  A plan is only valid under the lock it
+was made with.  Readers of a snapshot taken before a GC may find a moved value gone: they
+look again in a fresh index (see ``storage/remote.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import CorruptDataError
+from ..format import bucket as layout
+from ..format.bucket import PackBuilder
+from ..format.ids import split_ids
+from ..format.manifest import PagedBlob, decode_manifest, iter_blobs
+from ..storage import PageWalker
+from ..storage.bucket import Bucket
+from ..storage.remote import RemoteSnapshot
+
+__all__ = ["BucketGcPlan", "collect", "execute", "plan"]
+
+
+@dataclass(slots=True)
+class BucketGcPlan:
+    """What a bucket GC frees (bytes are object bytes: values and index trailers)."""
+
+    delete: list[str] = field(default_factory=list)  #: packs with no live value
+    repack: list[str] = field(default_factory=list)  #: packs whose live values move to new packs
+    orphan_packs: list[str] = field(default_factory=list)  #: pack objects (keys) without an index
+    orphan_indexes: list[str] = field(default_factory=list)  #: index objects (keys) without a pack
+    live_values: int = 0
+    live_bytes: int = 0  #: bytes of live values, kept
+    moved_bytes: int = 0  #: of those, bytes repacking copies
+    freed_bytes: int = 0  #: object bytes deleted, less what repacking writes again
+    steps: int = 0
+    #: ids of every live value (what repacking copies is looked up here)
+    live: set = field(default_factory=set, repr=False)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.delete or self.repack or self.orphan_packs or self.orphan_indexes)
+
+
+def plan(bucket: Bucket, *, repack_below: float = 0.5) -> BucketGcPlan:
+    """What :func:`execute` would do now (reads step records and pages; changes nothing).
+
+    Raises :class:`CorruptDataError` if a step record or a page it needs cannot be read:
+    GC must see every root, or it would free what an unreadable step names.
+    """
+    snapshot = RemoteSnapshot(bucket, 0)  # refreshes the index, reads every step record
+    damaged = [p for p in snapshot.problems if not p[0].startswith(layout.INDEX + "/")]
+    if damaged:
+        raise CorruptDataError(
+            f"bucket GC of {bucket.url} refused: {len(damaged)} object(s) unreadable, first {damaged[0][0]}: "
+            f"{damaged[0][1]} (castore verify {bucket.url})"
+        )
+    walker = PageWalker(snapshot, check_pages=True)
+    live: set[bytes] = set()
+    for key, raw in snapshot.steps.items():
+        manifest = decode_manifest(raw)
+        for _, node in manifest.components:
+            for blob in iter_blobs(node):
+                walk = walker.walk(blob)
+                if walk.damaged:
+                    raise CorruptDataError(
+                        f"bucket GC of {bucket.url} refused: a page of {key.hex()} is {walk.damaged[0][0]}"
+                    )
+                if isinstance(blob, PagedBlob):
+                    live.update(split_ids(blob.page_ids))
+                live.update(split_ids(walk.chunk_ids))
+    result = BucketGcPlan(steps=len(snapshot.steps), live=live)
+    packs = bucket.packs()
+    live_in: dict[str, int] = {}
+    for cid in live:
+        loc = bucket.locate(cid)
+        if loc is not None:
+            live_in[loc.pack_id] = live_in.get(loc.pack_id, 0) + loc.length
+            result.live_values += 1
+            result.live_bytes += loc.length
+    sizes = {key.rpartition("/")[2]: size for key, size in bucket.objects.list(layout.PACKS)}
+    for pack_id, index in packs.items():
+        kept = live_in.get(pack_id, 0)
+        size = sizes.get(pack_id)
+        if size is None:
+            result.orphan_indexes.append(layout.index_key(pack_id))
+            continue
+        if kept == 0:
+            result.delete.append(pack_id)
+            result.freed_bytes += size
+        elif kept < repack_below * index.data_bytes:
+            result.repack.append(pack_id)
+            result.moved_bytes += kept
+            result.freed_bytes += size - kept
+    result.orphan_packs = [layout.pack_key(p) for p in sizes if p not in packs and layout.is_pack_id(p)]
+    result.freed_bytes += sum(sizes[k.rpartition("/")[2]] for k in result.orphan_packs)
+    result.delete.sort()
+    result.repack.sort()
+    return result
+
+
+def execute(bucket: Bucket, gc_plan: BucketGcPlan, *, pack_bytes: int = 32 << 20, lock=None) -> None:
+    """Carry out ``gc_plan`` (made under the ``gc`` lock the caller holds: ``lock``, refreshed)."""
+    if gc_plan.repack:
+        wanted = [cid for pack_id in gc_plan.repack for cid in _live_ids(bucket, pack_id, gc_plan.live)]
+        builder = PackBuilder()
+        for cid, value in bucket.read_many(wanted):
+            if value is None:
+                raise CorruptDataError(f"bucket GC of {bucket.url}: a live value vanished while repacking")
+            loc = bucket.locate(cid)
+            if loc is None:
+                raise CorruptDataError(f"bucket GC of {bucket.url}: a live value left the index while repacking")
+            builder.add(loc.kind, cid, value)
+            if builder.nbytes >= pack_bytes:
+                bucket.upload_pack(builder.finish())
+                builder = PackBuilder()
+                if lock is not None:
+                    lock.refresh_if_due()
+        if len(builder):
+            bucket.upload_pack(builder.finish())
+    doomed = gc_plan.delete + gc_plan.repack
+    bucket.forget_packs(doomed)  # the new packs' copies are found from here on
+    bucket.objects.delete([layout.index_key(p) for p in doomed] + gc_plan.orphan_indexes)
+    bucket.objects.delete([layout.pack_key(p) for p in doomed] + gc_plan.orphan_packs)
+
+
+def _live_ids(bucket: Bucket, pack_id: str, live: set[bytes]) -> list[bytes]:
+    """The live values the index finds in ``pack_id`` (not their copies in other packs)."""
+    index = bucket.packs().get(pack_id)
+    if index is None:
+        return []
+    ids = []
+    for i in range(len(index)):
+        cid = index.id(i)
+        loc = bucket.locate(cid)
+        if cid in live and loc is not None and loc.pack_id == pack_id:
+            ids.append(cid)
+    return ids
+
+
+def collect(
+    bucket: Bucket, *, lock_ttl: float = 600.0, repack_below: float = 0.5, dry_run: bool = False
+) -> BucketGcPlan:
+    """Take the ``gc`` lock, plan, execute (unless ``dry_run``), release; returns the plan.
+
+    Raises :class:`~castore.errors.BucketBusyError` if an upload or another GC holds a lock.
+    """
+    lock = bucket.take_lock("gc", lock_ttl)
+    try:
+        bucket.delete_stale_locks(keep=lock.key)
+        gc_plan = plan(bucket, repack_below=repack_below)
+        if not dry_run:
+            lock.refresh_if_due()
+            execute(bucket, gc_plan, lock=lock)
+        return gc_plan
+    finally:
+        lock.release()

@@ -1,0 +1,420 @@
+"""Bucket: castore's objects in an :class:`~castore.storage.objects.ObjectStore` (``docs/format.md``,
+*Bucket layout*): packs and their index, step records, tags, locks.
+
+A :class:`Bucket` keeps the bucket's index in memory (``id -> pack, offset, length``), loaded
+by :meth:`Bucket.refresh_index` from the ``index/`` objects (many at once), each checked; an
+index object that is missing or damaged is read again from its pack's trailer (the same
+bytes), so one bad object costs a ranged read, not the chunks it lists.  What could not be
+read is kept in :attr:`Bucket.problems` for ``verify``.
+
+Writes keep the layout's order: a pack, then its index, then (elsewhere) the step record
+naming its chunks.  Locks (:meth:`Bucket.take_lock`) let bucket GC exclude uploaders
+without a server-side lock: each party writes its own lock object, then lists the others
+(the store is strongly consistent, so of two that race at least one sees the other).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..errors import (
+    BucketBusyError,
+    CorruptDataError,
+    FormatError,
+    RemoteError,
+    RemoteNotFoundError,
+    StoreNotFoundError,
+)
+from ..format import bucket as layout
+from ..format.bucket import Lock, Pack, PackIndex, StepObject
+from ..format.manifest import PAGE_IDS
+from ..format.sealing import unseal
+from .objects import ObjectStore
+
+__all__ = ["Bucket", "Location", "LockHandle"]
+
+log = logging.getLogger("castore.storage")
+
+#: requests one bucket runs at once for its own fan-out (index loads, ranged reads)
+DEFAULT_CONNECTIONS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where one stored value lives in a bucket."""
+
+    pack_id: str
+    offset: int
+    length: int
+    kind: int  #: :data:`~castore.format.bucket.CHUNK` or :data:`~castore.format.bucket.PAGE`
+
+
+class Bucket:
+    """castore's layout over ``objects``; thread-safe.
+
+    ``create=True`` writes the config record if the bucket (prefix) has none; otherwise a
+    prefix without one is refused (:class:`~castore.errors.StoreNotFoundError`).
+    """
+
+    def __init__(self, objects: ObjectStore, *, create: bool, connections: int = DEFAULT_CONNECTIONS):
+        self.objects = objects
+        self.url = objects.url
+        self.connections = connections
+        self._lock = threading.Lock()
+        self._packs: dict[str, PackIndex] = {}
+        self._where: dict[bytes, Location] = {}
+        #: ``(object key, what is wrong)`` of what the last index refresh could not read
+        self.problems: list[tuple[str, str]] = []
+        self._pool = ThreadPoolExecutor(connections, thread_name_prefix="castore-bucket")
+        self.config = self._open_config(create)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        return f"Bucket({self.url!r}, {len(self._packs)} packs, {len(self._where)} values)"
+
+    def _open_config(self, create: bool) -> dict:
+        what = f"the bucket config {self.url}/{layout.CONFIG}"
+        try:
+            raw = self.objects.get(layout.CONFIG)
+        except RemoteNotFoundError:
+            if not create:
+                raise StoreNotFoundError(
+                    f"no castore store at {self.url}: it holds no {layout.CONFIG!r} object (push a store "
+                    "there, or save with mirror= first)"
+                ) from None
+            self.objects.put_if_absent(layout.CONFIG, layout.encode_config(time.time(), PAGE_IDS))
+            raw = self.objects.get(layout.CONFIG)
+        config = layout.decode_config(raw, what)
+        if config["castore_bucket"] > layout.BUCKET_FORMAT:
+            raise FormatError(
+                f"{self.url} is of bucket format {config['castore_bucket']}; this castore reads up to "
+                f"{layout.BUCKET_FORMAT}: upgrade castore"
+            )
+        if config["hash"] != "blake3-256" or config["page_ids"] != PAGE_IDS:
+            raise FormatError(f"{self.url}: hash {config['hash']!r} / page_ids {config['page_ids']} unknown here")
+        return config
+
+    # -- the index -----------------------------------------------------------------------------------
+
+    def refresh_index(self) -> None:
+        """Bring the index up to the bucket's ``index/`` objects: read new ones, drop gone ones."""
+        listed = {}
+        for key, size in self.objects.list(layout.INDEX):
+            pack_id = key.rpartition("/")[2]
+            if layout.is_pack_id(pack_id) and key == layout.index_key(pack_id):
+                listed[pack_id] = size
+        with self._lock:
+            known = set(self._packs)
+        new = [p for p in listed if p not in known]
+        gone = known - set(listed)
+        problems: list[tuple[str, str]] = []
+        loaded = list(self._pool.map(lambda p: self._load_index(p, problems), new))
+        with self._lock:
+            for pack_id in gone:
+                del self._packs[pack_id]
+            for pack_id, index in zip(new, loaded):
+                if index is not None:
+                    self._packs[pack_id] = index
+            if gone:
+                self._where = {}
+                for pack_id, index in self._packs.items():
+                    self._add_locations(pack_id, index)
+            else:
+                for pack_id, index in zip(new, loaded):
+                    if index is not None:
+                        self._add_locations(pack_id, index)
+            self.problems = problems
+
+    def _add_locations(self, pack_id: str, index: PackIndex) -> None:
+        for i in range(len(index)):
+            cid = index.id(i)
+            if cid not in self._where:
+                self._where[cid] = Location(pack_id, int(index.offsets[i]), int(index.lengths[i]), index.kinds[i])
+
+    def _load_index(self, pack_id: str, problems: list) -> PackIndex | None:
+        key = layout.index_key(pack_id)
+        try:
+            return layout.decode_index(self.objects.get(key), f"index {self.url}/{key}")
+        except RemoteNotFoundError:
+            problems.append((key, "index object vanished while listing"))
+        except CorruptDataError as exc:
+            problems.append((key, str(exc)))
+        try:  # the pack's trailer holds the same bytes
+            return self.pack_index(pack_id)
+        except (CorruptDataError, RemoteNotFoundError) as exc:
+            problems.append((layout.pack_key(pack_id), f"its index is unreadable too: {exc}"))
+            return None
+
+    def pack_index(self, pack_id: str) -> PackIndex:
+        """A pack's index read from its own trailer (two ranged reads), checked against its size."""
+        key = layout.pack_key(pack_id)
+        size = self.objects.head(key)
+        if size is None:
+            raise RemoteNotFoundError(f"no pack {self.url}/{key}", url=f"{self.url}/{key}", status=404)
+        what = f"pack {self.url}/{key}"
+        if size < layout.TRAILER_BYTES:
+            raise CorruptDataError(f"{what} is {size} bytes, shorter than a trailer")
+        tail = self.objects.get_range(key, size - layout.TRAILER_BYTES, layout.TRAILER_BYTES)
+        length = layout.trailer_index_bytes(tail, size, what)
+        start = size - layout.TRAILER_BYTES - length
+        index = layout.decode_index(self.objects.get_range(key, start, length), f"trailer of {what}")
+        if index.data_bytes != start:
+            raise CorruptDataError(
+                f"{what}: its index lists {index.data_bytes} bytes of values, the pack holds {start}"
+            )
+        return index
+
+    def locate(self, cid: bytes) -> Location | None:
+        return self._where.get(bytes(cid))
+
+    def has(self, cid: bytes) -> bool:
+        return bytes(cid) in self._where
+
+    def packs(self) -> dict[str, PackIndex]:
+        """``{pack id: its index}`` of every pack the index knows (a copy)."""
+        with self._lock:
+            return dict(self._packs)
+
+    def counts(self) -> tuple[int, int]:
+        """``(values indexed, their bytes)``: the bucket's chunk-and-page counters."""
+        with self._lock:
+            return len(self._where), sum(loc.length for loc in self._where.values())
+
+    def values(self, kind: int) -> Iterator[tuple[bytes, Location]]:
+        """``(id, location)`` of every indexed value of ``kind``, in id order."""
+        with self._lock:
+            items = sorted((cid, loc) for cid, loc in self._where.items() if loc.kind == kind)
+        return iter(items)
+
+    def read(self, cid: bytes) -> bytes | None:
+        """The stored value of ``cid`` (one ranged read), or None if the bucket lacks it.
+
+        The bytes are not checked here (the caller hashes what it decodes); a value cut
+        short by a damaged pack comes back short.
+        """
+        loc = self.locate(cid)
+        if loc is None:
+            return None
+        try:
+            return self.objects.get_range(layout.pack_key(loc.pack_id), loc.offset, loc.length)
+        except RemoteNotFoundError:
+            return None
+
+    def read_many(self, ids: Iterable[bytes], *, gap: int = 1 << 20, span: int = 64 << 20):
+        """``(id, value)`` of ``ids`` the bucket holds, fetched as few ranged reads as can be:
+        values of one pack closer than ``gap`` bytes are read together, up to ``span`` bytes.
+
+        Yields as reads finish (not in ``ids`` order), ``connections`` reads at a time; the
+        values are not checked here.  Ids the index lacks are yielded with None.
+        """
+        by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
+        for cid in ids:
+            loc = self.locate(cid)
+            if loc is None:
+                yield cid, None
+                continue
+            by_pack.setdefault(loc.pack_id, []).append((loc.offset, loc.length, bytes(cid)))
+        ranges = []
+        for pack_id, wanted in by_pack.items():
+            wanted.sort()
+            run = [wanted[0]]
+            for item in wanted[1:]:
+                first, last = run[0], run[-1]
+                if item[0] - (last[0] + last[1]) <= gap and item[0] + item[1] - first[0] <= span:
+                    run.append(item)
+                else:
+                    ranges.append((pack_id, run))
+                    run = [item]
+            ranges.append((pack_id, run))
+
+        def fetch(job):
+            pack_id, run = job
+            start = run[0][0]
+            try:
+                data = self.objects.get_range(layout.pack_key(pack_id), start, run[-1][0] + run[-1][1] - start)
+            except RemoteNotFoundError:
+                return [(cid, None) for _, _, cid in run]
+            view = memoryview(data)
+            return [(cid, view[off - start : off - start + length]) for off, length, cid in run]
+
+        # bounded in flight: at most ``connections`` ranges (each <= span) are held at once
+        pending = []
+        for job in ranges:
+            pending.append(self._pool.submit(fetch, job))
+            if len(pending) >= self.connections:
+                yield from pending.pop(0).result()
+        for future in pending:
+            yield from future.result()
+
+    def upload_pack(self, pack: Pack) -> None:
+        """Put a pack, then its index; index it here (others see it once the index is up)."""
+        self.objects.put(layout.pack_key(pack.pack_id), pack.data)
+        self.objects.put(layout.index_key(pack.pack_id), pack.index)
+        index = layout.decode_index(pack.index, "a pack index just built")
+        with self._lock:
+            self._packs[pack.pack_id] = index
+            self._add_locations(pack.pack_id, index)
+
+    def forget_packs(self, pack_ids: Iterable[str]) -> None:
+        """Drop packs from the in-memory index (GC deleted them)."""
+        with self._lock:
+            for pack_id in pack_ids:
+                self._packs.pop(pack_id, None)
+            self._where = {}
+            for pack_id, index in self._packs.items():
+                self._add_locations(pack_id, index)
+
+    # -- steps and tags ----------------------------------------------------------------------------
+
+    def step_keys(self) -> list[bytes]:
+        """The step keys of every step record, in key order (branches as in the ``steps`` table)."""
+        keys = []
+        for name, _ in self.objects.list(layout.STEPS):
+            try:
+                keys.append(layout.step_key_of(name))
+            except CorruptDataError as exc:
+                self.problems.append((name, str(exc)))
+        return sorted(keys)
+
+    def get_step(self, key: bytes) -> StepObject | None:
+        """The step record of ``key``, checked (CorruptDataError if damaged), or None."""
+        name = layout.step_object(key)
+        try:
+            raw = self.objects.get(name)
+        except RemoteNotFoundError:
+            return None
+        step = layout.decode_step(raw, key, f"step record {self.url}/{name}")
+        unseal(step.manifest, f"the manifest in {self.url}/{name}")  # its seal, checked here too
+        return step
+
+    def get_steps(self, keys: list[bytes]) -> dict[bytes, StepObject | CorruptDataError | None]:
+        """:meth:`get_step` of many keys at once; a damaged record maps to its error."""
+
+        def one(key):
+            try:
+                return self.get_step(key)
+            except CorruptDataError as exc:
+                return exc
+
+        return dict(zip(keys, self._pool.map(one, keys)))
+
+    def put_step(self, key: bytes, manifest: bytes, stepinfo: bytes, *, if_absent: bool = False) -> bool:
+        """Write a step record (last: it makes the step visible).  With ``if_absent``, only if
+        none is there (True if this call created it)."""
+        data = layout.encode_step(key, manifest, stepinfo)
+        if if_absent:
+            return self.objects.put_if_absent(layout.step_object(key), data)
+        self.objects.put(layout.step_object(key), data)
+        return True
+
+    def delete_steps(self, keys: Iterable[bytes]) -> None:
+        self.objects.delete([layout.step_object(k) for k in keys])
+
+    def tags(self) -> dict[str, bytes]:
+        """``{tag: step key}``; damaged tag objects go to :attr:`problems`."""
+        out = {}
+        for name, _ in self.objects.list(layout.TAGS):
+            try:
+                tag = layout.hex_name(name, layout.TAGS, "tag").decode("utf-8")
+                out[tag] = layout.decode_tag(self.objects.get(name), f"tag {self.url}/{name}")
+            except (CorruptDataError, UnicodeDecodeError, RemoteNotFoundError) as exc:
+                self.problems.append((name, str(exc)))
+        return out
+
+    def put_tag(self, name: str, key: bytes) -> None:
+        self.objects.put(layout.tag_object(name), layout.encode_tag(key))
+
+    def delete_tags(self, names: Iterable[str]) -> None:
+        self.objects.delete([layout.tag_object(n) for n in names])
+
+    # -- locks ---------------------------------------------------------------------------------------
+
+    def locks(self) -> list[tuple[str, Lock | None]]:
+        """``(object key, lock or None if unreadable)`` of every lock object."""
+        out: list[tuple[str, Lock | None]] = []
+        for name, _ in self.objects.list(layout.LOCKS):
+            try:
+                out.append((name, layout.decode_lock(self.objects.get(name), f"lock {self.url}/{name}")))
+            except RemoteNotFoundError:
+                continue  # released while listing
+            except CorruptDataError:
+                out.append((name, None))
+        return out
+
+    def take_lock(self, kind: str, ttl: float) -> LockHandle:
+        """Write a ``kind`` lock (``"upload"``: shared among uploaders; ``"gc"``: exclusive),
+        then look at the others: :class:`BucketBusyError` (ours withdrawn) if a live one
+        conflicts: a ``gc`` lock for an upload, any other live lock for a gc.
+
+        A lock not refreshed within ``ttl`` seconds is stale and ignored (a GC deletes it).
+        """
+        owner = _owner()
+        now = time.time()
+        handle = LockHandle(self, f"{layout.LOCKS}/{kind}-{owner}", Lock(kind, owner, now, now + ttl), ttl)
+        handle.refresh()
+        try:
+            for name, lock in self.locks():
+                if name == handle.key or lock is None or lock.expires < time.time():
+                    continue
+                if kind == "gc" or lock.kind == "gc":
+                    raise BucketBusyError(
+                        f"{self.url}: {'a bucket GC' if lock.kind == 'gc' else 'an upload'} holds the lock "
+                        f"{name!r} ({lock.owner}, until {time.ctime(lock.expires)})",
+                        url=self.url,
+                        holder=lock.owner,
+                    )
+        except BaseException:
+            handle.release()
+            raise
+        return handle
+
+    def delete_stale_locks(self, keep: str) -> list[str]:
+        """Delete every stale or unreadable lock object but ``keep``; their keys."""
+        stale = [n for n, lock in self.locks() if n != keep and (lock is None or lock.expires < time.time())]
+        self.objects.delete(stale)
+        return stale
+
+
+class LockHandle:
+    """A lock this process wrote: :meth:`refresh` before ``ttl`` runs out, :meth:`held` to
+    check nobody removed it, :meth:`release` when done."""
+
+    def __init__(self, bucket: Bucket, key: str, lock: Lock, ttl: float):
+        self.bucket, self.key, self.lock, self.ttl = bucket, key, lock, ttl
+        self.refreshed = 0.0
+
+    def refresh(self) -> None:
+        now = time.time()
+        self.lock = Lock(self.lock.kind, self.lock.owner, self.lock.created, now + self.ttl)
+        self.bucket.objects.put(self.key, layout.encode_lock(self.lock))
+        self.refreshed = time.monotonic()
+
+    def refresh_if_due(self) -> None:
+        if time.monotonic() - self.refreshed > self.ttl / 3:
+            self.refresh()
+
+    def held(self) -> bool:
+        """True if the lock object is still there and not stale by this clock."""
+        if self.lock.expires < time.time():
+            return False
+        return self.bucket.objects.head(self.key) is not None
+
+    def release(self) -> None:
+        try:
+            self.bucket.objects.delete([self.key])
+        except RemoteError as exc:  # a lock left behind goes stale after ttl
+            log.warning("could not release lock %s: %s", self.key, exc)
+
+
+def _owner() -> str:
+    host = "".join(c if c.isalnum() or c in "._-" else "_" for c in socket.gethostname())[:60] or "host"
+    return f"{host}-{os.getpid()}-{os.urandom(4).hex()}"
