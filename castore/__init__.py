@@ -34,6 +34,7 @@ from .loop import Counter, Every
 from .maintenance.gc import GcPlan, StepAccount, StoreStats
 from .maintenance.retention import Keep
 from .maintenance.verify import Problem, VerifyReport
+from .mirror import MirrorOptions
 from .replay import RingBuffer
 from .save.background import SaveHandle
 from .save.saver import SaveResult
@@ -58,6 +59,7 @@ __all__ = [
     "Problem",
     "BucketBusyError",
     "MirrorError",
+    "MirrorOptions",
     "RemoteBucketNotFoundError",
     "RemoteError",
     "RemoteNotFoundError",

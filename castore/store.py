@@ -16,6 +16,7 @@ or two of delegation; the logic lives in the collaborators.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from .storage import ChunkStore, open_backend
 from .storage.base import Backend
 from .storage.bucket import Bucket
 from .storage.objects import open_object_store
+from .storage.remote import RemoteBackend
 
 __all__ = ["Store"]
 
@@ -132,7 +134,9 @@ class Store:
         except BaseException:
             self._backend.close()
             raise
-        self._workers = workers or os.cpu_count() or 1
+        # a bucket's reads wait on the network, not the CPU: more of them at once
+        remote = isinstance(self._backend, RemoteBackend)
+        self._workers = workers or (max(16, os.cpu_count() or 1) if remote else os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="castore-hash")
         self._writer = writer_state(self._backend)
         self._chunks = ChunkStore(self._backend)
@@ -538,7 +542,11 @@ class Store:
         path and chunk.  Runs in one read transaction beside a writer.
         """
         self._check_open()
-        return verify_.verify(self._chunks, self._pool, sample=sample, seed=seed, steps=steps, progress=progress)
+        report = verify_.verify(self._chunks, self._pool, sample=sample, seed=seed, steps=steps, progress=progress)
+        if isinstance(self._backend, RemoteBackend):  # what the bucket's own objects say
+            found = [verify_.Problem("bucket", f"{key}: {what}") for key, what in self._backend.check()]
+            report = dataclasses.replace(report, problems=tuple(found) + report.problems)
+        return report
 
     # -- listing --------------------------------------------------------------------------------
 

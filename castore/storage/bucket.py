@@ -173,6 +173,22 @@ class Bucket:
             )
         return index
 
+    def check_packs(self) -> list[tuple[str, str]]:
+        """``(pack object, what is wrong)`` of every indexed pack that is missing, or whose
+        size is not its index's values plus trailer (one listing; no pack is read)."""
+        sizes = dict(self.objects.list(layout.PACKS))
+        out = []
+        for pack_id, index in sorted(self.packs().items()):
+            key = layout.pack_key(pack_id)
+            size = sizes.get(key)
+            if size is None:
+                out.append((key, f"missing: its index lists {len(index)} values"))
+                continue
+            trailer = size - index.data_bytes - layout.TRAILER_BYTES
+            if trailer <= 0:
+                out.append((key, f"{size} bytes, its index lists {index.data_bytes} bytes of values: cut short"))
+        return out
+
     def locate(self, cid: bytes) -> Location | None:
         return self._where.get(bytes(cid))
 

@@ -74,7 +74,11 @@ class RemoteSnapshot:
             loc = self.bucket.locate(key)
             if loc is None or loc.kind != (CHUNK if table is Table.CHUNKS else PAGE):
                 return None
-            return self.bucket.read(key)
+            value = self.bucket.read(key)
+            if value is None:  # a bucket GC since this snapshot may have moved it: look again
+                self.bucket.refresh_index()
+                value = self.bucket.read(key)
+            return value
         if table is Table.STEPS:
             return self.steps.get(key)
         if table is Table.STEPINFO:
@@ -145,6 +149,14 @@ class RemoteBackend:
     def problems(self) -> list[tuple[str, str]]:
         """``(object, what is wrong)`` of what the latest snapshot could not read."""
         return list(self._snap().problems)
+
+    def check(self) -> list[tuple[str, str]]:
+        """``(object, what is wrong)`` for a fresh look at the bucket: what the snapshot could
+        not read (step records, index objects, tags) and every indexed pack that is missing
+        or whose size disagrees with its index (:meth:`Bucket.check_packs`)."""
+        with self._lock:
+            self._snapshot = None
+        return self.problems + self.bucket.check_packs()
 
     @contextlib.contextmanager
     def read(self):

@@ -41,7 +41,10 @@ store's path first; read-only commands never create or change a store.
 
   look:      ls, show, diff, du, tags, branches, verify, report
   change:    tag, untag, delete, delete-branch, gc, compact, fork, rollback
-  move:      export, import, import-elements, import-replay
+  move:      export, import, import-elements, import-replay, push, pull
+
+A bucket (s3://bucket/prefix) works wherever a store is only read: ls, show, diff, du,
+tags, branches, verify, report, export; gc s3://... collects the bucket.
   try it:    demo
 
 Listings take --json (one document, shape in docs/cli.md).  Exit status: 0 ok, 1 problems

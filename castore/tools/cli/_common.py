@@ -59,6 +59,11 @@ def step_number_arg(text: str) -> int:
 # -- opening and naming --------------------------------------------------------------------
 
 
+def is_bucket(location: str) -> bool:
+    """True for an ``s3://`` URL (a bucket), not a local path."""
+    return location[:5].lower() == "s3://"
+
+
 def open_store(args, path: str | None = None, *, write: bool = False, branch: str | None = None) -> Store:
     """An existing store: read-only unless ``write`` (a read-only command never creates or
     changes one).  A ``branch`` that holds no step is an error listing the branches."""

@@ -10,6 +10,9 @@ import sys
 
 from ...errors import StepNotFoundError, UsageError
 from ...maintenance.retention import Keep
+from ...mirror import bucket_gc
+from ...storage.bucket import Bucket
+from ...storage.objects import open_object_store
 from ._common import (
     EXIT_OK,
     EXIT_PROBLEMS,
@@ -18,6 +21,7 @@ from ._common import (
     emit_json,
     fraction_arg,
     human,
+    is_bucket,
     locate,
     open_store,
     positive_arg,
@@ -210,6 +214,8 @@ def run_delete_branch(args) -> int:
 
 
 def run_gc(args) -> int:
+    if is_bucket(args.store):
+        return _gc_bucket(args)
     branch = args.branch or "main"
     with open_store(args, write=not args.dry_run, branch=branch) as store:
         doomed: list[int] = []
@@ -254,6 +260,41 @@ def run_gc(args) -> int:
         deleted = ", ".join(map(str, doomed)) if doomed else "none"
         print(f"retention {'would delete' if args.dry_run else 'deleted'} steps of {branch}: {deleted}")
     print(f"{verb} {human(freed)}")
+    if args.dry_run:
+        print("nothing was changed (--dry-run)")
+    return EXIT_OK
+
+
+def _gc_bucket(args) -> int:
+    """``castore gc s3://...``: the bucket's GC (packs no step needs, repacking), under its lock."""
+    if args.keep is not None:
+        raise UsageError("gc --keep applies to a local store; a mirror applies its store's keep policy itself")
+    bucket = Bucket(open_object_store(args.store), create=False)
+    try:
+        plan = bucket_gc.collect(bucket, dry_run=args.dry_run)
+    finally:
+        bucket.close()
+    if args.json:
+        emit_json(
+            "gc",
+            {
+                "store": args.store,
+                "dry_run": args.dry_run,
+                "branch": None,
+                "deleted_steps": [],
+                "freed_bytes": plan.freed_bytes,
+                "packs_deleted": len(plan.delete) + len(plan.orphan_packs),
+                "packs_repacked": len(plan.repack),
+                "moved_bytes": plan.moved_bytes,
+            },
+        )
+        return EXIT_OK
+    verb = "would free" if args.dry_run else "freed"
+    print(
+        f"{verb} {human(plan.freed_bytes)}: {len(plan.delete) + len(plan.orphan_packs)} packs deleted, "
+        f"{len(plan.repack)} repacked ({human(plan.moved_bytes)} copied); {plan.steps} steps keep "
+        f"{human(plan.live_bytes)}"
+    )
     if args.dry_run:
         print("nothing was changed (--dry-run)")
     return EXIT_OK

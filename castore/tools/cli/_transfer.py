@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from ...errors import StepNotFoundError
+from ...format.keys import branch_of, step_of
+from ...store import Store
 from ..export import export_nbytes, export_step
 from ..migrate import import_elements, import_replay
-from ._common import EXIT_OK, emit_json, human, locate, open_store, positive_arg, progress, step_arg, step_number_arg
+from ._common import (
+    EXIT_OK,
+    emit_json,
+    human,
+    locate,
+    open_store,
+    positive_arg,
+    progress,
+    step_arg,
+    step_label,
+    step_number_arg,
+)
 
 
 def add_parsers(sub, common) -> None:
@@ -66,6 +80,19 @@ def add_parsers(sub, common) -> None:
     for cmd in (elements, replay):
         cmd.add_argument("--branch", help="the branch to save to (default: main)")
         cmd.add_argument("--overwrite", action="store_true", help="replace steps the store holds with other content")
+
+    push = sub.add_parser("push", parents=[common], help="upload a store's steps to a bucket (only what it lacks)")
+    push.add_argument("store")
+    push.add_argument("url", help="s3://bucket/prefix (AWS_* variables, AWS_ENDPOINT_URL for a non-AWS server)")
+    push.add_argument("--branch", action="append", help="only this branch (repeatable; default: every branch)")
+    push.set_defaults(run=run_push)
+
+    pull = sub.add_parser("pull", parents=[common], help="copy a step from a bucket into a store (created if absent)")
+    pull.add_argument("url", help="s3://bucket/prefix")
+    pull.add_argument("store")
+    pull.add_argument("--step", type=step_arg, help="a step number or a tag (default: the branch's latest)")
+    pull.add_argument("--branch", help="the step's branch (default: main)")
+    pull.set_defaults(run=run_pull)
 
     report = sub.add_parser("report", parents=[common], help="a picture of the store's storage (PNG or HTML)")
     report.add_argument("store")
@@ -234,6 +261,47 @@ def run_import_replay(args) -> int:
         f"capacity {result.capacity}, fields {', '.join(result.fields)}"
     )
     print(f"saved as {result.name!r} of step {result.step} ({what}); store {result.store}, branch {result.branch}")
+    return EXIT_OK
+
+
+def run_push(args) -> int:
+    with open_store(args, write=True) as store:
+        results = store.push(args.url, branches=args.branch)
+    sent = sum(r.object_bytes for r in results)
+    if args.json:
+        emit_json(
+            "push",
+            {
+                "store": store.path,
+                "url": args.url,
+                "steps": [
+                    {"branch": branch_of(r.key), "step": step_of(r.key), "bytes": r.object_bytes} for r in results
+                ],
+                "values": sum(r.values for r in results),
+                "bytes": sent,
+            },
+        )
+        return EXIT_OK
+    for r in results:
+        print(f"{step_label(branch_of(r.key), step_of(r.key))}: {r.values} chunks and pages, {human(r.object_bytes)}")
+    print(
+        f"pushed {len(results)} steps, {human(sent)} to {args.url}" if results else f"{args.url} has every step already"
+    )
+    return EXIT_OK
+
+
+def run_pull(args) -> int:
+    branch = args.branch or "main"
+    with Store(args.store, branch=branch, allow_network_fs=args.allow_network_fs) as store:
+        before = store.stats().stored_bytes
+        step = store.pull(args.step, branch=branch, url=args.url)
+        if step is None:
+            raise StepNotFoundError(f"{args.url} has no step of branch {branch!r}")
+        fetched = store.stats().stored_bytes - before
+    if args.json:
+        emit_json("pull", {"url": args.url, "store": store.path, "branch": branch, "step": step, "bytes": fetched})
+        return EXIT_OK
+    print(f"pulled {step_label(branch, step)} into {store.path}: {human(fetched)} new")
     return EXIT_OK
 
 
