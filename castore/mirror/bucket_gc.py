@@ -47,7 +47,9 @@ class BucketGcPlan:
     live_values: int = 0
     live_bytes: int = 0  #: bytes of live values, kept
     moved_bytes: int = 0  #: of those, bytes repacking copies
-    freed_bytes: int = 0  #: object bytes deleted, less what repacking writes again
+    #: object bytes deleted (packs and their index objects), less the values repacking writes
+    #: again (the new packs' indexes and trailers, a few bytes per value, are not subtracted)
+    freed_bytes: int = 0
     steps: int = 0
     #: ids of every live value (what repacking copies is looked up here)
     live: set = field(default_factory=set, repr=False)
@@ -94,19 +96,21 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5) -> BucketGcPlan:
             result.live_values += 1
             result.live_bytes += loc.length
     sizes = {key.rpartition("/")[2]: size for key, size in bucket.objects.list(layout.PACKS)}
+    index_sizes = {key.rpartition("/")[2]: size for key, size in bucket.objects.list(layout.INDEX)}
     for pack_id, index in packs.items():
         kept = live_in.get(pack_id, 0)
         size = sizes.get(pack_id)
         if size is None:
             result.orphan_indexes.append(layout.index_key(pack_id))
+            result.freed_bytes += index_sizes.get(pack_id, 0)
             continue
         if kept == 0:
             result.delete.append(pack_id)
-            result.freed_bytes += size
+            result.freed_bytes += size + index_sizes.get(pack_id, 0)
         elif kept < repack_below * index.data_bytes:
             result.repack.append(pack_id)
             result.moved_bytes += kept
-            result.freed_bytes += size - kept
+            result.freed_bytes += size + index_sizes.get(pack_id, 0) - kept
     result.orphan_packs = [layout.pack_key(p) for p in sizes if p not in packs and layout.is_pack_id(p)]
     result.freed_bytes += sum(sizes[k.rpartition("/")[2]] for k in result.orphan_packs)
     result.delete.sort()
