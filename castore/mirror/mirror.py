@@ -25,9 +25,12 @@ waits for the network: a save returns once it committed locally.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see the end)
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +42,7 @@ from ..format.keys import branch_end, branch_of, branch_prefix, describe_key, in
 from ..format.schema import Table
 from ..format.stepinfo import decode_stepinfo
 from ..maintenance.retention import Keep, StepInfo
+from ..save.background import wait_all_at_exit
 from ..storage import ChunkStore
 from ..storage.base import Backend
 from ..storage.bucket import Bucket, LockHandle
@@ -114,6 +118,7 @@ class Mirror:
         self._queue.extend(k for k in local if in_branch(k, branch) and k not in remote)
         self._thread = threading.Thread(target=self._run, name="castore-mirror", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     @property
     def url(self) -> str:
@@ -166,6 +171,7 @@ class Mirror:
             self._pool.shutdown(wait=True)
             self._release()
             self.bucket.close()
+            _LIVE.discard(self)
 
     # -- the uploader thread -------------------------------------------------------------------------
 
@@ -230,7 +236,7 @@ class Mirror:
 
     def _upload(self, key: bytes) -> None:
         lock = self._take_lock()
-        self._follow_rollback(key)
+        keys = self._follow_rollback(key, self._branch_keys())
         result = upload_step(
             self.backend,
             self.chunks,
@@ -245,44 +251,50 @@ class Mirror:
         if result is None:
             return  # deleted locally before its turn
         self.results.append(result)
-        self._sync_tags()
-        self._retain()
+        keys = sorted(set(keys) | {key})
+        tags = self._sync_tags(keys)
+        self._retain(keys, tags)
 
     def _branch_keys(self) -> list[bytes]:
         return [k for k in self.bucket.step_keys() if in_branch(k, self.branch)]
 
-    def _follow_rollback(self, key: bytes) -> None:
+    def _follow_rollback(self, key: bytes, keys: list[bytes]) -> list[bytes]:
         """Steps of the branch after ``key`` that the local branch no longer has were moved
-        away by a rollback: take them out of the bucket's branch too."""
-        later = [k for k in self._branch_keys() if step_of(k) > step_of(key)]
+        away by a rollback: take them out of the bucket's branch too.  Returns what is left."""
+        later = [k for k in keys if step_of(k) > step_of(key)]
         if not later:
-            return
+            return keys
         with self.backend.read() as txn:
-            gone = [k for k in later if txn.get(Table.STEPS, k) is None]
+            gone = {k for k in later if txn.get(Table.STEPS, k) is None}
         if gone:
             log.info(
                 "mirror %s: %d later steps of %r left the branch locally; removed", self.url, len(gone), self.branch
             )
-            self.bucket.delete_steps(gone)
+            self.bucket.delete_steps(sorted(gone))
             self._deleted_since_gc += len(gone)
+        return [k for k in keys if k not in gone]
 
-    def _sync_tags(self) -> None:
-        """The bucket's tags of this branch become the local ones (names and steps)."""
+    def _sync_tags(self, keys: list[bytes]) -> dict[str, bytes]:
+        """The bucket's tags of this branch become the local ones; returns the bucket's tags."""
         with self.backend.read() as txn:
             local = {n: k for n, k in local_tags(txn).items() if in_branch(k, self.branch)}
-        remote = {n: k for n, k in self.bucket.tags().items() if _branch_or_none(k) == self.branch}
-        present = set(self._branch_keys())
+        remote = self.bucket.tags()
+        present = set(keys)
         for name, key in local.items():
             if remote.get(name) != key and key in present:
                 self.bucket.put_tag(name, key)
-        self.bucket.delete_tags([n for n in remote if n not in local])
+                remote[name] = key
+        stale = [n for n, k in remote.items() if n not in local and _branch_or_none(k) == self.branch]
+        self.bucket.delete_tags(stale)
+        for name in stale:
+            del remote[name]
+        return remote
 
-    def _retain(self) -> None:
+    def _retain(self, keys: list[bytes], tags: dict[str, bytes]) -> None:
         policy = self._keep()
         if policy is None:
             return
-        keys = self._branch_keys()
-        tagged = {k for k in self.bucket.tags().values()}
+        tagged = set(tags.values())
         missing = [k for k in keys if k not in self._infos]
         for key, record in self.bucket.get_steps(missing).items():
             if record is None or isinstance(record, CastoreError):
@@ -317,6 +329,30 @@ def _branch_or_none(key: bytes) -> str | None:
         return branch_of(key)
     except CorruptDataError:
         return None
+
+
+_LIVE: weakref.WeakSet[Mirror] = weakref.WeakSet()
+
+
+def _upload_at_exit() -> None:
+    """A script that ends without closing its store still gets its committed steps uploaded
+    (as its async saves are committed): the saves first, then every mirror's queue."""
+    wait_all_at_exit()
+    for mirror in list(_LIVE):
+        if mirror.pending():
+            log.info("waiting for %d step(s) to upload to %s before exiting", mirror.pending(), mirror.url)
+        try:
+            mirror.wait()
+        except BaseException as exc:
+            log.error("upload to the mirror %s failed and nobody waited for it: %s", mirror.url, exc)
+
+
+# Like the async saves' hook: before concurrent.futures shuts its executors down at exit
+# (the upload pool is one); threading runs these hooks last registered, first run.
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_upload_at_exit)
+else:  # pragma: no cover - CPython has it since 3.9
+    atexit.register(_upload_at_exit)
 
 
 def push_steps(

@@ -18,6 +18,7 @@ harmless:
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from dataclasses import dataclass
 
@@ -72,13 +73,15 @@ class RateLimit:
     def __init__(self, bytes_per_second: float | None):
         self.rate = bytes_per_second
         self._next = time.monotonic()
+        self._lock = threading.Lock()  # packs upload from several threads
 
     def take(self, nbytes: int) -> None:
         if not self.rate:
             return
-        now = time.monotonic()
-        start = max(now, self._next)
-        self._next = start + nbytes / self.rate
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + nbytes / self.rate
         if start > now:
             time.sleep(start - now)
 

@@ -143,7 +143,9 @@ class Background:
 _LIVE: weakref.WeakSet[Background] = weakref.WeakSet()
 
 
-def _wait_at_exit() -> None:
+def wait_all_at_exit() -> None:
+    """Let every background save of the process finish (errors logged); run at exit, and by
+    the mirrors' exit hook before theirs (their uploads follow these commits)."""
     for background in list(_LIVE):
         try:
             background.wait(raise_errors=False)
@@ -158,6 +160,6 @@ def _wait_at_exit() -> None:
 # Run before concurrent.futures shuts its executors down at exit (the hashing pool is one),
 # so saves still in flight can finish; plain atexit handlers run too late for that.
 if hasattr(threading, "_register_atexit"):
-    threading._register_atexit(_wait_at_exit)
+    threading._register_atexit(wait_all_at_exit)
 else:  # pragma: no cover - CPython has it since 3.9
-    atexit.register(_wait_at_exit)
+    atexit.register(wait_all_at_exit)
