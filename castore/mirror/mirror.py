@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..catalog import tags as local_tags
 from ..errors import BucketBusyError, CastoreError, CorruptDataError, MirrorError, UsageError
@@ -44,6 +45,9 @@ from ..storage.base import Backend
 from ..storage.bucket import Bucket, LockHandle
 from . import bucket_gc
 from .transfer import RateLimit, UploadResult, upload_step
+
+if TYPE_CHECKING:  # obstore (under storage.s3) is the s3 extra's: imported when an s3:// URL opens
+    from ..storage.s3 import RetryPolicy
 
 __all__ = ["Mirror", "MirrorOptions"]
 
@@ -66,6 +70,10 @@ class MirrorOptions:
     lock_wait: float = 120.0
     #: run bucket GC after this many steps were deleted from the bucket (0: never by itself)
     gc_after: int = 8
+    #: how the bucket's requests retry and time out (None: the object store's default
+    #: :class:`~castore.storage.s3.RetryPolicy`, which gives up on an unreachable server
+    #: after about 20 s; a shorter one surfaces an outage sooner, as a MirrorError)
+    retry: RetryPolicy | None = None
 
     def __post_init__(self):
         if not isinstance(self.pack_bytes, int) or not 1 << 20 <= self.pack_bytes <= 1 << 30:
@@ -76,6 +84,17 @@ class MirrorOptions:
             raise UsageError(f"max_rate must be positive bytes per second or None, got {self.max_rate!r}")
         if not self.lock_ttl > 0 or not self.lock_wait >= 0 or self.gc_after < 0:
             raise UsageError("lock_ttl must be > 0, lock_wait >= 0, gc_after >= 0")
+        if self.retry is not None:
+            # here, not at the top: castore.storage.s3 imports obstore (the s3 extra), which
+            # whoever built a RetryPolicy has imported already
+            from ..storage import s3
+
+            if not isinstance(self.retry, s3.RetryPolicy):
+                raise UsageError(f"retry must be a castore.storage.s3.RetryPolicy or None, got {self.retry!r}")
+
+    def object_store_options(self) -> dict:
+        """What :func:`~castore.storage.objects.open_object_store` is given for these options."""
+        return {} if self.retry is None else {"retry": self.retry}
 
 
 class Mirror:
