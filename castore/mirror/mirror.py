@@ -221,6 +221,12 @@ class Mirror:
             with self._cond:
                 if self._queue and self._queue[0] == key:
                     self._queue.popleft()
+                drained = not self._queue
+            if drained:
+                # before wait() can return: a bucket GC right after it (Store.mirror_gc) must
+                # not find this store's own upload lock still there
+                self._release()
+            with self._cond:
                 self._busy = False
                 self._cond.notify_all()
 
