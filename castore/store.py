@@ -504,11 +504,16 @@ class Store:
     def tag(self, name: str, step: int | str | None = None) -> int:
         """Name ``step`` (default: latest); tagged steps survive retention. Returns the step."""
         self._check_open()
-        return self._maintainer.tag(name, step)
+        step = self._maintainer.tag(name, step)
+        if self._mirror is not None:
+            self._mirror.tags_changed()
+        return step
 
     def untag(self, name: str) -> None:
         self._check_open()
         self._maintainer.untag(name)
+        if self._mirror is not None:
+            self._mirror.tags_changed()
 
     def fork(self, name: str, step: int | str | None = None) -> int:
         """Start branch ``name`` at ``step`` (default: latest; a tag may name another branch).

@@ -120,6 +120,7 @@ class Mirror:
         self._queue: deque[bytes] = deque()
         self._busy = False
         self._stalled = False  # the last attempt failed: wait for enqueue() or wait() to retry
+        self._tags_changed = False  # the store's tags changed since the uploader last mirrored them
         self._error: BaseException | None = None
         self._closing = False
         self._lock: LockHandle | None = None
@@ -148,17 +149,25 @@ class Mirror:
             self._stalled = False
             self._cond.notify_all()
 
+    def tags_changed(self) -> None:
+        """The store's tags changed (``tag``, ``untag``): mirror them once what is queued is
+        uploaded, without waiting for the next commit."""
+        with self._cond:
+            self._tags_changed = True
+            self._cond.notify_all()
+
     def pending(self) -> int:
         """Steps committed locally and not uploaded yet."""
         with self._cond:
             return len(self._queue)
 
     def wait(self, *, raise_errors: bool = True) -> None:
-        """Upload every queued step (retrying one that failed), then raise an unseen error."""
+        """Upload every queued step (retrying one that failed) and the tags, then raise an
+        unseen error."""
         with self._cond:
             self._stalled = False
             self._cond.notify_all()
-            while (self._queue or self._busy) and not self._stalled:
+            while (self._queue or self._tags_changed or self._busy) and not self._stalled:
                 self._cond.wait()
         if raise_errors:
             self.raise_failed()
@@ -191,35 +200,42 @@ class Mirror:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and (not self._queue or self._stalled):
+                while not self._closing and (not (self._queue or self._tags_changed) or self._stalled):
                     if self._lock is not None and not self._queue:
                         break  # idle: let a bucket GC in
                     self._cond.wait()
                 if self._closing:
                     return
-                if not self._queue or self._stalled:
+                if not (self._queue or self._tags_changed) or self._stalled:
                     idle = True
                 else:
                     idle = False
-                    key = self._queue[0]
+                    key = self._queue[0] if self._queue else None  # None: only the tags changed
+                    if key is None:
+                        self._tags_changed = False  # a change from here on asks for another pass
                     self._busy = True
             if idle:
                 self._release()
                 continue
             try:
-                self._upload(key)
+                if key is None:
+                    self._sync_tags()
+                else:
+                    self._upload(key)
             except BaseException as exc:  # kept for the store's next call
-                log.warning("upload of %s to %s failed: %s", describe_key(key), self.url, exc)
+                what = "mirroring the tags" if key is None else f"upload of {describe_key(key)}"
+                log.warning("%s to %s failed: %s", what, self.url, exc)
                 self._release()
                 with self._cond:
                     if self._error is None:
                         self._error = exc
+                    self._tags_changed = self._tags_changed or key is None
                     self._stalled = True
                     self._busy = False
                     self._cond.notify_all()
                 continue
             with self._cond:
-                if self._queue and self._queue[0] == key:
+                if key is not None and self._queue and self._queue[0] == key:
                     self._queue.popleft()
                 drained = not self._queue
             if drained:
