@@ -120,6 +120,22 @@ def test_saved_steps_load_bit_exact_from_the_bucket(tmp_path, url, capsys):
             assert remote.verify().ok
 
 
+def test_tags_made_after_the_last_save_reach_the_bucket(tmp_path, url):
+    with mirrored(tmp_path / "local", url) as store:
+        for step in range(3):
+            store.save(step, {"step": step})
+        store.wait()
+        store.tag("final", 2)
+        store.tag("first", 0)
+        store.wait()  # no commit since: the tags go up by themselves
+        with castore.Store(url, readonly=True) as remote:
+            assert remote.tags() == {"final": 2, "first": 0}
+        store.untag("first")
+        store.tag("final", 1)  # moved
+    with castore.Store(url, readonly=True) as remote:  # close mirrored them
+        assert remote.tags() == {"final": 1}
+
+
 def tree_leaves():
     arrays = st.sampled_from([np.uint8, np.int64, np.float32, ">f8"]).flatmap(
         lambda dt: hnp.arrays(
