@@ -285,6 +285,8 @@ class Mirror:
         )
         if result is None:
             return  # deleted locally before its turn
+        # its record may replace one of the same key (a rollback's new future): read it again
+        self._infos.pop(key, None)
         self.results.append(result)
         self._sync_tags()
         self._retain()
@@ -305,6 +307,8 @@ class Mirror:
                 "mirror %s: %d later steps of %r left the branch locally; removed", self.url, len(gone), self.branch
             )
             self.bucket.delete_steps(gone)
+            for gone_key in gone:
+                self._infos.pop(gone_key, None)
             self._deleted_since_gc += len(gone)
 
     def _sync_tags(self) -> None:
