@@ -324,6 +324,25 @@ def test_a_rollback_makes_the_bucket_show_the_local_lineage(tmp_path, url):
     cp.close()
 
 
+def test_after_a_rollback_the_bucket_keeps_by_the_new_steps_metrics(tmp_path, url):
+    keep = castore.Keep(best=1, metric="score")
+    with mirrored(tmp_path / "local", url, keep=keep) as store:
+        for step, score in enumerate([1.0, 2.0, 100.0, 5.0]):
+            store.save(step, {"step": step}, metrics={"score": score})
+            if step == 1:
+                store.tag("base")
+            store.wait()
+        assert store.steps() == [1, 2, 3]  # tagged, best, latest
+        store.rollback(1)
+        for step, score in [(2, 0.0), (3, 1.0)]:  # a new step 2, worse than the old one
+            store.save(step, {"step": step, "again": True}, metrics={"score": score})
+            store.wait()
+        assert store.steps() == [1, 3]
+        with castore.Store(url, readonly=True) as remote:
+            assert remote.steps() == [1, 3]
+            assert remote.metrics(3) == {"score": 1.0}
+
+
 # -- 6. locks --------------------------------------------------------------------------------------
 
 
