@@ -446,7 +446,14 @@ class Checkpoint:
 
     def load_or_save(self) -> int | None:
         """Load the latest step if the store has one, else save the current state as a
-        step; returns the step (None: a ``write=False`` save)."""
+        step; returns the step (None: a ``write=False`` save).
+
+        With ``mirror=``, a store without a step first pulls the latest step of its branch
+        from the mirror (fetching its chunks), so a run resumes on any machine from the
+        bucket; a bucket without one leaves the save to happen as without a mirror.
+        """
+        if not self.exists() and self._opened is not None and self._opened.mirror is not None:
+            self._opened.pull()
         if self.exists():
             return self.load()
         result = self.save()

@@ -179,7 +179,7 @@ class Store:
         if not isinstance(options, MirrorOptions):
             raise UsageError(f"mirror_options must be a castore.MirrorOptions, got {type(options).__name__}")
         try:
-            bucket = Bucket(open_object_store(url), create=True)
+            bucket = Bucket(open_object_store(url, **options.object_store_options()), create=True)
             self._mirror = Mirror(
                 self._backend, self._chunks, bucket, branch=self.branch, keep=lambda: self.keep, options=options
             )
@@ -368,8 +368,9 @@ class Store:
         self._check_open()
         self.wait()
         names = self.branches() if branches is None else [check_branch(b) for b in branches]
-        with self._remote(url, create=True) as bucket:
-            return push_steps(self._backend, self._chunks, bucket, names, options or MirrorOptions())
+        options = options or (self._mirror.options if self._mirror is not None else MirrorOptions())
+        with self._remote(url, create=True, options=options) as bucket:
+            return push_steps(self._backend, self._chunks, bucket, names, options)
 
     def mirror_gc(self, *, url: str | None = None, dry_run: bool = False, repack_below: float = 0.5):
         """Bucket GC of the mirror (or ``url``): free packs no step needs, repack mostly-garbage
@@ -382,12 +383,15 @@ class Store:
             return bucket_gc.collect(bucket, dry_run=dry_run, repack_below=repack_below)
 
     @contextlib.contextmanager
-    def _remote(self, url: str | None, *, create: bool = False):
+    def _remote(self, url: str | None, *, create: bool = False, options: MirrorOptions | None = None):
         if url is None:
             if self._mirror is None:
                 raise UsageError(f"store {self.path} has no mirror: pass url= or open it with mirror=")
             url = self._mirror.url
-        bucket = Bucket(open_object_store(url), create=create)
+        if options is None and self._mirror is not None:
+            options = self._mirror.options  # its retry policy too
+        extra = options.object_store_options() if options is not None else {}
+        bucket = Bucket(open_object_store(url, **extra), create=create)
         try:
             bucket.refresh_index()
             yield bucket
@@ -504,11 +508,16 @@ class Store:
     def tag(self, name: str, step: int | str | None = None) -> int:
         """Name ``step`` (default: latest); tagged steps survive retention. Returns the step."""
         self._check_open()
-        return self._maintainer.tag(name, step)
+        step = self._maintainer.tag(name, step)
+        if self._mirror is not None:
+            self._mirror.tags_changed()
+        return step
 
     def untag(self, name: str) -> None:
         self._check_open()
         self._maintainer.untag(name)
+        if self._mirror is not None:
+            self._mirror.tags_changed()
 
     def fork(self, name: str, step: int | str | None = None) -> int:
         """Start branch ``name`` at ``step`` (default: latest; a tag may name another branch).

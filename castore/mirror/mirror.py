@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..catalog import tags as local_tags
 from ..errors import BucketBusyError, CastoreError, CorruptDataError, MirrorError, UsageError
@@ -48,6 +49,9 @@ from ..storage.base import Backend
 from ..storage.bucket import Bucket, LockHandle
 from . import bucket_gc
 from .transfer import RateLimit, UploadResult, upload_step
+
+if TYPE_CHECKING:  # obstore (under storage.s3) is the s3 extra's: imported when an s3:// URL opens
+    from ..storage.s3 import RetryPolicy
 
 __all__ = ["Mirror", "MirrorOptions"]
 
@@ -70,6 +74,10 @@ class MirrorOptions:
     lock_wait: float = 120.0
     #: run bucket GC after this many steps were deleted from the bucket (0: never by itself)
     gc_after: int = 8
+    #: how the bucket's requests retry and time out (None: the object store's default
+    #: :class:`~castore.storage.s3.RetryPolicy`, which gives up on an unreachable server
+    #: after about 20 s; a shorter one surfaces an outage sooner, as a MirrorError)
+    retry: RetryPolicy | None = None
 
     def __post_init__(self):
         if not isinstance(self.pack_bytes, int) or not 1 << 20 <= self.pack_bytes <= 1 << 30:
@@ -80,6 +88,17 @@ class MirrorOptions:
             raise UsageError(f"max_rate must be positive bytes per second or None, got {self.max_rate!r}")
         if not self.lock_ttl > 0 or not self.lock_wait >= 0 or self.gc_after < 0:
             raise UsageError("lock_ttl must be > 0, lock_wait >= 0, gc_after >= 0")
+        if self.retry is not None:
+            # here, not at the top: castore.storage.s3 imports obstore (the s3 extra), which
+            # whoever built a RetryPolicy has imported already
+            from ..storage import s3
+
+            if not isinstance(self.retry, s3.RetryPolicy):
+                raise UsageError(f"retry must be a castore.storage.s3.RetryPolicy or None, got {self.retry!r}")
+
+    def object_store_options(self) -> dict:
+        """What :func:`~castore.storage.objects.open_object_store` is given for these options."""
+        return {} if self.retry is None else {"retry": self.retry}
 
 
 class Mirror:
@@ -105,6 +124,7 @@ class Mirror:
         self._queue: deque[bytes] = deque()
         self._busy = False
         self._stalled = False  # the last attempt failed: wait for enqueue() or wait() to retry
+        self._tags_changed = False  # the store's tags changed since the uploader last mirrored them
         self._error: BaseException | None = None
         self._closing = False
         self._lock: LockHandle | None = None
@@ -134,17 +154,25 @@ class Mirror:
             self._stalled = False
             self._cond.notify_all()
 
+    def tags_changed(self) -> None:
+        """The store's tags changed (``tag``, ``untag``): mirror them once what is queued is
+        uploaded, without waiting for the next commit."""
+        with self._cond:
+            self._tags_changed = True
+            self._cond.notify_all()
+
     def pending(self) -> int:
         """Steps committed locally and not uploaded yet."""
         with self._cond:
             return len(self._queue)
 
     def wait(self, *, raise_errors: bool = True) -> None:
-        """Upload every queued step (retrying one that failed), then raise an unseen error."""
+        """Upload every queued step (retrying one that failed) and the tags, then raise an
+        unseen error."""
         with self._cond:
             self._stalled = False
             self._cond.notify_all()
-            while (self._queue or self._busy) and not self._stalled:
+            while (self._queue or self._tags_changed or self._busy) and not self._stalled:
                 self._cond.wait()
         if raise_errors:
             self.raise_failed()
@@ -178,36 +206,49 @@ class Mirror:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and (not self._queue or self._stalled):
+                while not self._closing and (not (self._queue or self._tags_changed) or self._stalled):
                     if self._lock is not None and not self._queue:
                         break  # idle: let a bucket GC in
                     self._cond.wait()
                 if self._closing:
                     return
-                if not self._queue or self._stalled:
+                if not (self._queue or self._tags_changed) or self._stalled:
                     idle = True
                 else:
                     idle = False
-                    key = self._queue[0]
+                    key = self._queue[0] if self._queue else None  # None: only the tags changed
+                    if key is None:
+                        self._tags_changed = False  # a change from here on asks for another pass
                     self._busy = True
             if idle:
                 self._release()
                 continue
             try:
-                self._upload(key)
+                if key is None:
+                    self._sync_tags()
+                else:
+                    self._upload(key)
             except BaseException as exc:  # kept for the store's next call
-                log.warning("upload of %s to %s failed: %s", describe_key(key), self.url, exc)
+                what = "mirroring the tags" if key is None else f"upload of {describe_key(key)}"
+                log.warning("%s to %s failed: %s", what, self.url, exc)
                 self._release()
                 with self._cond:
                     if self._error is None:
                         self._error = exc
+                    self._tags_changed = self._tags_changed or key is None
                     self._stalled = True
                     self._busy = False
                     self._cond.notify_all()
                 continue
             with self._cond:
-                if self._queue and self._queue[0] == key:
+                if key is not None and self._queue and self._queue[0] == key:
                     self._queue.popleft()
+                drained = not self._queue
+            if drained:
+                # before wait() can return: a bucket GC right after it (Store.mirror_gc) must
+                # not find this store's own upload lock still there
+                self._release()
+            with self._cond:
                 self._busy = False
                 self._cond.notify_all()
 
@@ -250,6 +291,8 @@ class Mirror:
         )
         if result is None:
             return  # deleted locally before its turn
+        # its record may replace one of the same key (a rollback's new future): read it again
+        self._infos.pop(key, None)
         self.results.append(result)
         keys = sorted(set(keys) | {key})
         tags = self._sync_tags(keys)
@@ -271,11 +314,16 @@ class Mirror:
                 "mirror %s: %d later steps of %r left the branch locally; removed", self.url, len(gone), self.branch
             )
             self.bucket.delete_steps(sorted(gone))
+            for gone_key in gone:
+                self._infos.pop(gone_key, None)
             self._deleted_since_gc += len(gone)
         return [k for k in keys if k not in gone]
 
-    def _sync_tags(self, keys: list[bytes]) -> dict[str, bytes]:
-        """The bucket's tags of this branch become the local ones; returns the bucket's tags."""
+    def _sync_tags(self, keys: list[bytes] | None = None) -> dict[str, bytes]:
+        """The bucket's tags of this branch become the local ones (``keys``: the branch's steps
+        in the bucket, listed if None); returns the bucket's tags."""
+        if keys is None:
+            keys = self._branch_keys()
         with self.backend.read() as txn:
             local = {n: k for n, k in local_tags(txn).items() if in_branch(k, self.branch)}
         remote = self.bucket.tags()
