@@ -168,7 +168,9 @@ class Checkpoint:
         if self._opened is None:
             if self._directory is None:
                 raise UsageError("this Checkpoint has no directory: pass load(path) / save(path), or Checkpoint(dir)")
-            options = dict(self._options, readonly=True, create=False)
+            # a host that does not write does not upload either: its mirror= is for the writer's
+            options = {k: v for k, v in self._options.items() if k not in ("mirror", "mirror_options")}
+            options.update(readonly=True, create=False)
             object.__setattr__(self, "_opened", Store(self._directory, **options))
         return self._opened
 

@@ -225,6 +225,22 @@ def test_load_or_save_on_a_fresh_machine_resumes_from_the_mirror(tmp_path, url):
         assert remote.load(4)["weights"][0] == expected[0] ^ 1
 
 
+def test_a_host_that_does_not_write_ignores_the_mirror(tmp_path, url, s3_admin, bucket):
+    """``write=False`` (a non-zero host of a multi-host run) reads its store read-only and
+    uploads nothing: the same options as the writer's work there."""
+    with mirrored(tmp_path / "a", url) as store:
+        store.save(0, {"w": np.arange(10)})
+        store.wait()
+    before = bucket_objects(s3_admin, bucket)
+    reader = castore.Checkpoint(tmp_path / "a", write=False, mirror=url, mirror_options=OPTIONS)
+    reader.w = np.zeros(10, np.int64)
+    assert reader.load() == 0 and reader.store.readonly and reader.store.mirror is None
+    assert_state_equal(reader.w, np.arange(10))
+    assert reader.save() is None  # write=False: nothing is written, here or in the bucket
+    reader.close()
+    assert bucket_objects(s3_admin, bucket) == before
+
+
 def test_pull_a_step_or_a_tag_fetching_only_what_is_missing(tmp_path, url):
     rng = np.random.default_rng(4)
     shared = random_bytes(rng, 4 * CHUNK)
