@@ -12,6 +12,8 @@ __all__ = [
     "CastoreError",
     "ChunkCorruptError",
     "ChunkMissingError",
+    "CommitTimeoutError",
+    "ComponentCollisionError",
     "CorruptDataError",
     "FormatError",
     "IntegrityError",
@@ -24,6 +26,7 @@ __all__ = [
     "RemoteUnavailableError",
     "SaveError",
     "SelectionError",
+    "StepConflictError",
     "StepExistsError",
     "StepNotFoundError",
     "StoreBusyError",
@@ -253,3 +256,39 @@ class BucketBusyError(RemoteError, BlockingIOError):
 class MirrorError(CastoreError):
     """Uploading a step to a store's mirror failed (raised once, by the next save, ``wait`` or
     ``close``); the step stays committed locally and is uploaded again by the next one."""
+
+
+class ComponentCollisionError(MirrorError, ValueError):
+    """Two ranks of a multi-host step saved a component under one name (``castore.mirror.multihost``).
+
+    ``step`` is the step, ``collisions`` maps each name to the ranks that saved it.  Ranks
+    must name their components disjointly (``agent/shard0``, ``replay/rank1``).
+    """
+
+    def __init__(self, message: str, *, step: int, collisions: dict[str, list[int]]):
+        self.step, self.collisions = step, collisions
+        super().__init__(message)
+
+
+class StepConflictError(MirrorError, FileExistsError):
+    """A multi-host step is committed in the bucket with other content than the parts merge to
+    (a step saved again after it committed, or ranks of one attempt disagreeing).  ``step``."""
+
+    def __init__(self, message: str, *, step: int):
+        self.step = step
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CommitTimeoutError(MirrorError, TimeoutError):
+    """A multi-host step did not commit in time: ``missing`` are the ranks whose part (of this
+    attempt) was not in the bucket when the wait gave up."""
+
+    def __init__(self, message: str, *, step: int, missing: list[int]):
+        self.step, self.missing = step, missing
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -16,7 +16,8 @@ A mirror (``Store(path, mirror="s3://bucket/prefix")``) keeps, under the URL's p
                            visible once its record is, and only then
 ``tags/<tag name hex>``    sealed msgpack ``{"key": step key}``
 ``locks/<kind>-<owner>``   a lock record (see :func:`encode_lock`): bucket GC excludes uploads
-``parts/<step key hex>/<rank>``  one rank's part of a multi-host step, until the step commits
+``parts/<step key hex>/<rank>``  one rank's part of a multi-host step (see :func:`encode_part`):
+                           written after the rank's packs, until the step commits; rank in 6 digits
 =========================  ==============================================================
 
 Hex keeps every key in the object stores' narrow alphabet, and a step key's hex sorts as its
@@ -68,6 +69,21 @@ def step_object(key: bytes) -> str:
 
 def part_object(key: bytes, rank: int) -> str:
     return f"{PARTS}/{bytes(key).hex()}/{rank:06d}"
+
+
+def part_folder(key: bytes) -> str:
+    """The folder of every part of step ``key``."""
+    return f"{PARTS}/{bytes(key).hex()}"
+
+
+def part_of(name: str) -> tuple[bytes, int]:
+    """``(step key, rank)`` a ``parts/<hex>/<rank>`` object names (checked)."""
+    head, _, rank = name.rpartition("/")
+    key = hex_name(head, PARTS, "part")
+    branch_of(key)
+    if len(rank) != 6 or not rank.isdigit() or not rank.isascii():
+        raise CorruptDataError(f"part object {name!r} is not named {PARTS}/<hex>/<6-digit rank>")
+    return key, int(rank)
 
 
 def tag_object(name: str) -> str:
@@ -242,6 +258,57 @@ def decode_step(raw, key: bytes, what: str) -> StepObject:
     if found != bytes(key):
         raise CorruptDataError(f"{what} holds the record of another step ({found.hex()})")
     return StepObject(found, manifest, stepinfo)
+
+
+#: ranks of one multi-host step at most (part names hold 6 digits)
+MAX_WORLD = 1 << 16
+#: characters of an attempt name at most
+MAX_ATTEMPT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class PartObject:
+    """A decoded part record: what rank ``rank`` of ``world`` saved as step ``key`` in ``attempt``."""
+
+    key: bytes
+    rank: int
+    world: int
+    attempt: str  #: the launch that saved it: only parts of one attempt are merged
+    written: float  #: UNIX time the rank wrote it (bucket GC's grace period counts from it)
+    manifest: bytes  #: the rank's sealed manifest, as its local store holds it
+    stepinfo: bytes  #: the rank's sealed stepinfo record
+
+
+def encode_part(part: PartObject) -> bytes:
+    body = {
+        "format": BUCKET_FORMAT,
+        "key": bytes(part.key),
+        "rank": part.rank,
+        "world": part.world,
+        "attempt": part.attempt,
+        "written": float(part.written),
+        "manifest": bytes(part.manifest),
+        "stepinfo": bytes(part.stepinfo),
+    }
+    return seal(msgpack.packb(body, use_bin_type=True))
+
+
+def decode_part(raw, key: bytes, rank: int, what: str) -> PartObject:
+    """A part record, checked, that must be rank ``rank``'s part of step ``key`` (its name's)."""
+    record = _sealed_map(raw, what)
+    found, world, attempt, written = (record.get(k) for k in ("key", "world", "attempt", "written"))
+    manifest, stepinfo, own = record.get("manifest"), record.get("stepinfo"), record.get("rank")
+    if not (isinstance(found, bytes) and isinstance(manifest, bytes) and isinstance(stepinfo, bytes)):
+        raise CorruptDataError(f"{what} is malformed: key, manifest and stepinfo must be bytes")
+    if found != bytes(key) or own != rank or isinstance(own, bool):
+        raise CorruptDataError(f"{what} holds the part of another step or rank ({found.hex()}, rank {own!r})")
+    if isinstance(world, bool) or not isinstance(world, int) or not rank < world <= MAX_WORLD:
+        raise CorruptDataError(f"{what} is malformed: world {world!r} for rank {rank}")
+    if not isinstance(attempt, str) or not 0 < len(attempt) <= MAX_ATTEMPT:
+        raise CorruptDataError(f"{what} is malformed: attempt {str(attempt)[:40]!r}")
+    if isinstance(written, bool) or not isinstance(written, (int, float)) or not math.isfinite(written):
+        raise CorruptDataError(f"{what} is malformed: time {written!r}")
+    return PartObject(found, rank, world, attempt, float(written), manifest, stepinfo)
 
 
 def encode_tag(key: bytes) -> bytes:

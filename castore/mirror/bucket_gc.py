@@ -8,7 +8,10 @@ finds it; a copy in another pack is garbage):
 * live share below ``repack_below``: its live values are copied into new packs (uploaded,
   with their indexes, before anything is deleted), then it is deleted;
 * a pack object without an index object (an upload killed between the two) is deleted, as
-  is an index whose pack is gone, and every stale lock.
+  is an index whose pack is gone, and every stale lock;
+* part records of multi-host steps (:mod:`castore.mirror.multihost`) are roots too while
+  their step may still commit; parts of committed steps, and parts older than
+  ``part_grace`` seconds whose step never committed, are deleted (before any pack).
 
 ``execute`` deletes index objects before their packs, so a pack is never indexed without
 its bytes for longer than a request.  Safety beside uploads comes from the locks
@@ -32,6 +35,7 @@ from ..format.manifest import PagedBlob, decode_manifest, iter_blobs
 from ..storage import PageWalker
 from ..storage.bucket import Bucket
 from ..storage.remote import RemoteSnapshot
+from .multihost import DEFAULT_PART_GRACE, classify_parts
 
 __all__ = ["BucketGcPlan", "collect", "execute", "plan"]
 
@@ -44,6 +48,9 @@ class BucketGcPlan:
     repack: list[str] = field(default_factory=list)  #: packs whose live values move to new packs
     orphan_packs: list[str] = field(default_factory=list)  #: pack objects (keys) without an index
     orphan_indexes: list[str] = field(default_factory=list)  #: index objects (keys) without a pack
+    #: part objects (keys) of committed steps, or older than the grace period
+    doomed_parts: list[str] = field(default_factory=list)
+    parts: int = 0  #: part records kept as roots
     live_values: int = 0
     live_bytes: int = 0  #: bytes of live values, kept
     moved_bytes: int = 0  #: of those, bytes repacking copies
@@ -56,14 +63,14 @@ class BucketGcPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.delete or self.repack or self.orphan_packs or self.orphan_indexes)
+        return not (self.delete or self.repack or self.orphan_packs or self.orphan_indexes or self.doomed_parts)
 
 
-def plan(bucket: Bucket, *, repack_below: float = 0.5) -> BucketGcPlan:
-    """What :func:`execute` would do now (reads step records and pages; changes nothing).
+def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAULT_PART_GRACE) -> BucketGcPlan:
+    """What :func:`execute` would do now (reads step and part records and pages; changes nothing).
 
-    Raises :class:`CorruptDataError` if a step record or a page it needs cannot be read:
-    GC must see every root, or it would free what an unreadable step names.
+    Raises :class:`CorruptDataError` if a step or part record or a page it needs cannot be
+    read: GC must see every root, or it would free what an unreadable one names.
     """
     snapshot = RemoteSnapshot(bucket, 0)  # refreshes the index, reads every step record
     damaged = [p for p in snapshot.problems if not p[0].startswith(layout.INDEX + "/")]
@@ -74,19 +81,22 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5) -> BucketGcPlan:
         )
     walker = PageWalker(snapshot, check_pages=True)
     live: set[bytes] = set()
-    for key, raw in snapshot.steps.items():
+    parts, doomed_parts = classify_parts(bucket, set(snapshot.steps), grace=part_grace)
+    roots = [(key.hex(), raw) for key, raw in snapshot.steps.items()]
+    roots += [(f"rank {p.rank}'s part of {p.key.hex()}", p.manifest) for p in parts]
+    for where, raw in roots:
         manifest = decode_manifest(raw)
         for _, node in manifest.components:
             for blob in iter_blobs(node):
                 walk = walker.walk(blob)
                 if walk.damaged:
                     raise CorruptDataError(
-                        f"bucket GC of {bucket.url} refused: a page of {key.hex()} is {walk.damaged[0][0]}"
+                        f"bucket GC of {bucket.url} refused: a page of {where} is {walk.damaged[0][0]}"
                     )
                 if isinstance(blob, PagedBlob):
                     live.update(split_ids(blob.page_ids))
                 live.update(split_ids(walk.chunk_ids))
-    result = BucketGcPlan(steps=len(snapshot.steps), live=live)
+    result = BucketGcPlan(steps=len(snapshot.steps), live=live, doomed_parts=doomed_parts, parts=len(parts))
     packs = bucket.packs()
     live_in: dict[str, int] = {}
     for cid in live:
@@ -120,6 +130,7 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5) -> BucketGcPlan:
 
 def execute(bucket: Bucket, gc_plan: BucketGcPlan, *, pack_bytes: int = 32 << 20, lock=None) -> None:
     """Carry out ``gc_plan`` (made under the ``gc`` lock the caller holds: ``lock``, refreshed)."""
+    bucket.objects.delete(gc_plan.doomed_parts)  # roots first: what they alone named is garbage already
     if gc_plan.repack:
         wanted = [cid for pack_id in gc_plan.repack for cid in _live_ids(bucket, pack_id, gc_plan.live)]
         builder = PackBuilder()
@@ -158,7 +169,12 @@ def _live_ids(bucket: Bucket, pack_id: str, live: set[bytes]) -> list[bytes]:
 
 
 def collect(
-    bucket: Bucket, *, lock_ttl: float = 600.0, repack_below: float = 0.5, dry_run: bool = False
+    bucket: Bucket,
+    *,
+    lock_ttl: float = 600.0,
+    repack_below: float = 0.5,
+    dry_run: bool = False,
+    part_grace: float = DEFAULT_PART_GRACE,
 ) -> BucketGcPlan:
     """Take the ``gc`` lock, plan, execute (unless ``dry_run``), release; returns the plan.
 
@@ -167,7 +183,7 @@ def collect(
     lock = bucket.take_lock("gc", lock_ttl)
     try:
         bucket.delete_stale_locks(keep=lock.key)
-        gc_plan = plan(bucket, repack_below=repack_below)
+        gc_plan = plan(bucket, repack_below=repack_below, part_grace=part_grace)
         if not dry_run:
             lock.refresh_if_due()
             execute(bucket, gc_plan, lock=lock)

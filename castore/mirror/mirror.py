@@ -21,6 +21,11 @@ waits for the network: a save returns once it committed locally.
   ``gc_after`` deleted steps have accumulated (:mod:`castore.mirror.bucket_gc`).
 * **Locks**: the uploader holds a shared ``upload`` lock while it has work; bucket GC takes
   an exclusive one, and each waits for the other (``lock_wait`` seconds, then an error).
+* **Many hosts, one step** (``MirrorOptions(rank=r, world=N, attempt=...)``): each rank
+  uploads a part, and the step commits once every rank's part is there
+  (:mod:`castore.mirror.multihost`); :meth:`Mirror.wait_committed` waits for that.  Rank 0
+  alone applies retention, tags and bucket GC to the bucket; rollbacks are not followed
+  (a committed step is never replaced) and local steps are not re-uploaded at open.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ from ..storage import ChunkStore
 from ..storage.base import Backend
 from ..storage.bucket import Bucket, LockHandle
 from . import bucket_gc
-from .transfer import RateLimit, UploadResult, upload_step
+from .multihost import PartCommitter, check_ranks
+from .transfer import RateLimit, UploadResult, remote_key, upload_step
 
 if TYPE_CHECKING:  # obstore (under storage.s3) is the s3 extra's: imported when an s3:// URL opens
     from ..storage.s3 import RetryPolicy
@@ -78,6 +84,13 @@ class MirrorOptions:
     #: :class:`~castore.storage.s3.RetryPolicy`, which gives up on an unreachable server
     #: after about 20 s; a shorter one surfaces an outage sooner, as a MirrorError)
     retry: RetryPolicy | None = None
+    #: this process's rank among ``world`` processes that save one step together
+    #: (``castore.mirror.multihost``); ``world=1``: this store's steps are whole steps
+    rank: int = 0
+    world: int = 1
+    #: with ``world > 1``: the name of this launch, the same on every rank and new at each
+    #: restart (e.g. the scheduler's job id and restart count); only parts of one attempt merge
+    attempt: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.pack_bytes, int) or not 1 << 20 <= self.pack_bytes <= 1 << 30:
@@ -95,6 +108,7 @@ class MirrorOptions:
 
             if not isinstance(self.retry, s3.RetryPolicy):
                 raise UsageError(f"retry must be a castore.storage.s3.RetryPolicy or None, got {self.retry!r}")
+        check_ranks(self.rank, self.world, self.attempt)
 
     def object_store_options(self) -> dict:
         """What :func:`~castore.storage.objects.open_object_store` is given for these options."""
@@ -132,10 +146,16 @@ class Mirror:
         self._infos: dict[bytes, StepInfo] = {}  # bucket steps' stepinfo, read once each
         #: what the uploads did, oldest first (for tests, benchmarks and ``castore``)
         self.results: list[UploadResult] = []
-        remote = set(bucket.step_keys())
-        with backend.read() as txn:
-            local = [bytes(k) for k, _ in txn.scan(Table.STEPS, branch_prefix(branch), branch_end(branch))]
-        self._queue.extend(k for k in local if in_branch(k, branch) and k not in remote)
+        #: a multi-host rank's parts and commits (None for a single-host mirror)
+        self.parts: PartCommitter | None = None
+        if options.world > 1:
+            attempt = options.attempt or ""  # checked by MirrorOptions already
+            self.parts = PartCommitter(bucket, rank=options.rank, world=options.world, attempt=attempt)
+        else:  # a multi-host rank does not know which attempt saved its old steps: not re-uploaded
+            remote = set(bucket.step_keys())
+            with backend.read() as txn:
+                local = [bytes(k) for k, _ in txn.scan(Table.STEPS, branch_prefix(branch), branch_end(branch))]
+            self._queue.extend(k for k in local if in_branch(k, branch) and k not in remote)
         self._thread = threading.Thread(target=self._run, name="castore-mirror", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -156,7 +176,9 @@ class Mirror:
 
     def tags_changed(self) -> None:
         """The store's tags changed (``tag``, ``untag``): mirror them once what is queued is
-        uploaded, without waiting for the next commit."""
+        uploaded, without waiting for the next commit (rank 0's alone in a multi-host job)."""
+        if self.options.rank != 0:
+            return
         with self._cond:
             self._tags_changed = True
             self._cond.notify_all()
@@ -185,6 +207,28 @@ class Mirror:
             if isinstance(error, MirrorError):
                 raise error
             raise MirrorError(f"uploading to the mirror {self.url} failed: {error}") from error
+
+    def wait_committed(self, step: int, *, timeout: float = 60.0) -> None:
+        """Wait for this store's uploads (:meth:`wait`), then until ``step`` of the branch is
+        committed in the bucket: with ``world > 1``, until every rank's part is there and one
+        of them wrote the step record.
+
+        Raises this store's upload error (:class:`~castore.errors.MirrorError`), and for a
+        multi-host step :class:`~castore.errors.CommitTimeoutError` after ``timeout`` seconds
+        (naming the ranks whose part is missing), :class:`~castore.errors.ComponentCollisionError`.
+        """
+        key = step_key(step, self.branch)
+        self.wait()
+        if self.parts is not None:
+            self.parts.wait_committed(key, timeout)
+        elif self.bucket.get_step(key) is None:
+            raise MirrorError(f"{describe_key(key)} is not in {self.url} (not saved here, or deleted since)")
+
+    def latest_committed(self) -> int | None:
+        """The latest step of the branch committed in the bucket (None if none): where every
+        rank of a multi-host job resumes from."""
+        key = remote_key(self.bucket, None, self.branch)
+        return None if key is None else step_of(key)
 
     def close(self, *, upload: bool = True) -> None:
         """Upload what is queued (unless ``upload=False``), stop the thread, release the lock."""
@@ -277,7 +321,7 @@ class Mirror:
 
     def _upload(self, key: bytes) -> None:
         lock = self._take_lock()
-        keys = self._follow_rollback(key, self._branch_keys())
+        keys = self._follow_rollback(key, self._branch_keys()) if self.parts is None else []
         result = upload_step(
             self.backend,
             self.chunks,
@@ -288,13 +332,19 @@ class Mirror:
             uploads=self.options.uploads,
             limit=self._limit,
             pool=self._pool,
+            publish=None if self.parts is None else self.parts.publish,
         )
         if result is None:
             return  # deleted locally before its turn
         # its record may replace one of the same key (a rollback's new future): read it again
         self._infos.pop(key, None)
         self.results.append(result)
-        keys = sorted(set(keys) | {key})
+        if self.options.rank != 0:
+            return  # one rank looks after the bucket's steps
+        if self.parts is None:
+            keys = sorted(set(keys) | {key})
+        else:  # listed now: whether this step committed yet depends on the other ranks
+            keys = self._branch_keys()
         tags = self._sync_tags(keys)
         self._retain(keys, tags)
 

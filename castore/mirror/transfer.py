@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import (
@@ -140,8 +141,13 @@ def upload_step(
     uploads: int,
     limit: RateLimit,
     pool: concurrent.futures.Executor,
+    publish: Callable[[bytes, bytes, bytes], int] | None = None,
 ) -> UploadResult | None:
     """Upload step ``key`` of the local store: the values the bucket lacks, then its record.
+
+    ``publish(key, manifest, stepinfo) -> bytes put``, if given, is called instead of writing
+    the step record (a multi-host rank writes its part there: :mod:`castore.mirror.multihost`),
+    at the same point: every value uploaded, the lock checked.
 
     Returns None if the local store no longer has the step (retention deleted it before its
     turn).  ``uploads`` packs are in flight at most (memory: ``(uploads + 1) * pack_bytes``).
@@ -210,8 +216,11 @@ def upload_step(
             f"{describe_key(key)}: the upload lock on {bucket.url} expired or was removed by a bucket GC "
             "before the step record was written; nothing was made visible (the next upload redoes it)"
         )
-    bucket.put_step(key, manifest_raw, stepinfo)
-    object_bytes += len(manifest_raw) + len(stepinfo)
+    if publish is None:
+        bucket.put_step(key, manifest_raw, stepinfo)
+        object_bytes += len(manifest_raw) + len(stepinfo)
+    else:
+        object_bytes += publish(key, manifest_raw, stepinfo)
     return UploadResult(key, sent, value_bytes, packs, object_bytes, time.perf_counter() - started)
 
 
