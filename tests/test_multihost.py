@@ -206,6 +206,34 @@ def test_a_component_name_collision_names_the_ranks_and_the_names(s3_server, buc
                 store.close()
 
 
+def test_a_waiting_rank_commits_a_step_whose_last_rank_died_after_its_part(s3_server, bucket, tmp_path, monkeypatch):
+    """The last rank writes its part and dies before the step record (one request): a rank
+    waiting for the step finds every part and commits it itself."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{bucket}/run"
+    options = [MirrorOptions(rank=r, world=WORLD, attempt="a", gc_after=0) for r in range(WORLD)]
+    stores = [castore.Store(tmp_path / f"r{r}", mirror=url, mirror_options=options[r]) for r in range(WORLD)]
+    try:
+        for r in (0, 1):
+            stores[r].save(1, tree(r, 1, 0))
+            stores[r].wait()
+        last = stores[2].mirror.parts
+        monkeypatch.setattr(last, "try_commit", lambda key: "waiting")  # dies right after its part
+        stores[2].save(1, tree(2, 1, 0))
+        stores[2].wait()
+        assert len(part_names(stores[0].mirror.bucket)) == WORLD
+        with castore.Store(url, readonly=True) as reader:
+            assert reader.steps() == []  # every part, no record: not visible
+        stores[0].mirror.wait_committed(1, timeout=60)
+        with castore.Store(url, readonly=True) as reader:
+            assert reader.steps() == [1] and digest(reader.load(1)) == expected(WORLD, 1, 0)
+        assert part_names(stores[0].mirror.bucket) == []  # the committer removed them
+    finally:
+        for store in stores:
+            store.close()
+
+
 def test_bucket_gc_keeps_what_pending_parts_name_and_drops_old_ones(s3_server, bucket, tmp_path, monkeypatch):
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)

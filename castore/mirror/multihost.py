@@ -17,8 +17,9 @@ The merge is a pure function of the parts' bytes, so every rank that sees all N 
 writes the same record and whoever wins, the step is the same; a loser compares the record
 it finds (equal: fine; different: :class:`~castore.errors.StepConflictError`).  The bucket is
 strongly consistent, so the last rank to write its part lists all N: a step whose parts are
-all written commits, unless that last rank dies between its part and the step record (one
-request), which looks to everyone like a rank that died before its part.  A rank that dies
+all written commits; if that last rank dies between its part and the step record (one
+request), any rank waiting in :meth:`PartCommitter.wait_committed` finds every part and
+commits the step itself.  A rank that dies
 before its part leaves no visible step: readers (``Store(url, readonly=True)``, ``pull``)
 see only step records.  Parts of a committed step are deleted by the rank that committed it;
 bucket GC (:mod:`castore.mirror.bucket_gc`) keeps what live parts name, and deletes parts of
@@ -240,7 +241,11 @@ class PartCommitter:
                 checked = listed
                 mine, _ = self.parts(key)
                 if len(mine) == self.world:
-                    merge_parts(key, list(mine.values()))  # raises what keeps the step from committing
+                    # every part is there: commit it ourselves (the rank that wrote the last part
+                    # may have died before the step record); raises what keeps it from committing.
+                    # No lock is needed: bucket GC keeps every value a pending part names.
+                    if self.try_commit(key) != WAITING:
+                        return
             left = deadline - time.monotonic()
             if left <= 0:
                 mine, others = self.parts(key)
@@ -251,7 +256,7 @@ class PartCommitter:
                     f"of ranks {missing} (attempt {self.attempt!r}) are missing{stale}"
                     if missing
                     else f"{describe_key(key)} did not commit in {self.bucket.url} within {timeout:g} s though "
-                    "every part is there (the rank that wrote the last one died before the step record?)",
+                    "every part is there",
                     step=step_of(key),
                     missing=missing,
                 )
