@@ -452,9 +452,19 @@ class Checkpoint:
 
         With ``mirror=``, a store without a step first pulls the latest step of its branch
         from the mirror (fetching its chunks), so a run resumes on any machine from the
-        bucket; a bucket without one leaves the save to happen as without a mirror.
+        bucket; a bucket without one leaves the save to happen as without a mirror.  A rank
+        of a multi-host mirror (``MirrorOptions(world=N)``) resumes from the bucket's latest
+        committed step (pulled if this rank's store lacks it; its later steps, which never
+        committed, move to an abandoned branch at the next save), whatever its own latest is.
         """
-        if not self.exists() and self._opened is not None and self._opened.mirror is not None:
+        mirror = None if self._opened is None else self._opened.mirror
+        if mirror is not None and mirror.parts is not None:  # a rank of a multi-host job
+            latest = mirror.latest_committed()
+            if latest is not None:  # resume where every rank committed, not at this rank's latest
+                if not self._opened.has_step(latest):
+                    self._opened.pull(latest)
+                return self.load(step=latest)
+        elif mirror is not None and not self.exists():
             self._opened.pull()
         if self.exists():
             return self.load()

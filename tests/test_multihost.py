@@ -234,6 +234,48 @@ def test_a_waiting_rank_commits_a_step_whose_last_rank_died_after_its_part(s3_se
             store.close()
 
 
+def test_a_checkpoint_rank_resumes_from_the_latest_committed_step(s3_server, bucket, tmp_path, monkeypatch):
+    """load_or_save on a rank resumes where every rank committed: not at its own later step
+    (which never committed), and on a fresh machine by pulling that step."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{bucket}/run"
+
+    def rank_checkpoint(path, rank: int, attempt: str) -> castore.Checkpoint:
+        options = MirrorOptions(rank=rank, world=2, attempt=attempt, gc_after=0)
+        return castore.Checkpoint(path, mirror=url, mirror_options=options)
+
+    ranks = [rank_checkpoint(tmp_path / f"r{r}", r, "a") for r in range(2)]
+    for step in (1, 2):
+        for r, cp in enumerate(ranks):
+            for name, value in tree(r, step, 0).items():
+                setattr(cp, name.replace("/", "_"), value)
+            cp.save(step=step)
+        for cp in ranks:
+            cp.store.mirror.wait_committed(step, timeout=60)
+    ranks[0].shard = np.full(3, 99)
+    ranks[0].save(step=3)  # rank 1 never saves 3: it does not commit
+    ranks[0].wait()
+    for cp in ranks:
+        cp.close()
+    with castore.Store(url, readonly=True) as reader:
+        assert reader.steps() == [1, 2]
+
+    again = rank_checkpoint(tmp_path / "r0", 0, "b")
+    for name, value in tree(0, 0, 1).items():
+        setattr(again, name.replace("/", "_"), value)
+    assert again.load_or_save() == 2  # not its own step 3
+    np.testing.assert_array_equal(again.agent_shard0["w"], tree(0, 2, 0)["agent/shard0"]["w"])
+    again.close()
+
+    fresh = rank_checkpoint(tmp_path / "fresh1", 1, "b")
+    for name, value in tree(1, 0, 1).items():
+        setattr(fresh, name.replace("/", "_"), value)
+    assert fresh.load_or_save() == 2  # pulled from the bucket
+    np.testing.assert_array_equal(fresh.replay_rank1, tree(1, 2, 0)["replay/rank1"])
+    fresh.close()
+
+
 def test_bucket_gc_keeps_what_pending_parts_name_and_drops_old_ones(s3_server, bucket, tmp_path, monkeypatch):
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
