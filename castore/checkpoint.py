@@ -104,7 +104,8 @@ class Checkpoint:
     ``compression`` (``"auto"``, ``"none"``, ``"zstd:LEVEL"``), ``verify``, ``allow_pickle``,
     ``chunk_bytes``, ``readonly``, ``max_pending``,
     ``check_tracking``, ``branch`` (default ``"main"``: the line of steps this checkpoint
-    saves to and lists).
+    saves to and lists), ``mirror`` (``"s3://bucket/prefix"``: uploads in the background;
+    ``load_or_save`` on an empty store resumes from the bucket) and ``mirror_options``.
 
     Rollback: after ``load(step=k)`` of a step before the branch's latest, the next save
     continues from k, and the steps after k move to branch ``<branch>-abandoned-<k>``

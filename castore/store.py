@@ -58,10 +58,11 @@ class Store:
     ``Store(path)`` opens the store in directory ``path``, creating it (and missing
     parents) unless ``create=False`` or ``readonly=True`` (``"memory://name"``: a store in
     this process's memory, for tests).  Without creating, a path that holds no store is
-    refused with :class:`StoreNotFoundError` and left exactly as it was.  Other URLs
-    (``gs://``, ``s3://``, ``https://``, ``file://``, ...) are refused with
-    :class:`UnsupportedLocationError` before anything is created: object storage is not
-    supported yet.  A file in the way is a :class:`StoreNotFoundError`, a missing
+    refused with :class:`StoreNotFoundError` and left exactly as it was.
+    ``Store("s3://bucket/prefix", readonly=True)`` reads a bucket a mirror or ``push`` wrote
+    (a writable open of one is a :class:`UsageError`: writes go through a local store's
+    ``mirror=``).  Other URLs (``gs://``, ``https://``, ``file://``, ...) are refused with
+    :class:`UnsupportedLocationError` before anything is created.  A file in the way is a :class:`StoreNotFoundError`, a missing
     permission a :class:`StorePermissionError`; each says what to do.  ``readonly=True``
     loads from a store this user may not write, and beside another process writing it.
 
@@ -79,6 +80,12 @@ class Store:
     ``"zstd"`` / ``"zstd:LEVEL"``.  A new store records it (default ``"auto"``); an open
     without it uses the recorded setting.  Chunk ids hash the raw bytes, so stores of
     mixed settings deduplicate and verify alike.
+
+    ``mirror="s3://bucket/prefix"`` uploads each committed step of this branch to a bucket
+    in the background (see :class:`~castore.mirror.Mirror`; ``mirror_options`` a
+    :class:`~castore.mirror.MirrorOptions`): ``wait()`` waits for the uploads too, and an
+    upload's error is raised once by the next ``save``, ``wait`` or ``close``, after the
+    local commit.
 
     A store holds branches, each its own sequence of steps; a ``Store`` works on one
     (``branch``, default ``"main"``): ``save``, ``delete`` and ``retain`` act on it, and
