@@ -175,7 +175,8 @@ class Store:
         if not isinstance(options, MirrorOptions):
             raise UsageError(f"mirror_options must be a castore.MirrorOptions, got {type(options).__name__}")
         try:
-            bucket = Bucket(open_object_store(url), create=True)
+            retry = {} if options.retry is None else {"retry": options.retry}
+            bucket = Bucket(open_object_store(url, **retry), create=True)
             self._mirror = Mirror(
                 self._backend, self._chunks, bucket, branch=self.branch, keep=lambda: self.keep, options=options
             )
@@ -383,7 +384,8 @@ class Store:
             if self._mirror is None:
                 raise UsageError(f"store {self.path} has no mirror: pass url= or open it with mirror=")
             url = self._mirror.url
-        bucket = Bucket(open_object_store(url), create=create)
+        retry = self._mirror.options.retry if self._mirror is not None and url == self._mirror.url else None
+        bucket = Bucket(open_object_store(url, **({} if retry is None else {"retry": retry})), create=create)
         try:
             bucket.refresh_index()
             yield bucket

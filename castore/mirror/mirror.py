@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..catalog import tags as local_tags
 from ..errors import BucketBusyError, CastoreError, CorruptDataError, MirrorError, UsageError
@@ -44,6 +45,9 @@ from ..storage.base import Backend
 from ..storage.bucket import Bucket, LockHandle
 from . import bucket_gc
 from .transfer import RateLimit, UploadResult, upload_step
+
+if TYPE_CHECKING:  # castore.storage.s3 needs obstore (the s3 extra): imported where a bucket opens
+    from ..storage.s3 import RetryPolicy
 
 __all__ = ["Mirror", "MirrorOptions"]
 
@@ -66,6 +70,9 @@ class MirrorOptions:
     lock_wait: float = 120.0
     #: run bucket GC after this many steps were deleted from the bucket (0: never by itself)
     gc_after: int = 8
+    #: how the mirror's requests are retried (None: :class:`~castore.storage.s3.RetryPolicy`'s
+    #: defaults, about 20 s before an unreachable server fails an upload)
+    retry: RetryPolicy | None = None
 
     def __post_init__(self):
         if not isinstance(self.pack_bytes, int) or not 1 << 20 <= self.pack_bytes <= 1 << 30:
