@@ -142,6 +142,9 @@ class Mirror:
         self._error: BaseException | None = None
         self._closing = False
         self._lock: LockHandle | None = None
+        # locks whose release failed (the bucket was unreachable): released once it answers
+        # again, or they would hold bucket GC off for lock_ttl
+        self._unreleased: list[LockHandle] = []
         self._deleted_since_gc = 0
         self._infos: dict[bytes, StepInfo] = {}  # bucket steps' stepinfo, read once each
         #: what the uploads did, oldest first (for tests, benchmarks and ``castore``)
@@ -312,12 +315,18 @@ class Mirror:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self.bucket.refresh_index()  # a GC may have removed packs since we last looked
+        self._release_unreleased()
         return self._lock
 
     def _release(self) -> None:
         lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.release()
+        if lock is not None and not lock.release():
+            self._unreleased.append(lock)
+        elif lock is not None:
+            self._release_unreleased()
+
+    def _release_unreleased(self) -> None:
+        self._unreleased = [lock for lock in self._unreleased if not lock.release()]
 
     def _upload(self, key: bytes) -> None:
         lock = self._take_lock()

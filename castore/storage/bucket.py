@@ -424,11 +424,14 @@ class LockHandle:
             return False
         return self.bucket.objects.head(self.key) is not None
 
-    def release(self) -> None:
+    def release(self) -> bool:
+        """Delete the lock object; False (logged) if the bucket could not be reached."""
         try:
             self.bucket.objects.delete([self.key])
         except RemoteError as exc:  # a lock left behind goes stale after ttl
             log.warning("could not release lock %s: %s", self.key, exc)
+            return False
+        return True
 
 
 def _owner() -> str:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 from ..errors import CorruptDataError, UsageError
 from ..format import journal
-from ..format.bucket import CHUNK, PAGE
+from ..format.bucket import CHUNK, PAGE, step_object
 from ..format.config import CONFIG_KEY, new_config
 from ..format.keys import tag_key
 from ..format.schema import Table
@@ -53,7 +53,7 @@ class RemoteSnapshot:
         self.stepinfo: dict[bytes, bytes] = {}
         for key, found in bucket.get_steps(keys).items():
             if isinstance(found, CorruptDataError):
-                self.problems.append((key.hex(), str(found)))
+                self.problems.append((step_object(key), str(found)))
             elif found is not None:
                 self.steps[key] = found.manifest
                 self.stepinfo[key] = found.stepinfo
