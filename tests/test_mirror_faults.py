@@ -398,8 +398,11 @@ def test_a_deleted_pack(mirrored, s3_admin, tmp_path):
     with castore.Store(url, readonly=True) as remote:
         report = remote.verify()
         assert not report.ok and report.affected_steps == [("main", 2)], report
-        assert {p.kind for p in report.problems} == {"chunk-missing"}, report.problems
-        assert all(p.component in ("model", "opt") and p.chunk and p.path for p in report.problems)
+        assert {p.kind for p in report.problems} == {"chunk-missing", "bucket"}, report.problems
+        named = [p.detail for p in report.problems if p.kind == "bucket"]
+        assert len(named) == 1 and named[0].startswith(packs[2][0] + ": missing"), named  # the pack, by name
+        chunks = [p for p in report.problems if p.kind == "chunk-missing"]
+        assert all(p.component in ("model", "opt") and p.chunk and p.path for p in chunks)
         for step in (0, 1):
             assert_state_equal(remote.load(step), state(step))
         with pytest.raises(castore.ChunkMissingError) as info:
@@ -430,10 +433,25 @@ def test_a_pack_cut_short(mirrored, s3_admin, tmp_path):
     with castore.Store(url, readonly=True) as remote:
         report = remote.verify()
         assert report.affected_steps == [("main", 2)], report
-        assert {p.kind for p in report.problems} <= {"chunk-missing", "chunk-corrupt"}, report.problems
+        assert {p.kind for p in report.problems} <= {"chunk-missing", "chunk-corrupt", "bucket"}, report.problems
+        named = [p.detail for p in report.problems if p.kind == "bucket"]  # the index no longer fits its pack
+        assert named and all(packs[2][-1].rpartition("/")[2] in d for d in named), named
         with pytest.raises(castore.IntegrityError):
             remote.load(2)
     assert isinstance(pull_commits_nothing(url, 2, tmp_path / "pulled"), castore.IntegrityError)
+
+
+def gc_repairs(url: str, path, pack_id: str) -> None:
+    """Bucket GC writes the pack's index object again from its trailer; then nothing is wrong."""
+    with castore.Store(path) as store:
+        plan = store.mirror_gc(url=url)
+    assert plan.reindex == [pack_id] and plan.missing_values == 0, plan
+    assert layout.pack_key(pack_id) not in plan.orphan_packs + plan.kept_packs
+    with castore.Store(url, readonly=True) as remote:
+        report = remote.verify()
+        assert report.ok, report.problems
+        for step in range(3):
+            assert_state_equal(remote.load(step, verify=True), state(step))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -447,38 +465,43 @@ def test_a_damaged_index_is_survived_through_the_pack_trailer(mirrored, s3_admin
         for step in range(3):
             assert_state_equal(remote.load(step, verify=True), state(step))
         report = remote.verify()
-        # The lead is wiring bucket problems into verify: until then the index problem shows
-        # in RemoteBackend.problems only; either way no step is affected.
-        assert report.affected_steps == [] and not [p for p in report.problems if p.kind != "store"], report
+        assert report.affected_steps == [], report  # every step is whole; the index object is named
+        assert [p.kind for p in report.problems] == ["bucket"] and key in report.problems[0].detail, report
         assert key in dict(remote.backend.problems), remote.backend.problems
     # the pull reads the pack through its trailer as well
     with castore.Store(tmp_path / "pulled", chunk_bytes=CHUNK_BYTES) as local:
         assert local.pull(2, url=url) == 2
         assert_state_equal(local.load(2, verify=True), state(2))
+    gc_repairs(url, tmp_path / "gc", pack_id)
+    assert admin_get(s3_admin, bucket, key) == good
 
 
-def test_another_packs_index_in_place_is_a_typed_error(mirrored, s3_admin):
-    """A sealed, valid index of pack B stored as pack A's: nothing binds an index object to its
-    pack (its id hashes the whole pack), so reads are misdirected.  What must hold: typed
-    errors and a report, never a crash (see the report of wt-faults: not survived yet)."""
+def test_another_packs_index_in_place_is_survived_and_repaired(mirrored, s3_admin, tmp_path):
+    """A sealed, valid index of pack B stored as pack A's: it does not fit A's size, so A's
+    own trailer is read instead, every step loads, verify names the index object, and
+    bucket GC writes A's index again."""
     url, bucket, packs = mirrored
     a, b = (packs[step][0].rpartition("/")[2] for step in (2, 1))
+    good = admin_get(s3_admin, bucket, layout.index_key(a))
     admin_put(s3_admin, bucket, layout.index_key(a), admin_get(s3_admin, bucket, layout.index_key(b)))
     with castore.Store(url, readonly=True) as remote:
-        report = remote.verify()
-        assert ("main", 2) in report.affected_steps, report
         for step in range(3):
-            try:
-                assert_state_equal(remote.load(step, verify=True), state(step))
-            except castore.IntegrityError:
-                assert ("main", step) in report.affected_steps
+            assert_state_equal(remote.load(step, verify=True), state(step))
+        report = remote.verify()
+        assert report.affected_steps == [] and [p.kind for p in report.problems] == ["bucket"], report
+        assert layout.index_key(a) in report.problems[0].detail and "does not fit its pack" in report.problems[0].detail
+    gc_repairs(url, tmp_path / "gc", a)
+    assert admin_get(s3_admin, bucket, layout.index_key(a)) == good
 
 
 def test_a_deleted_index(mirrored, s3_admin, tmp_path):
     """A pack without its index is what a killed upload leaves: its values are not in the
-    bucket's index, so the step that needs them is reported, and loads fail typed."""
+    bucket's index, so the step that needs them is reported, and loads fail typed.  Bucket
+    GC does not take it for garbage: its trailer lists values a step needs, so its index is
+    written again, and the step loads."""
     url, bucket, packs = mirrored
-    s3_admin.delete_object(Bucket=bucket, Key=f"run/{layout.index_key(packs[2][0].rpartition('/')[2])}")
+    pack_id = packs[2][0].rpartition("/")[2]
+    s3_admin.delete_object(Bucket=bucket, Key=f"run/{layout.index_key(pack_id)}")
     with castore.Store(url, readonly=True) as remote:
         report = remote.verify()
         assert report.affected_steps == [("main", 2)] and {p.kind for p in report.problems} == {"chunk-missing"}
@@ -486,6 +509,7 @@ def test_a_deleted_index(mirrored, s3_admin, tmp_path):
             remote.load(2)
         assert_state_equal(remote.load(1), state(1))
     assert isinstance(pull_commits_nothing(url, 2, tmp_path / "pulled"), castore.ChunkMissingError)
+    gc_repairs(url, tmp_path / "gc", pack_id)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "another step's", "empty"])
@@ -501,8 +525,9 @@ def test_a_damaged_step_record(mirrored, s3_admin, tmp_path, damage):
         assert [name for name, _ in remote.backend.problems] == [key], remote.backend.problems
         with pytest.raises(castore.StepNotFoundError):
             remote.load(2)
-        report = remote.verify()  # does not raise; the lead wires bucket problems into it
-        assert report.affected_steps == [] and not [p for p in report.problems if p.kind != "store"], report
+        report = remote.verify()  # does not raise: names the record
+        assert report.affected_steps == [] and [p.kind for p in report.problems] == ["bucket"], report
+        assert key in report.problems[0].detail
         for step in (0, 1):
             assert_state_equal(remote.load(step), state(step))
     error = pull_commits_nothing(url, 2, tmp_path / "pulled")

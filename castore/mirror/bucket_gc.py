@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CorruptDataError
+from ..errors import CorruptDataError, RemoteNotFoundError
 from ..format import bucket as layout
 from ..format.bucket import PackBuilder
 from ..format.ids import split_ids
@@ -48,6 +48,12 @@ class BucketGcPlan:
     repack: list[str] = field(default_factory=list)  #: packs whose live values move to new packs
     orphan_packs: list[str] = field(default_factory=list)  #: pack objects (keys) without an index
     orphan_indexes: list[str] = field(default_factory=list)  #: index objects (keys) without a pack
+    #: packs whose index object is written again from their trailer (it was deleted, damaged,
+    #: or another pack's, and the pack holds live values)
+    reindex: list[str] = field(default_factory=list)
+    #: pack objects (keys) without a readable index kept because live values are missing
+    kept_packs: list[str] = field(default_factory=list)
+    missing_values: int = 0  #: live values found in no pack: damage (``castore verify`` names the steps)
     #: part objects (keys) of committed steps, or older than the grace period
     doomed_parts: list[str] = field(default_factory=list)
     parts: int = 0  #: part records kept as roots
@@ -63,7 +69,9 @@ class BucketGcPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not (self.delete or self.repack or self.orphan_packs or self.orphan_indexes or self.doomed_parts)
+        return not (
+            self.delete or self.repack or self.orphan_packs or self.orphan_indexes or self.doomed_parts or self.reindex
+        )
 
 
 def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAULT_PART_GRACE) -> BucketGcPlan:
@@ -73,7 +81,8 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAU
     read: GC must see every root, or it would free what an unreadable one names.
     """
     snapshot = RemoteSnapshot(bucket, 0)  # refreshes the index, reads every step record
-    damaged = [p for p in snapshot.problems if not p[0].startswith(layout.INDEX + "/")]
+    # unreadable roots stop GC; a damaged index or a missing pack is what GC looks at below
+    damaged = [p for p in snapshot.problems if not p[0].startswith((layout.INDEX + "/", layout.PACKS + "/"))]
     if damaged:
         raise CorruptDataError(
             f"bucket GC of {bucket.url} refused: {len(damaged)} object(s) unreadable, first {damaged[0][0]}: "
@@ -111,9 +120,7 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAU
         kept = live_in.get(pack_id, 0)
         size = sizes.get(pack_id)
         if size is None:
-            result.orphan_indexes.append(layout.index_key(pack_id))
-            result.freed_bytes += index_sizes.get(pack_id, 0)
-            continue
+            continue  # deleted since the index was read: an orphan index, below
         if kept == 0:
             result.delete.append(pack_id)
             result.freed_bytes += size + index_sizes.get(pack_id, 0)
@@ -121,8 +128,34 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAU
             result.repack.append(pack_id)
             result.moved_bytes += kept
             result.freed_bytes += size + index_sizes.get(pack_id, 0) - kept
-    result.orphan_packs = [layout.pack_key(p) for p in sizes if p not in packs and layout.is_pack_id(p)]
-    result.freed_bytes += sum(sizes[k.rpartition("/")[2]] for k in result.orphan_packs)
+    for pack_id in sorted(index_sizes):
+        if pack_id not in sizes and layout.is_pack_id(pack_id):
+            result.orphan_indexes.append(layout.index_key(pack_id))
+            result.freed_bytes += index_sizes[pack_id]
+    # A pack without a usable index object is garbage of a killed upload, unless its trailer
+    # lists live values the index lacks (its index object was deleted or damaged): then the
+    # index object is written again from the trailer instead.  A pack whose trailer cannot
+    # be read is kept while live values are missing (it may hold them).
+    unlocated = {cid for cid in live if bucket.locate(cid) is None}
+    for pack_id in sorted(sizes):
+        if pack_id in packs or not layout.is_pack_id(pack_id):
+            continue
+        try:
+            listed = set(split_ids(layout.decode_index(bucket.pack_index_bytes(pack_id), "a trailer").ids))
+        except (CorruptDataError, RemoteNotFoundError):
+            if unlocated:
+                result.kept_packs.append(layout.pack_key(pack_id))
+                continue
+            listed = set()
+        if listed & unlocated:
+            result.reindex.append(pack_id)
+            unlocated -= listed
+        else:
+            result.orphan_packs.append(layout.pack_key(pack_id))
+            result.freed_bytes += sizes[pack_id]
+    damaged_indexes = {key.rpartition("/")[2] for key, _ in snapshot.problems if key.startswith(layout.INDEX + "/")}
+    result.reindex += sorted(p for p in damaged_indexes if p in packs and p in sizes)  # read from trailers now
+    result.missing_values = len(unlocated)
     result.delete.sort()
     result.repack.sort()
     return result
@@ -130,6 +163,11 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAU
 
 def execute(bucket: Bucket, gc_plan: BucketGcPlan, *, pack_bytes: int = 32 << 20, lock=None) -> None:
     """Carry out ``gc_plan`` (made under the ``gc`` lock the caller holds: ``lock``, refreshed)."""
+    for pack_id in gc_plan.reindex:  # repairs first: the values they hold are found again
+        bucket.objects.put(layout.index_key(pack_id), bucket.pack_index_bytes(pack_id))
+    if gc_plan.reindex:
+        bucket.forget_packs(gc_plan.reindex)
+        bucket.refresh_index()
     bucket.objects.delete(gc_plan.doomed_parts)  # roots first: what they alone named is garbage already
     if gc_plan.repack:
         wanted = [cid for pack_id in gc_plan.repack for cid in _live_ids(bucket, pack_id, gc_plan.live)]

@@ -72,6 +72,7 @@ class Bucket:
         self._where: dict[bytes, Location] = {}
         #: ``(object key, what is wrong)`` of what the last index refresh could not read
         self.problems: list[tuple[str, str]] = []
+        self._damaged: dict[str, list[tuple[str, str]]] = {}  # pack id -> problems of its index or pack
         self._pool = ThreadPoolExecutor(connections, thread_name_prefix="castore-bucket")
         self.config = self._open_config(create)
 
@@ -106,21 +107,32 @@ class Bucket:
     # -- the index -----------------------------------------------------------------------------------
 
     def refresh_index(self) -> None:
-        """Bring the index up to the bucket's ``index/`` objects: read new ones, drop gone ones."""
+        """Bring the index up to the bucket's ``index/`` objects: read new ones, drop gone ones.
+
+        ``index/`` is listed before ``packs/`` (a pack is put before its index, so every index
+        listed has its pack listed, unless a GC is deleting both), and each new index is
+        checked against its pack's size: an index object that belongs to another pack, or
+        was cut, is set aside for the pack's own trailer.
+        """
         listed = {}
         for key, size in self.objects.list(layout.INDEX):
             pack_id = key.rpartition("/")[2]
             if layout.is_pack_id(pack_id) and key == layout.index_key(pack_id):
                 listed[pack_id] = size
+        pack_sizes = {key.rpartition("/")[2]: size for key, size in self.objects.list(layout.PACKS)}
         with self._lock:
             known = set(self._packs)
         new = [p for p in listed if p not in known]
-        gone = known - set(listed)
-        problems: list[tuple[str, str]] = []
-        loaded = list(self._pool.map(lambda p: self._load_index(p, problems), new))
+        gone = {p for p in known if p not in listed or p not in pack_sizes}
+        found: dict[str, list[tuple[str, str]]] = {p: [] for p in new}
+        loaded = list(self._pool.map(lambda p: self._load_index(p, listed[p], pack_sizes.get(p), found[p]), new))
         with self._lock:
             for pack_id in gone:
                 del self._packs[pack_id]
+            # what is wrong with a pack or its index is kept while the pack is indexed (or tried
+            # again at the next refresh if it could not be), so every snapshot reports it
+            self._damaged = {p: v for p, v in self._damaged.items() if p in self._packs and p not in gone}
+            self._damaged.update({p: v for p, v in found.items() if v})
             for pack_id, index in zip(new, loaded):
                 if index is not None:
                     self._packs[pack_id] = index
@@ -132,7 +144,7 @@ class Bucket:
                 for pack_id, index in zip(new, loaded):
                     if index is not None:
                         self._add_locations(pack_id, index)
-            self.problems = problems
+            self.problems = [problem for found_here in self._damaged.values() for problem in found_here]
 
     def _add_locations(self, pack_id: str, index: PackIndex) -> None:
         for i in range(len(index)):
@@ -140,10 +152,22 @@ class Bucket:
             if cid not in self._where:
                 self._where[cid] = Location(pack_id, int(index.offsets[i]), int(index.lengths[i]), index.kinds[i])
 
-    def _load_index(self, pack_id: str, problems: list) -> PackIndex | None:
+    def _load_index(self, pack_id: str, index_size: int, pack_size: int | None, problems: list) -> PackIndex | None:
         key = layout.index_key(pack_id)
+        if pack_size is None:
+            problems.append((layout.pack_key(pack_id), f"missing: its index object {key} is there"))
+            return None
         try:
-            return layout.decode_index(self.objects.get(key), f"index {self.url}/{key}")
+            index = layout.decode_index(self.objects.get(key), f"index {self.url}/{key}")
+            if index.data_bytes + index_size + layout.TRAILER_BYTES == pack_size:
+                return index
+            problems.append(
+                (
+                    key,
+                    f"does not fit its pack ({index.data_bytes} bytes of values + {index_size} of index, the "
+                    f"pack is {pack_size}): another pack's index, or damaged",
+                )
+            )
         except RemoteNotFoundError:
             problems.append((key, "index object vanished while listing"))
         except CorruptDataError as exc:
@@ -156,6 +180,11 @@ class Bucket:
 
     def pack_index(self, pack_id: str) -> PackIndex:
         """A pack's index read from its own trailer (two ranged reads), checked against its size."""
+        return layout.decode_index(self.pack_index_bytes(pack_id), f"trailer of pack {self.url}/{pack_id}")
+
+    def pack_index_bytes(self, pack_id: str) -> bytes:
+        """The index bytes of a pack's own trailer, checked: they decode, and the values they
+        list end where the trailer begins."""
         key = layout.pack_key(pack_id)
         size = self.objects.head(key)
         if size is None:
@@ -166,15 +195,16 @@ class Bucket:
         tail = self.objects.get_range(key, size - layout.TRAILER_BYTES, layout.TRAILER_BYTES)
         length = layout.trailer_index_bytes(tail, size, what)
         start = size - layout.TRAILER_BYTES - length
-        index = layout.decode_index(self.objects.get_range(key, start, length), f"trailer of {what}")
+        raw = self.objects.get_range(key, start, length)
+        index = layout.decode_index(raw, f"trailer of {what}")
         if index.data_bytes != start:
             raise CorruptDataError(
                 f"{what}: its index lists {index.data_bytes} bytes of values, the pack holds {start}"
             )
-        return index
+        return raw
 
     def check_packs(self) -> list[tuple[str, str]]:
-        """``(pack object, what is wrong)`` of every indexed pack that is missing, or whose
+        """``(pack object, what is wrong)`` of every indexed pack that is missing now, or whose
         size is not its index's values plus trailer (one listing; no pack is read)."""
         sizes = dict(self.objects.list(layout.PACKS))
         out = []
@@ -183,9 +213,7 @@ class Bucket:
             size = sizes.get(key)
             if size is None:
                 out.append((key, f"missing: its index lists {len(index)} values"))
-                continue
-            trailer = size - index.data_bytes - layout.TRAILER_BYTES
-            if trailer <= 0:
+            elif size - index.data_bytes - layout.TRAILER_BYTES <= 0:
                 out.append((key, f"{size} bytes, its index lists {index.data_bytes} bytes of values: cut short"))
         return out
 
@@ -281,10 +309,11 @@ class Bucket:
             self._add_locations(pack.pack_id, index)
 
     def forget_packs(self, pack_ids: Iterable[str]) -> None:
-        """Drop packs from the in-memory index (GC deleted them)."""
+        """Drop packs from the in-memory index (GC deleted them, or rewrote their index)."""
         with self._lock:
             for pack_id in pack_ids:
                 self._packs.pop(pack_id, None)
+                self._damaged.pop(pack_id, None)
             self._where = {}
             for pack_id, index in self._packs.items():
                 self._add_locations(pack_id, index)
