@@ -1,4 +1,4 @@
-"""The S3 mirror against plain boto3, as ratios measured in one process (issue 15's targets).
+"""The S3 mirror against plain boto3, as ratios measured in one process (issue 14's targets).
 
     python bench/mirror.py [--rows 12288] [--weights-mib 112] [--rounds 3] [--steps 6]
                            [--compute 1.0] [--check] [--json PATH]

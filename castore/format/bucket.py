@@ -177,16 +177,22 @@ def decode_index(raw, what: str) -> PackIndex:
 class Pack:
     """A pack built by :class:`PackBuilder`: its object bytes, id and index bytes."""
 
-    data: bytearray
+    data: memoryview
     pack_id: str
     index: bytes
 
 
 class PackBuilder:
-    """Values appended into one buffer (one copy each), then :meth:`finish`: index and trailer."""
+    """Values copied into one buffer, then :meth:`finish`: index and trailer.
 
-    def __init__(self) -> None:
-        self.data = bytearray()
+    Each value is copied once, by numpy, which lets go of the GIL for large copies: a
+    training loop's thread keeps running while an uploader fills a pack.  ``capacity``
+    (bytes) is allocated up front; the buffer grows if the values need more.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self._buffer = bytearray(capacity)
+        self._used = 0
         self._kinds = bytearray()
         self._ids: list[bytes] = []
         self._lengths: list[int] = []
@@ -196,22 +202,38 @@ class PackBuilder:
 
     @property
     def nbytes(self) -> int:
-        return len(self.data)
+        return self._used
+
+    def _room(self, size: int) -> None:
+        if self._used + size > len(self._buffer):
+            grown = bytearray(max(2 * len(self._buffer), self._used + size))
+            _copy(grown, 0, memoryview(self._buffer)[: self._used])
+            self._buffer = grown
 
     def add(self, kind: int, cid: bytes, value) -> None:
         view = memoryview(value).cast("B")
         if not 0 < len(view) <= MAX_VALUE_BYTES:
             raise CorruptDataError(f"a stored value of {len(view)} bytes cannot be packed")
-        self.data += view
+        self._room(len(view))
+        _copy(self._buffer, self._used, view)
+        self._used += len(view)
         self._kinds.append(kind)
         self._ids.append(bytes(cid))
         self._lengths.append(len(view))
 
     def finish(self) -> Pack:
         index = encode_index(bytes(self._kinds), b"".join(self._ids), self._lengths)
-        self.data += index
-        self.data += struct.pack("<I", len(index)) + PACK_MAGIC
-        return Pack(self.data, chunk_id(self.data).hex(), index)
+        tail = index + struct.pack("<I", len(index)) + PACK_MAGIC
+        self._room(len(tail))
+        self._buffer[self._used : self._used + len(tail)] = tail
+        data = memoryview(self._buffer)[: self._used + len(tail)]
+        return Pack(data, chunk_id(data).hex(), index)
+
+
+def _copy(target: bytearray, at: int, source: memoryview) -> None:
+    """``target[at:at + len(source)] = source`` through numpy (no GIL held for the copy)."""
+    if len(source):
+        np.frombuffer(target, np.uint8, len(source), at)[:] = np.frombuffer(source, np.uint8)
 
 
 def build_pack(entries: list[tuple[int, bytes, object]]) -> Pack:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see the end)
 import logging
+import os
 import threading
 import time
 import weakref
@@ -62,6 +63,9 @@ if TYPE_CHECKING:  # obstore (under storage.s3) is the s3 extra's: imported when
 __all__ = ["Mirror", "MirrorOptions"]
 
 log = logging.getLogger("castore.mirror")
+
+#: how much lower than the training loop the upload threads run (``nice``; Linux)
+UPLOAD_NICENESS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +137,9 @@ class Mirror:
         self.options = options
         self._keep = keep
         self._limit = RateLimit(options.max_rate)
-        self._pool = ThreadPoolExecutor(options.uploads, thread_name_prefix="castore-upload")
+        self._pool = ThreadPoolExecutor(
+            options.uploads, thread_name_prefix="castore-upload", initializer=background_priority
+        )
         self._cond = threading.Condition()
         self._queue: deque[bytes] = deque()
         self._busy = False
@@ -251,6 +257,7 @@ class Mirror:
     # -- the uploader thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        background_priority()
         while True:
             with self._cond:
                 while not self._closing and (not (self._queue or self._tags_changed) or self._stalled):
@@ -436,6 +443,15 @@ def _branch_or_none(key: bytes) -> str | None:
         return branch_of(key)
     except CorruptDataError:
         return None
+
+
+def background_priority() -> None:
+    """Lower this thread's CPU priority (Linux schedules threads one by one: nice 10 here
+    leaves the training loop's threads first in line on a busy machine); a no-op elsewhere."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not permitted: uploads run as they are
+        pass
 
 
 _LIVE: weakref.WeakSet[Mirror] = weakref.WeakSet()

@@ -179,7 +179,7 @@ def upload_step(
         while len(in_flight) > keep:
             object_bytes += in_flight.pop(0).result()
 
-    builder = PackBuilder()
+    builder = PackBuilder(pack_bytes + (1 << 20))
     at = 0
     try:
         while at < len(wanted):
@@ -204,7 +204,7 @@ def upload_step(
                 drain(max(uploads - 1, 0))
                 in_flight.append(pool.submit(ship, builder))
                 packs += 1
-                builder = PackBuilder()
+                builder = PackBuilder(pack_bytes + (1 << 20))
                 lock.refresh_if_due()
         drain(0)
     finally:
@@ -305,14 +305,18 @@ def pull_step(
                             txn.release(value)
                             continue
                         sizes[cid] = blob.nbytes - i * blob.chunk_nbytes if i == n - 1 else blob.chunk_nbytes
-        scratch = bytearray()
-        for cid, value in bucket.read_many(list(sizes), span=8 << 20):
+        scratch = threading.local()  # a decode buffer per fetching thread
+
+        def check(cid: bytes, value) -> None:  # on the fetching threads: decoding and BLAKE3 in parallel
+            if not hasattr(scratch, "buffer"):
+                scratch.buffer = bytearray()
+            if not chunks.intact(value, cid, sizes[cid], scratch.buffer):
+                raise ChunkCorruptError(f"{where}: a chunk is damaged in the bucket", chunk_id=short(cid))
+
+        for cid, value in bucket.read_many(list(sizes), span=8 << 20, check=check if verify else None):
             if value is None:
                 raise ChunkMissingError(f"{where}: a chunk is missing from the bucket", chunk_id=short(cid))
-            if verify and not chunks.intact(value, cid, sizes[cid], scratch):
-                raise ChunkCorruptError(f"{where}: a chunk is damaged in the bucket", chunk_id=short(cid))
-            value = bytes(value)
-            sink.put(Table.CHUNKS, cid, value)
+            sink.put(Table.CHUNKS, cid, value)  # a view of the fetched bytes: LMDB copies it once
             count += 1
             nbytes += len(value)
         sink.finish()

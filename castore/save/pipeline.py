@@ -180,7 +180,9 @@ def _check_unchanged(batch: list) -> None:
     """Before a retried put: a live buffer must still hold the bytes its id was hashed from
     (encoded values and pages are bytes of ours and cannot change)."""
     for table, cid, view in batch:
-        if table is Table.CHUNKS and not isinstance(view, bytes) and chunk_id(view) != cid:
+        if isinstance(view, bytes) or (isinstance(view, memoryview) and isinstance(view.obj, bytes)):
+            continue  # immutable: a pull's stored values, views of the bytes it fetched
+        if table is Table.CHUNKS and chunk_id(view) != cid:
             raise SaveError("a buffer changed while it was being saved; save again")
 
 

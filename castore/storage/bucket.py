@@ -253,12 +253,14 @@ class Bucket:
         except RemoteNotFoundError:
             return None
 
-    def read_many(self, ids: Iterable[bytes], *, gap: int = 1 << 20, span: int = 64 << 20):
+    def read_many(self, ids: Iterable[bytes], *, gap: int = 1 << 20, span: int = 64 << 20, check=None):
         """``(id, value)`` of ``ids`` the bucket holds, fetched as few ranged reads as can be:
         values of one pack closer than ``gap`` bytes are read together, up to ``span`` bytes.
 
-        Yields as reads finish (not in ``ids`` order), ``connections`` reads at a time; the
-        values are not checked here.  Ids the index lacks are yielded with None.
+        Yields as reads finish (not in ``ids`` order), ``connections`` reads at a time; values
+        are memoryviews of the bytes fetched.  Ids the index lacks (or whose pack is gone)
+        are yielded with None.  ``check(id, value)``, if given, runs on the fetching thread
+        (many at once: hashing and decoding release the GIL) and raises to stop the reads.
         """
         by_pack: dict[str, list[tuple[int, int, bytes]]] = {}
         for cid in ids:
@@ -288,7 +290,11 @@ class Bucket:
             except RemoteNotFoundError:
                 return [(cid, None) for _, _, cid in run]
             view = memoryview(data)
-            return [(cid, view[off - start : off - start + length]) for off, length, cid in run]
+            found = [(cid, view[off - start : off - start + length]) for off, length, cid in run]
+            if check is not None:
+                for cid, value in found:
+                    check(cid, value)
+            return found
 
         # bounded in flight: at most ``connections`` ranges (each <= span) are held at once
         pending = []

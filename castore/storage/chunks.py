@@ -83,7 +83,11 @@ class ChunkStore:
         return txn.get(table, cid)
 
     def get_many(self, txn: ReadTxn, ids, table: Table = Table.CHUNKS) -> list:
-        """The stored bytes of each id (None where absent), valid until ``txn`` ends."""
+        """The stored bytes of each id (None where absent), valid until ``txn`` ends (a
+        bucket's snapshot fetches them together: coalesced ranged reads, many at once)."""
+        many = getattr(txn, "get_many", None)
+        if many is not None:
+            return many(table, ids)
         return [txn.get(table, cid) for cid in ids]
 
     def has_all(self, txn: ReadTxn, ids: bytes) -> bool:
@@ -135,20 +139,33 @@ class ChunkStore:
         ids = walker.ids(blob, context)
         stride = blob.chunk_nbytes
         wanted = split_ids(ids)
-        views = []
-        for index, (cid, view) in enumerate(zip(wanted, self.get_many(txn, wanted))):
-            if view is None:
-                raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
-            # the look-up maps the value's pages (whole large folios on ext4): unmap them until
-            # the task decodes it, or a restore holds every chunk of the blob in RSS at once
-            txn.release(view)
-            views.append((index, cid, view))
+        views: list = []
+        if getattr(txn, "deferred_reads", False):
+            # a bucket: a look-up is a request, so each task fetches its own chunk (``workers``
+            # at once) and only the index is asked here; memory holds the chunks in flight
+            has = txn.has  # type: ignore[attr-defined]  # the capability deferred_reads announces
+            for index, cid in enumerate(wanted):
+                if not has(Table.CHUNKS, cid):
+                    raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
+                views.append((index, cid, None))
+        else:
+            for index, (cid, view) in enumerate(zip(wanted, self.get_many(txn, wanted))):
+                if view is None:
+                    raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
+                # the look-up maps the value's pages (whole large folios on ext4): unmap them until
+                # the task decodes it, or a restore holds every chunk of the blob in RSS at once
+                txn.release(view)
+                views.append((index, cid, view))
 
         dest = memoryview(out)  # type: ignore[arg-type]  # numpy arrays are buffers
         prints: list = [b""] * len(views) if fingerprints else []
 
         def fill(item) -> None:
             index, cid, view = item
+            if view is None:  # deferred: fetched here, on the task's thread
+                view = txn.get(Table.CHUNKS, cid)
+                if view is None:
+                    raise ChunkMissingError("chunk is missing", chunk_id=short(cid), **context)
             start = index * stride
             target = dest[start : min(start + stride, blob.nbytes)]
             if not _decode(view, target, cid, verify, context):

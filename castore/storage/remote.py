@@ -41,7 +41,13 @@ _EMPTY = (Table.TRASH, Table.JOURNAL)
 
 
 class RemoteSnapshot:
-    """The tables of one listing of a bucket (a :class:`~castore.storage.base.ReadTxn`)."""
+    """The tables of one listing of a bucket (a :class:`~castore.storage.base.ReadTxn`).
+
+    ``deferred_reads``: a chunk's look-up is a request, so :meth:`ChunkStore.blob_read`
+    asks :meth:`has` up front and fetches each chunk in the task that decodes it.
+    """
+
+    deferred_reads = True
 
     def __init__(self, bucket: Bucket, generation: int):
         self.bucket = bucket
@@ -67,6 +73,26 @@ class RemoteSnapshot:
             journal.COUNTERS_KEY: journal.encode_counters(count, nbytes),
         }
         self.meta_order = sorted(self.meta)
+
+    def get_many(self, table: Table, keys) -> list:
+        """:meth:`get` of many keys; chunks and pages by coalesced ranged reads, many at once."""
+        keys = [bytes(k) for k in keys]
+        if table is not Table.CHUNKS and table is not Table.PAGES:
+            return [self.get(table, k) for k in keys]
+        known = [k for k in keys if self.has(table, k)]
+        found = dict(self.bucket.read_many(known, span=8 << 20))
+        missing = [k for k in known if found.get(k) is None]
+        if missing:  # a bucket GC since this snapshot may have moved them: look again
+            self.bucket.refresh_index()
+            found.update(self.bucket.read_many(missing, span=8 << 20))
+        return [found.get(k) for k in keys]
+
+    def has(self, table: Table, key: bytes) -> bool:
+        """Whether ``key`` is in ``table``; for chunks and pages from the index, without a request."""
+        if table is Table.CHUNKS or table is Table.PAGES:
+            loc = self.bucket.locate(bytes(key))
+            return loc is not None and loc.kind == (CHUNK if table is Table.CHUNKS else PAGE)
+        return self.get(table, key) is not None
 
     def get(self, table: Table, key: bytes):
         key = bytes(key)
