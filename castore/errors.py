@@ -17,6 +17,7 @@ __all__ = [
     "CorruptDataError",
     "FormatError",
     "IntegrityError",
+    "LockLostError",
     "MigrationError",
     "MirrorError",
     "RemoteBucketNotFoundError",
@@ -248,6 +249,14 @@ class BucketBusyError(RemoteError, BlockingIOError):
     def __init__(self, message: str, *, url: str, holder: str):
         self.holder = holder
         super().__init__(message, url=url)
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class LockLostError(RemoteError):
+    """A bucket lock this process held expired or was removed as stale (a bucket GC ran):
+    the work done under it is not made visible, and is redone under a new lock."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

@@ -209,10 +209,12 @@ class Store:
         if self._closed:
             return
         try:
-            self._saver.close()
-            self._maintainer.close()  # collects what amortized GC left behind
-            if self._mirror is not None:
-                self._mirror.close()  # uploads what is queued first
+            try:
+                self._saver.close()
+                self._maintainer.close()  # collects what amortized GC left behind
+            finally:
+                if self._mirror is not None:  # whatever happened above: its thread reads the backend
+                    self._mirror.close()  # uploads what is queued first
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
@@ -376,7 +378,7 @@ class Store:
         self.wait()
         names = self.branches() if branches is None else [check_branch(b) for b in branches]
         options = options or (self._mirror.options if self._mirror is not None else MirrorOptions())
-        with self._remote(url, create=True, options=options) as bucket:
+        with self._remote(url, create=True, options=options, refresh=False) as bucket:
             return push_steps(self._backend, self._chunks, bucket, names, options)
 
     def mirror_gc(self, *, url: str | None = None, dry_run: bool = False, repack_below: float = 0.5):
@@ -386,11 +388,15 @@ class Store:
         self._check_open()
         if url is None and self._mirror is not None:
             self._mirror.wait(raise_errors=False)
-        with self._remote(url) as bucket:
+        with self._remote(url, refresh=False) as bucket:
             return bucket_gc.collect(bucket, dry_run=dry_run, repack_below=repack_below)
 
     @contextlib.contextmanager
-    def _remote(self, url: str | None, *, create: bool = False, options: MirrorOptions | None = None):
+    def _remote(
+        self, url: str | None, *, create: bool = False, options: MirrorOptions | None = None, refresh: bool = True
+    ):
+        """The bucket at ``url`` (default: the mirror's), its index read unless ``refresh=False``
+        (push and bucket GC read it themselves, under their lock)."""
         if url is None:
             if self._mirror is None:
                 raise UsageError(f"store {self.path} has no mirror: pass url= or open it with mirror=")
@@ -400,7 +406,8 @@ class Store:
         extra = options.object_store_options() if options is not None else {}
         bucket = Bucket(open_object_store(url, **extra), create=create)
         try:
-            bucket.refresh_index()
+            if refresh:
+                bucket.refresh_index()
             yield bucket
         finally:
             bucket.close()
@@ -411,9 +418,13 @@ class Store:
         When that save commits, the branch's steps after ``step`` move to a new branch
         ``<branch>-abandoned-<step>`` in the same transaction (metrics and tags follow
         them), so the old future stays reachable but is not mixed into this one.
-        ``Checkpoint.load`` calls this; a save that commits nothing keeps it pending.
+        ``Checkpoint.load`` calls this; a save that commits nothing keeps it pending.  With a
+        mirror, the bucket's steps after ``step`` move aside the same way when that save is
+        uploaded.
         """
         self._saver.continue_from(step)
+        if self._mirror is not None:
+            self._mirror.note_continue(step)
 
     @property
     def continuing_from(self) -> int | None:

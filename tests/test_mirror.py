@@ -323,8 +323,10 @@ def test_gc_repacks_a_mostly_garbage_pack_and_its_live_values_stay_loadable(tmp_
 def test_a_rollback_makes_the_bucket_show_the_local_lineage(tmp_path, url):
     rng = np.random.default_rng(7)
     cp = castore.Checkpoint(tmp_path / "local", mirror=url, mirror_options=OPTIONS, chunk_bytes=CHUNK)
-    for _ in range(5):
+    old = {}
+    for step in range(5):
         cp.w = random_bytes(rng, 3 * CHUNK)
+        old[step] = cp.w.copy()
         cp.save()
     cp.store.wait()
     assert cp.load(step=2) == 2
@@ -336,6 +338,10 @@ def test_a_rollback_makes_the_bucket_show_the_local_lineage(tmp_path, url):
     with castore.Store(url, readonly=True) as remote:
         assert remote.steps() == [0, 1, 2, 3]  # the old 3 and 4 left the bucket's main
         assert_state_equal(remote.load(3)["w"], expected)
+        # ... for the branch the local store moved them to: nothing is deleted
+        assert remote.steps(branch="main-abandoned-2") == [3, 4] == cp.store.steps(branch="main-abandoned-2")
+        for step in (3, 4):
+            assert_state_equal(remote.load(step, branch="main-abandoned-2")["w"], old[step])
         assert remote.verify().ok
     cp.close()
 

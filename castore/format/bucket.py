@@ -16,6 +16,7 @@ A mirror (``Store(path, mirror="s3://bucket/prefix")``) keeps, under the URL's p
                            visible once its record is, and only then
 ``tags/<tag name hex>``    sealed msgpack ``{"key": step key}``
 ``locks/<kind>-<owner>``   a lock record (see :func:`encode_lock`): bucket GC excludes uploads
+``gc-epoch``               32 hex digits, written anew by each bucket GC before its first delete
 ``parts/<step key hex>/<rank>``  one rank's part of a multi-host step (see :func:`encode_part`):
                            written after the rank's packs, until the step commits; rank in 6 digits
 =========================  ==============================================================
@@ -42,6 +43,7 @@ from .sealing import SEAL, seal, unpack_untrusted, unseal
 
 BUCKET_FORMAT = 1
 CONFIG = "config"
+GC_EPOCH = "gc-epoch"  #: 32 hex digits a bucket GC writes anew before it deletes anything
 PACKS, INDEX, STEPS, TAGS, LOCKS, PARTS = "packs", "index", "steps", "tags", "locks", "parts"
 PACK_MAGIC = b"CSTPACK1"
 TRAILER_BYTES = 4 + len(PACK_MAGIC)

@@ -25,12 +25,13 @@ look again in a fresh index (see ``storage/remote.py``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
-from ..errors import CorruptDataError, RemoteNotFoundError
+from ..errors import BucketBusyError, CorruptDataError, RemoteNotFoundError
 from ..format import bucket as layout
-from ..format.bucket import PackBuilder
-from ..format.ids import split_ids
+from ..format.bucket import PAGE, PackBuilder
+from ..format.ids import chunk_id, split_ids
 from ..format.manifest import PagedBlob, decode_manifest, iter_blobs
 from ..storage import PageWalker
 from ..storage.bucket import Bucket
@@ -64,8 +65,14 @@ class BucketGcPlan:
     #: again (the new packs' indexes and trailers, a few bytes per value, are not subtracted)
     freed_bytes: int = 0
     steps: int = 0
-    #: ids of every live value (what repacking copies is looked up here)
+    #: ids of every live value
     live: set = field(default_factory=set, repr=False)
+    #: ``{pack id: the live ids repacking copies out of it}``, fixed when planned
+    moves: dict = field(default_factory=dict, repr=False)
+    #: ``{step key: manifest}`` and ``{(key, rank, attempt, written)}`` of the parts: the roots
+    #: the plan saw (execute stops if they changed)
+    roots: dict = field(default_factory=dict, repr=False)
+    parts_seen: set = field(default_factory=set, repr=False)
 
     @property
     def is_empty(self) -> bool:
@@ -74,15 +81,26 @@ class BucketGcPlan:
         )
 
 
-def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAULT_PART_GRACE) -> BucketGcPlan:
+def plan(
+    bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAULT_PART_GRACE, lock=None
+) -> BucketGcPlan:
     """What :func:`execute` would do now (reads step and part records and pages; changes nothing).
 
     Raises :class:`CorruptDataError` if a step or part record or a page it needs cannot be
     read: GC must see every root, or it would free what an unreadable one names.
     """
+    # Parts are listed before steps: a committed step's parts are deleted only after its
+    # record exists, so if this listing misses them, the step listing below sees the record.
+    all_parts, _ = classify_parts(bucket, set(), grace=float("inf"))  # every part, as objects
+    now = time.time()
+    pending = [p for p in all_parts if now - p.written <= part_grace]
+    doomed_parts = [layout.part_object(p.key, p.rank) for p in all_parts if now - p.written > part_grace]
     snapshot = RemoteSnapshot(bucket, 0)  # refreshes the index, reads every step record
-    # unreadable roots stop GC; a damaged index or a missing pack is what GC looks at below
-    damaged = [p for p in snapshot.problems if not p[0].startswith((layout.INDEX + "/", layout.PACKS + "/"))]
+    # unreadable roots stop GC; a damaged index or a missing pack is what GC looks at below,
+    # and tags are not roots (a tag names a step, which is one)
+    damaged = [
+        p for p in snapshot.problems if not p[0].startswith((layout.INDEX + "/", layout.PACKS + "/", layout.TAGS + "/"))
+    ]
     if damaged:
         raise CorruptDataError(
             f"bucket GC of {bucket.url} refused: {len(damaged)} object(s) unreadable, first {damaged[0][0]}: "
@@ -90,10 +108,13 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAU
         )
     walker = PageWalker(snapshot, check_pages=True)
     live: set[bytes] = set()
-    parts, doomed_parts = classify_parts(bucket, set(snapshot.steps), grace=part_grace)
+    parts = [p for p in pending if p.key not in snapshot.steps]
+    doomed_parts += [layout.part_object(p.key, p.rank) for p in pending if p.key in snapshot.steps]
     roots = [(key.hex(), raw) for key, raw in snapshot.steps.items()]
     roots += [(f"rank {p.rank}'s part of {p.key.hex()}", p.manifest) for p in parts]
     for where, raw in roots:
+        if lock is not None:
+            lock.refresh_if_due()  # a long walk must not let the gc lock go stale
         manifest = decode_manifest(raw)
         for _, node in manifest.components:
             for blob in iter_blobs(node):
@@ -106,6 +127,8 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAU
                     live.update(split_ids(blob.page_ids))
                 live.update(split_ids(walk.chunk_ids))
     result = BucketGcPlan(steps=len(snapshot.steps), live=live, doomed_parts=doomed_parts, parts=len(parts))
+    result.roots = dict(snapshot.steps)
+    result.parts_seen = {(p.key, p.rank, p.attempt, p.written) for p in all_parts}
     packs = bucket.packs()
     live_in: dict[str, int] = {}
     for cid in live:
@@ -126,6 +149,7 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAU
             result.freed_bytes += size + index_sizes.get(pack_id, 0)
         elif kept < repack_below * index.data_bytes:
             result.repack.append(pack_id)
+            result.moves[pack_id] = _live_ids(bucket, pack_id, live)
             result.moved_bytes += kept
             result.freed_bytes += size + index_sizes.get(pack_id, 0) - kept
     for pack_id in sorted(index_sizes):
@@ -162,7 +186,27 @@ def plan(bucket: Bucket, *, repack_below: float = 0.5, part_grace: float = DEFAU
 
 
 def execute(bucket: Bucket, gc_plan: BucketGcPlan, *, pack_bytes: int = 32 << 20, lock=None) -> None:
-    """Carry out ``gc_plan`` (made under the ``gc`` lock the caller holds: ``lock``, refreshed)."""
+    """Carry out ``gc_plan`` (made under the ``gc`` lock the caller holds: ``lock``, refreshed).
+
+    Before the first delete: a new GC epoch, then a look for uploaders and at the roots.  An
+    uploader re-reads the epoch (after refreshing its lock) before it makes a step visible:
+    one that read the old epoch had refreshed its lock before, so it is seen live here, or
+    its step record is, and this GC stops (:class:`~castore.errors.BucketBusyError`, nothing
+    deleted); one that reads the new epoch stops itself.
+    """
+    if gc_plan.is_empty:
+        return
+    if lock is not None:
+        lock.refresh()  # LockLostError if an uploader took it for stale meanwhile
+    bucket.next_gc_epoch()
+    busy = bucket.live_locks("upload", skip=None if lock is None else lock.key)
+    if busy:
+        raise BucketBusyError(
+            f"{bucket.url}: an upload holds a lock ({busy[0][0]}); this GC deleted nothing (run it again)",
+            url=bucket.url,
+            holder=busy[0][1].owner,
+        )
+    _check_roots_unchanged(bucket, gc_plan)
     for pack_id in gc_plan.reindex:  # repairs first: the values they hold are found again
         bucket.objects.put(layout.index_key(pack_id), bucket.pack_index_bytes(pack_id))
     if gc_plan.reindex:
@@ -170,14 +214,19 @@ def execute(bucket: Bucket, gc_plan: BucketGcPlan, *, pack_bytes: int = 32 << 20
         bucket.refresh_index()
     bucket.objects.delete(gc_plan.doomed_parts)  # roots first: what they alone named is garbage already
     if gc_plan.repack:
-        wanted = [cid for pack_id in gc_plan.repack for cid in _live_ids(bucket, pack_id, gc_plan.live)]
+        wanted = [cid for pack_id in gc_plan.repack for cid in gc_plan.moves.get(pack_id, ())]
+        where = {cid: bucket.locate(cid) for cid in wanted}
+
+        def check(cid: bytes, value) -> None:  # a short read must not become the only copy
+            loc = where[cid]
+            if loc is None or len(value) != loc.length or (loc.kind == PAGE and chunk_id(value) != cid):
+                raise CorruptDataError(f"bucket GC of {bucket.url}: a live value read back damaged; nothing deleted")
+
         builder = PackBuilder()
-        for cid, value in bucket.read_many(wanted):
-            if value is None:
+        for cid, value in bucket.read_many(wanted, check=check):
+            loc = where[cid]
+            if value is None or loc is None:
                 raise CorruptDataError(f"bucket GC of {bucket.url}: a live value vanished while repacking")
-            loc = bucket.locate(cid)
-            if loc is None:
-                raise CorruptDataError(f"bucket GC of {bucket.url}: a live value left the index while repacking")
             builder.add(loc.kind, cid, value)
             if builder.nbytes >= pack_bytes:
                 bucket.upload_pack(builder.finish())
@@ -187,9 +236,40 @@ def execute(bucket: Bucket, gc_plan: BucketGcPlan, *, pack_bytes: int = 32 << 20
         if len(builder):
             bucket.upload_pack(builder.finish())
     doomed = gc_plan.delete + gc_plan.repack
+    _check_nothing_live_is_lost(bucket, gc_plan, set(doomed))
     bucket.forget_packs(doomed)  # the new packs' copies are found from here on
     bucket.objects.delete([layout.index_key(p) for p in doomed] + gc_plan.orphan_indexes)
     bucket.objects.delete([layout.pack_key(p) for p in doomed] + gc_plan.orphan_packs)
+
+
+def _check_roots_unchanged(bucket: Bucket, gc_plan: BucketGcPlan) -> None:
+    """BucketBusyError if a step record or part appeared or changed since the plan read them."""
+    keys = bucket.step_keys()
+    records = bucket.get_steps(keys)
+    now = {k: r.manifest for k, r in records.items() if r is not None and not isinstance(r, Exception)}
+    pending, _ = classify_parts(bucket, set(), grace=float("inf"))
+    parts_now = {(p.key, p.rank, p.attempt, p.written) for p in pending if p.key not in now}
+    if now != gc_plan.roots or not parts_now <= gc_plan.parts_seen:
+        raise BucketBusyError(
+            f"{bucket.url}: steps were saved or changed while this GC planned; it deleted nothing (run it again)",
+            url=bucket.url,
+            holder="an uploader",
+        )
+
+
+def _check_nothing_live_is_lost(bucket: Bucket, gc_plan: BucketGcPlan, doomed: set[str]) -> None:
+    """The last line before deletes: every live value a doomed pack holds must be in a pack
+    that stays (a copy, or the repacked one); else CorruptDataError and nothing is deleted."""
+    kept: set[bytes] = set()
+    lost: set[bytes] = set()
+    for pack_id, index in bucket.packs().items():
+        ids = split_ids(index.ids)
+        (lost if pack_id in doomed else kept).update(cid for cid in ids if cid in gc_plan.live)
+    if lost - kept:
+        raise CorruptDataError(
+            f"bucket GC of {bucket.url}: {len(lost - kept)} live value(s) would be left in no pack; nothing was "
+            "deleted (a bug: please report it)"
+        )
 
 
 def _live_ids(bucket: Bucket, pack_id: str, live: set[bytes]) -> list[bytes]:
@@ -221,9 +301,8 @@ def collect(
     lock = bucket.take_lock("gc", lock_ttl)
     try:
         bucket.delete_stale_locks(keep=lock.key)
-        gc_plan = plan(bucket, repack_below=repack_below, part_grace=part_grace)
+        gc_plan = plan(bucket, repack_below=repack_below, part_grace=part_grace, lock=lock)
         if not dry_run:
-            lock.refresh_if_due()
             execute(bucket, gc_plan, lock=lock)
         return gc_plan
     finally:

@@ -43,8 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..catalog import branch_names as catalog_branches
 from ..catalog import tags as local_tags
-from ..errors import BucketBusyError, CastoreError, CorruptDataError, MirrorError, UsageError
+from ..errors import BucketBusyError, CastoreError, CorruptDataError, LockLostError, MirrorError, UsageError
 from ..format.keys import branch_end, branch_of, branch_prefix, describe_key, in_branch, step_key, step_of
 from ..format.schema import Table
 from ..format.stepinfo import decode_stepinfo
@@ -64,6 +65,10 @@ __all__ = ["Mirror", "MirrorOptions"]
 
 log = logging.getLogger("castore.mirror")
 
+#: the newest steps a mirror compares with the bucket's records when it opens (older ones by name)
+RECHECKED_AT_OPEN = 64
+#: uploads of one step redone after a bucket GC took the lock away, before the error stands
+LOCK_LOST_RETRIES = 2
 #: how much lower than the training loop the upload threads run (``nice``; Linux)
 UPLOAD_NICENESS = 10
 
@@ -148,6 +153,8 @@ class Mirror:
         self._error: BaseException | None = None
         self._closing = False
         self._lock: LockHandle | None = None
+        self._epoch = b""  # the bucket's GC epoch when the lock was taken (and the index read)
+        self._continued_from: int | None = None  # see note_continue
         # locks whose release failed (the bucket was unreachable): released once it answers
         # again, or they would hold bucket GC off for lock_ttl
         self._unreleased: list[LockHandle] = []
@@ -163,8 +170,16 @@ class Mirror:
         else:  # a multi-host rank does not know which attempt saved its old steps: not re-uploaded
             remote = set(bucket.step_keys())
             with backend.read() as txn:
-                local = [bytes(k) for k, _ in txn.scan(Table.STEPS, branch_prefix(branch), branch_end(branch))]
-            self._queue.extend(k for k in local if in_branch(k, branch) and k not in remote)
+                local = {
+                    bytes(k): bytes(v)
+                    for k, v in txn.scan(Table.STEPS, branch_prefix(branch), branch_end(branch))
+                    if in_branch(k, branch)
+                }
+            # the steps the bucket lacks, and the newest it has with another manifest (an
+            # overwrite or a rollback committed while no mirror ran, or before its upload)
+            shared = sorted(k for k in local if k in remote)[-RECHECKED_AT_OPEN:]
+            differ = {k for k, r in bucket.get_steps(shared).items() if getattr(r, "manifest", None) != local[k]}
+            self._queue.extend(k for k in sorted(local) if k not in remote or k in differ)
         self._thread = threading.Thread(target=self._run, name="castore-mirror", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -178,8 +193,12 @@ class Mirror:
     def enqueue(self, key: bytes) -> None:
         """Queue a step the store just committed (and retry what failed before)."""
         with self._cond:
-            if key not in self._queue:
-                self._queue.append(bytes(key))
+            key = bytes(key)
+            in_flight = self._busy and self._queue and self._queue[0] == key
+            if key not in self._queue or (in_flight and self._queue.count(key) == 1):
+                # a key in flight is queued again: its upload may have read the manifest an
+                # overwrite (or a rollback's re-save) has replaced since
+                self._queue.append(key)
             self._stalled = False
             self._cond.notify_all()
 
@@ -201,10 +220,11 @@ class Mirror:
         """Upload every queued step (retrying one that failed) and the tags, then raise an
         unseen error."""
         with self._cond:
-            self._stalled = False
-            self._cond.notify_all()
-            while (self._queue or self._tags_changed or self._busy) and not self._stalled:
-                self._cond.wait()
+            if not self._closing:  # a closed mirror uploads nothing more: no one to wait for
+                self._stalled = False
+                self._cond.notify_all()
+                while (self._queue or self._tags_changed or self._busy) and not self._stalled:
+                    self._cond.wait()
         if raise_errors:
             self.raise_failed()
 
@@ -240,7 +260,11 @@ class Mirror:
         return None if key is None else step_of(key)
 
     def close(self, *, upload: bool = True) -> None:
-        """Upload what is queued (unless ``upload=False``), stop the thread, release the lock."""
+        """Upload what is queued (unless ``upload=False``), stop the thread, release the lock.
+        Idempotent."""
+        with self._cond:
+            if self._closing:
+                return
         try:
             if upload:
                 self.wait(raise_errors=False)
@@ -321,6 +345,7 @@ class Mirror:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        self._epoch = self.bucket.gc_epoch()  # before the index: a GC from here on changes it
         self.bucket.refresh_index()  # a GC may have removed packs since we last looked
         self._release_unreleased()
         return self._lock
@@ -336,20 +361,29 @@ class Mirror:
         self._unreleased = [lock for lock in self._unreleased if not lock.release()]
 
     def _upload(self, key: bytes) -> None:
-        lock = self._take_lock()
-        keys = self._follow_rollback(key, self._branch_keys()) if self.parts is None else []
-        result = upload_step(
-            self.backend,
-            self.chunks,
-            self.bucket,
-            key,
-            lock=lock,
-            pack_bytes=self.options.pack_bytes,
-            uploads=self.options.uploads,
-            limit=self._limit,
-            pool=self._pool,
-            publish=None if self.parts is None else self.parts.publish,
-        )
+        for attempt in range(LOCK_LOST_RETRIES + 1):
+            lock = self._take_lock()
+            keys = self._follow_rollback(key, self._branch_keys()) if self.parts is None else []
+            try:
+                result = upload_step(
+                    self.backend,
+                    self.chunks,
+                    self.bucket,
+                    key,
+                    lock=lock,
+                    pack_bytes=self.options.pack_bytes,
+                    uploads=self.options.uploads,
+                    limit=self._limit,
+                    pool=self._pool,
+                    epoch=self._epoch,
+                    publish=None if self.parts is None else self.parts.publish,
+                )
+                break
+            except LockLostError:  # a bucket GC ran meanwhile: a new lock (it waits for the GC), again
+                self._release()  # its object is gone or stale: deleting it is harmless
+                if attempt == LOCK_LOST_RETRIES:
+                    raise
+                log.info("mirror %s: %s; uploading %s again", self.url, "lock lost", describe_key(key))
         if result is None:
             return  # deleted locally before its turn
         # its record may replace one of the same key (a rollback's new future): read it again
@@ -367,23 +401,85 @@ class Mirror:
     def _branch_keys(self) -> list[bytes]:
         return [k for k in self.bucket.step_keys() if in_branch(k, self.branch)]
 
+    def note_continue(self, step: int) -> None:
+        """The store's next save continues from ``step`` (``Store.continue_from``): when it is
+        uploaded, the bucket's steps of the branch after ``step`` move to a branch
+        ``<branch>-abandoned-<step>`` there too (nothing is deleted)."""
+        with self._cond:
+            self._continued_from = step
+
     def _follow_rollback(self, key: bytes, keys: list[bytes]) -> list[bytes]:
-        """Steps of the branch after ``key`` that the local branch no longer has were moved
-        away by a rollback: take them out of the bucket's branch too.  Returns what is left."""
+        """Before step ``key`` goes up: the bucket's steps of the branch after it that the
+        local lineage does not have are an abandoned future; returns the branch's keys left.
+
+        * after :meth:`note_continue(p) <note_continue>` (a load of an earlier step), every
+          bucket step after ``p`` moves to ``<branch>-abandoned-<p>`` in the bucket;
+        * a step the local store moved to another branch (``Store.rollback``, a continuation
+          committed while no mirror ran), found there with the same manifest, moves to that
+          branch in the bucket;
+        * any other is another host's (or this store resumed from behind the bucket):
+          :class:`MirrorError`, and nothing is changed.
+        """
+        with self._cond:
+            since, self._continued_from = self._continued_from, None
+        if since is not None and since < step_of(key):
+            moving = [k for k in keys if step_of(k) > since]
+            if moving:
+                self._move_in_bucket(moving, self._free_branch(f"{self.branch}-abandoned-{since}"), keys)
+            return [k for k in keys if k not in moving]
         later = [k for k in keys if step_of(k) > step_of(key)]
         if not later:
             return keys
         with self.backend.read() as txn:
-            gone = {k for k in later if txn.get(Table.STEPS, k) is None}
-        if gone:
-            log.info(
-                "mirror %s: %d later steps of %r left the branch locally; removed", self.url, len(gone), self.branch
+            later = [k for k in later if txn.get(Table.STEPS, k) is None]
+            branches = [b for b in catalog_branches(txn) if b != self.branch]
+            targets: dict[bytes, str] = {}
+            for k, record in self.bucket.get_steps(later).items():
+                if record is None or isinstance(record, CastoreError):
+                    continue
+                for branch in branches:
+                    moved = txn.get(Table.STEPS, step_key(step_of(k), branch))
+                    if moved is not None and bytes(moved) == record.manifest:
+                        targets[k] = branch
+                        break
+        stray = [k for k in later if k not in targets]
+        if stray:
+            raise MirrorError(
+                f"{self.url} holds steps of branch {self.branch!r} after {step_of(key)} that this store does not "
+                f"have ({', '.join(str(step_of(k)) for k in stray[:5])}): another host saved them, or this store "
+                "resumed from behind the bucket; pull the bucket's latest step first (Store.pull) or load the "
+                "step to continue from (it moves the later ones aside); nothing was changed"
             )
-            self.bucket.delete_steps(sorted(gone))
-            for gone_key in gone:
-                self._infos.pop(gone_key, None)
-            self._deleted_since_gc += len(gone)
-        return [k for k in keys if k not in gone]
+        for branch in sorted(set(targets.values())):
+            self._move_in_bucket([k for k, b in targets.items() if b == branch], branch, keys)
+        return [k for k in keys if k not in targets]
+
+    def _free_branch(self, base: str) -> str:
+        """``base``, or ``base-2``, ``base-3``, ... : the first name with no step in the bucket."""
+        taken = {_branch_or_none(k) for k in self.bucket.step_keys()}
+        name, n = base[:190], 1
+        while name in taken:
+            n += 1
+            name = f"{base[:190]}-{n}"
+        return name
+
+    def _move_in_bucket(self, moving: list[bytes], branch: str, keys: list[bytes]) -> None:
+        """Copy the step records of ``moving`` to ``branch`` (same numbers), re-point their tags,
+        then delete the originals: a kill in between leaves both, never neither."""
+        records = self.bucket.get_steps(moving)
+        tags = self.bucket.tags()
+        for old, record in records.items():
+            if record is None or isinstance(record, CastoreError):
+                continue
+            new = step_key(step_of(old), branch)
+            self.bucket.put_step(new, record.manifest, record.stepinfo)
+            for name, tagged in tags.items():
+                if tagged == old:
+                    self.bucket.put_tag(name, new)
+        self.bucket.delete_steps(moving)
+        for old in moving:
+            self._infos.pop(old, None)
+        log.info("mirror %s: %d steps of %r moved to %r in the bucket", self.url, len(moving), self.branch, branch)
 
     def _sync_tags(self, keys: list[bytes] | None = None) -> dict[str, bytes]:
         """The bucket's tags of this branch become the local ones (``keys``: the branch's steps
@@ -487,6 +583,7 @@ def push_steps(
     limit = RateLimit(options.max_rate)
     results = []
     try:
+        epoch = bucket.gc_epoch()
         bucket.refresh_index()
         remote = set(bucket.step_keys())
         with backend.read() as txn:
@@ -505,6 +602,7 @@ def push_steps(
                     uploads=options.uploads,
                     limit=limit,
                     pool=pool,
+                    epoch=epoch,
                 )
                 if result is not None:
                     results.append(result)

@@ -26,18 +26,20 @@ from dataclasses import dataclass
 from ..errors import (
     ChunkCorruptError,
     ChunkMissingError,
+    CorruptDataError,
     IntegrityError,
-    MirrorError,
+    LockLostError,
     StepExistsError,
     StepNotFoundError,
 )
 from ..format.bucket import CHUNK, PAGE, PackBuilder
 from ..format.chunker import chunk_count
+from ..format.compression import is_encoded
 from ..format.ids import ID_BYTES, chunk_id, short, split_ids
-from ..format.keys import check_step, describe_key, in_branch, step_key
+from ..format.keys import check_step, describe_key, in_branch, step_key, step_of
 from ..format.manifest import ChunkedBlob, Manifest, PagedBlob, decode_manifest, iter_blobs, page_ids_in
 from ..format.schema import Table
-from ..format.stepinfo import encode_stepinfo
+from ..format.stepinfo import decode_stepinfo, encode_stepinfo
 from ..save.pipeline import ChunkSink, drop_journal
 from ..storage import ChunkStore, PageWalker
 from ..storage.base import Backend, WriteTxn
@@ -141,6 +143,7 @@ def upload_step(
     uploads: int,
     limit: RateLimit,
     pool: concurrent.futures.Executor,
+    epoch: bytes,
     publish: Callable[[bytes, bytes, bytes], int] | None = None,
 ) -> UploadResult | None:
     """Upload step ``key`` of the local store: the values the bucket lacks, then its record.
@@ -149,10 +152,18 @@ def upload_step(
     the step record (a multi-host rank writes its part there: :mod:`castore.mirror.multihost`),
     at the same point: every value uploaded, the lock checked.
 
+    ``epoch`` is the bucket's GC epoch read before its index was (see
+    :meth:`~castore.storage.bucket.Bucket.gc_epoch`).  Before the step becomes visible the
+    lock is refreshed (a GC that has not begun deleting then sees it live and stops) and the
+    epoch read again: if a GC began deleting since the index was read, values this upload
+    counted on may be gone, so :class:`~castore.errors.LockLostError` is raised and nothing
+    is made visible (the caller takes a new lock and uploads again: what is there is kept).
+
     Returns None if the local store no longer has the step (retention deleted it before its
-    turn).  ``uploads`` packs are in flight at most (memory: ``(uploads + 1) * pack_bytes``).
-    Raises :class:`~castore.errors.RemoteError` subclasses, :class:`~castore.errors.MirrorError`
-    when the lock was lost, :class:`IntegrityError` for a local chunk missing or damaged.
+    turn) or holds another manifest under its key now (an overwrite: it is queued again).
+    ``uploads`` packs are in flight at most (memory: ``(uploads + 1) * pack_bytes``).
+    Raises :class:`~castore.errors.RemoteError` subclasses (``LockLostError`` among them),
+    :class:`IntegrityError` for a local chunk missing or damaged.
     """
     started = time.perf_counter()
     with backend.read() as txn:
@@ -177,7 +188,12 @@ def upload_step(
     def drain(keep: int) -> None:
         nonlocal object_bytes
         while len(in_flight) > keep:
-            object_bytes += in_flight.pop(0).result()
+            try:  # a slow link (max_rate) must not let the lock expire while packs go up
+                object_bytes += in_flight[0].result(timeout=max(lock.ttl / 3, 0.05))
+            except concurrent.futures.TimeoutError:
+                lock.refresh_if_due()
+                continue
+            in_flight.pop(0)
 
     builder = PackBuilder(pack_bytes + (1 << 20))
     at = 0
@@ -211,10 +227,16 @@ def upload_step(
         for future in in_flight:
             future.cancel()
         concurrent.futures.wait(in_flight)
-    if not lock.held():
-        raise MirrorError(
-            f"{describe_key(key)}: the upload lock on {bucket.url} expired or was removed by a bucket GC "
-            "before the step record was written; nothing was made visible (the next upload redoes it)"
+    with backend.read() as txn:  # an overwrite committed meanwhile: the newer manifest goes instead
+        now = txn.get(Table.STEPS, key)
+        if now is None or bytes(now) != manifest_raw:
+            return None
+    lock.refresh()  # LockLostError if a GC took it for stale; else a GC about to delete sees it
+    if bucket.gc_epoch() != epoch:
+        raise LockLostError(
+            f"{describe_key(key)}: a bucket GC of {bucket.url} began deleting while it uploaded; nothing was "
+            "made visible (uploaded again under a new lock)",
+            url=bucket.url,
         )
     if publish is None:
         bucket.put_step(key, manifest_raw, stepinfo)
@@ -252,8 +274,11 @@ def pull_step(
             if bytes(existing) == record.manifest:
                 return PullResult(target, 0, 0, time.perf_counter() - started)
             raise StepExistsError(f"{describe_key(target)} exists in {backend.path} with other content")
-    manifest = decode_manifest(record.manifest)
     where = f"{describe_key(key)} of {bucket.url}"
+    manifest = decode_manifest(record.manifest)
+    if manifest.step != step_of(key):
+        raise CorruptDataError(f"{where}: its manifest says step {manifest.step}")
+    decode_stepinfo(record.stepinfo, f"the stepinfo record of {where}")  # CorruptDataError if damaged
     # pages first: they say which chunks the step has
     pages: dict[bytes, bytes] = {}
     with backend.read() as txn:
@@ -308,12 +333,16 @@ def pull_step(
         scratch = threading.local()  # a decode buffer per fetching thread
 
         def check(cid: bytes, value) -> None:  # on the fetching threads: decoding and BLAKE3 in parallel
+            if not verify:  # at least the length: a read past a cut pack comes back short
+                if not is_encoded(value) and len(value) != sizes[cid]:
+                    raise ChunkCorruptError(f"{where}: a chunk is cut short in the bucket", chunk_id=short(cid))
+                return
             if not hasattr(scratch, "buffer"):
                 scratch.buffer = bytearray()
             if not chunks.intact(value, cid, sizes[cid], scratch.buffer):
                 raise ChunkCorruptError(f"{where}: a chunk is damaged in the bucket", chunk_id=short(cid))
 
-        for cid, value in bucket.read_many(list(sizes), span=8 << 20, check=check if verify else None):
+        for cid, value in bucket.read_many(list(sizes), span=8 << 20, check=check):
             if value is None:
                 raise ChunkMissingError(f"{where}: a chunk is missing from the bucket", chunk_id=short(cid))
             sink.put(Table.CHUNKS, cid, value)  # a view of the fetched bytes: LMDB copies it once

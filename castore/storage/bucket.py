@@ -28,12 +28,14 @@ from ..errors import (
     BucketBusyError,
     CorruptDataError,
     FormatError,
+    LockLostError,
     RemoteError,
     RemoteNotFoundError,
     StoreNotFoundError,
 )
 from ..format import bucket as layout
 from ..format.bucket import Lock, Pack, PackIndex, StepObject
+from ..format.keys import MAX_TAG_BYTES
 from ..format.manifest import PAGE_IDS
 from ..format.sealing import unseal
 from .objects import ObjectStore
@@ -44,6 +46,11 @@ log = logging.getLogger("castore.storage")
 
 #: requests one bucket runs at once for its own fan-out (index loads, ranged reads)
 DEFAULT_CONNECTIONS = 16
+#: bytes an index object may have: MAX_PACK_ENTRIES entries of 37 bytes, and the record around
+MAX_INDEX_BYTES = layout.MAX_PACK_ENTRIES * 37 + 4096
+#: bytes a step or part record may have (a manifest of a few million leaves); tags and locks
+MAX_RECORD_BYTES = 256 << 20
+MAX_SMALL_RECORD_BYTES = 64 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +75,27 @@ class Bucket:
         self.url = objects.url
         self.connections = connections
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()
         self._packs: dict[str, PackIndex] = {}
         self._where: dict[bytes, Location] = {}
-        #: ``(object key, what is wrong)`` of what the last index refresh could not read
-        self.problems: list[tuple[str, str]] = []
+        self._notes: list[tuple[str, str]] = []  # what listings since the last refresh could not use
         self._damaged: dict[str, list[tuple[str, str]]] = {}  # pack id -> problems of its index or pack
         self._pool = ThreadPoolExecutor(connections, thread_name_prefix="castore-bucket")
         self.config = self._open_config(create)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """``(object key, what is wrong)``: packs and indexes the last index refresh could not
+        use, and step, tag and lock objects the listings since could not read."""
+        with self._lock:
+            return [p for found in self._damaged.values() for p in found] + list(self._notes)
+
+    def _note(self, problem: tuple[str, str]) -> None:
+        with self._lock:
+            self._notes.append(problem)
 
     def __repr__(self) -> str:
         return f"Bucket({self.url!r}, {len(self._packs)} packs, {len(self._where)} values)"
@@ -114,8 +132,17 @@ class Bucket:
         checked against its pack's size: an index object that belongs to another pack, or
         was cut, is set aside for the pack's own trailer.
         """
+        with self._refreshing:  # one refresh at a time (loader threads may all ask after a GC)
+            self._refresh_index()
+
+    def _refresh_index(self) -> None:
+        with self._lock:
+            self._notes = []  # a new look: what the listings since find
         listed = {}
         for key, size in self.objects.list(layout.INDEX):
+            if size > MAX_INDEX_BYTES:
+                self._note((key, f"{size} bytes, more than an index can be"))
+                continue
             pack_id = key.rpartition("/")[2]
             if layout.is_pack_id(pack_id) and key == layout.index_key(pack_id):
                 listed[pack_id] = size
@@ -144,7 +171,6 @@ class Bucket:
                 for pack_id, index in zip(new, loaded):
                     if index is not None:
                         self._add_locations(pack_id, index)
-            self.problems = [problem for found_here in self._damaged.values() for problem in found_here]
 
     def _add_locations(self, pack_id: str, index: PackIndex) -> None:
         for i in range(len(index)):
@@ -194,6 +220,8 @@ class Bucket:
             raise CorruptDataError(f"{what} is {size} bytes, shorter than a trailer")
         tail = self.objects.get_range(key, size - layout.TRAILER_BYTES, layout.TRAILER_BYTES)
         length = layout.trailer_index_bytes(tail, size, what)
+        if length > MAX_INDEX_BYTES:
+            raise CorruptDataError(f"{what}: its trailer names an index of {length} bytes, more than an index can be")
         start = size - layout.TRAILER_BYTES - length
         raw = self.objects.get_range(key, start, length)
         index = layout.decode_index(raw, f"trailer of {what}")
@@ -329,11 +357,16 @@ class Bucket:
     def step_keys(self) -> list[bytes]:
         """The step keys of every step record, in key order (branches as in the ``steps`` table)."""
         keys = []
-        for name, _ in self.objects.list(layout.STEPS):
+        for name, size in self.objects.list(layout.STEPS):
             try:
-                keys.append(layout.step_key_of(name))
+                key = layout.step_key_of(name)
             except CorruptDataError as exc:
-                self.problems.append((name, str(exc)))
+                self._note((name, str(exc)))
+                continue
+            if size > MAX_RECORD_BYTES:
+                self._note((name, f"{size} bytes, more than a step record can be"))
+                continue
+            keys.append(key)
         return sorted(keys)
 
     def get_step(self, key: bytes) -> StepObject | None:
@@ -373,12 +406,14 @@ class Bucket:
     def tags(self) -> dict[str, bytes]:
         """``{tag: step key}``; damaged tag objects go to :attr:`problems`."""
         out = {}
-        for name, _ in self.objects.list(layout.TAGS):
+        for name, size in self.objects.list(layout.TAGS):
             try:
                 tag = layout.hex_name(name, layout.TAGS, "tag").decode("utf-8")
+                if size > MAX_SMALL_RECORD_BYTES or not 0 < len(tag.encode()) <= MAX_TAG_BYTES or tag.isdigit():
+                    raise CorruptDataError(f"not a tag castore writes ({size} bytes)")
                 out[tag] = layout.decode_tag(self.objects.get(name), f"tag {self.url}/{name}")
             except (CorruptDataError, UnicodeDecodeError, RemoteNotFoundError) as exc:
-                self.problems.append((name, str(exc)))
+                self._note((name, str(exc)))
         return out
 
     def put_tag(self, name: str, key: bytes) -> None:
@@ -389,10 +424,16 @@ class Bucket:
 
     # -- locks ---------------------------------------------------------------------------------------
 
-    def locks(self) -> list[tuple[str, Lock | None]]:
-        """``(object key, lock or None if unreadable)`` of every lock object."""
+    def locks(self, *, skip: str | None = None) -> list[tuple[str, Lock | None]]:
+        """``(object key, lock or None if unreadable)`` of every lock object but ``skip``
+        (one's own: not read back)."""
         out: list[tuple[str, Lock | None]] = []
-        for name, _ in self.objects.list(layout.LOCKS):
+        for name, size in self.objects.list(layout.LOCKS):
+            if name == skip:
+                continue
+            if size > MAX_SMALL_RECORD_BYTES:
+                out.append((name, None))  # not a lock castore writes: counts as held, never read
+                continue
             try:
                 out.append((name, layout.decode_lock(self.objects.get(name), f"lock {self.url}/{name}")))
             except RemoteNotFoundError:
@@ -411,10 +452,10 @@ class Bucket:
         owner = _owner()
         now = time.time()
         handle = LockHandle(self, f"{layout.LOCKS}/{kind}-{owner}", Lock(kind, owner, now, now + ttl), ttl)
-        handle.refresh()
+        handle.refresh()  # the first write: nothing to lose yet
         try:
-            for name, lock in self.locks():
-                if name == handle.key or lock is None or lock.expires < time.time():
+            for name, lock in self.locks(skip=handle.key):
+                if lock is None or lock.expires < time.time():
                     continue
                 if kind == "gc" or lock.kind == "gc":
                     raise BucketBusyError(
@@ -427,6 +468,30 @@ class Bucket:
             handle.release()
             raise
         return handle
+
+    def gc_epoch(self) -> bytes:
+        """The bucket's GC epoch: changed by every bucket GC before it deletes anything (b""
+        if no GC ever ran).  An uploader reads it when it reads the index and again before
+        it makes a step visible: a change means values it counted on may be gone."""
+        try:
+            return bytes(self.objects.get(layout.GC_EPOCH))
+        except RemoteNotFoundError:
+            return b""
+
+    def next_gc_epoch(self) -> bytes:
+        """Write a new GC epoch (a GC, before its first delete); returns it."""
+        epoch = os.urandom(16).hex().encode()
+        self.objects.put(layout.GC_EPOCH, epoch)
+        return epoch
+
+    def live_locks(self, kind: str, *, skip: str | None = None) -> list[tuple[str, Lock]]:
+        """The ``kind`` locks not stale by this clock (unreadable ones count as live)."""
+        now = time.time()
+        return [
+            (n, lock or Lock(kind, "unreadable", 0.0, float("inf")))
+            for n, lock in self.locks(skip=skip)
+            if lock is None or (lock.kind == kind and lock.expires >= now)
+        ]
 
     def delete_stale_locks(self, keep: str) -> list[str]:
         """Delete every stale or unreadable lock object but ``keep``; their keys."""
@@ -444,6 +509,17 @@ class LockHandle:
         self.refreshed = 0.0
 
     def refresh(self) -> None:
+        """Push the lock's expiry ``ttl`` on; :class:`LockLostError` if its object is gone (a
+        GC took it for stale): it is never written again then, so the GC that removed it
+        cannot be fooled into taking the uploader for absent a second time."""
+        if self.refreshed and not self.held():
+            raise LockLostError(
+                f"the {self.lock.kind} lock {self.key!r} on {self.bucket.url} expired or was removed as stale",
+                url=self.bucket.url,
+            )
+        self._put()
+
+    def _put(self) -> None:
         now = time.time()
         self.lock = Lock(self.lock.kind, self.lock.owner, self.lock.created, now + self.ttl)
         self.bucket.objects.put(self.key, layout.encode_lock(self.lock))
