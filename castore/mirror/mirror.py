@@ -14,8 +14,9 @@ waits for the network: a save returns once it committed locally.
   the bucket lacks is queued, oldest first, so a killed run's uploads finish on restart.
 * **Bounded**: ``(uploads + 1) * pack_bytes`` of upload buffers, ``max_rate`` bytes per
   second (None: as fast as the link goes).
-* **The bucket follows the branch**: steps of the branch a rollback moved away locally
-  are removed from it before the next upload (the bucket shows the local lineage), the
+* **The bucket follows the branch**: the bucket's steps after a rollback's step move to
+  the abandoned branch there too before the next upload (the bucket shows the local
+  lineage; later steps it cannot account for stop the upload with an error), the
   store's ``keep`` policy is applied to the bucket's steps of the branch after each
   upload (tagged steps are kept; tags are mirrored), and bucket GC runs once
   ``gc_after`` deleted steps have accumulated (:mod:`castore.mirror.bucket_gc`).
@@ -26,6 +27,10 @@ waits for the network: a save returns once it committed locally.
   (:mod:`castore.mirror.multihost`); :meth:`Mirror.wait_committed` waits for that.  Rank 0
   alone applies retention, tags and bucket GC to the bucket; rollbacks are not followed
   (a committed step is never replaced) and local steps are not re-uploaded at open.
+
+The module is past ~400 lines on purpose: the uploader thread's queue, its lock and GC
+epoch, and the rules by which the bucket follows the branch (rollbacks, retention, tags)
+share one state, and splitting them would pass that state around; ``push_steps`` reuses it.
 """
 
 from __future__ import annotations

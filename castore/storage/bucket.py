@@ -10,7 +10,12 @@ read is kept in :attr:`Bucket.problems` for ``verify``.
 Writes keep the layout's order: a pack, then its index, then (elsewhere) the step record
 naming its chunks.  Locks (:meth:`Bucket.take_lock`) let bucket GC exclude uploaders
 without a server-side lock: each party writes its own lock object, then lists the others
-(the store is strongly consistent, so of two that race at least one sees the other).
+(the store is strongly consistent, so of two that race at least one sees the other), and
+the GC epoch (:meth:`Bucket.gc_epoch`) tells an uploader that a GC overtook it.
+
+The module is past ~400 lines on purpose: it is the one place that reads and writes each
+kind of object of the layout (the index and its checks against the packs, records, locks,
+the GC epoch), with the size bounds and typed errors each needs.
 """
 
 from __future__ import annotations
