@@ -52,6 +52,18 @@ def env(s3_server, monkeypatch):
     return {**os.environ, **s3_server.env, "PYTHONPATH": str(ROOT)}
 
 
+@pytest.fixture
+def url(env, bucket):
+    """``s3://<fresh bucket>/run``, with the AWS_* variables pointing at the test gateway."""
+    return f"s3://{bucket}/run"
+
+
+def rank_stores(tmp_path: Path, url: str) -> list[castore.Store]:
+    """The local stores of WORLD ranks of one attempt in this process, mirroring to ``url``."""
+    options = [MirrorOptions(rank=r, world=WORLD, attempt="a", gc_after=0) for r in range(WORLD)]
+    return [castore.Store(tmp_path / f"r{r}", mirror=url, mirror_options=options[r]) for r in range(WORLD)]
+
+
 class Rank:
     """One worker process and the events it printed."""
 
@@ -179,10 +191,7 @@ def test_ranks_finishing_at_once_write_one_step_record(env, tmp_path, bucket):
     assert {r.of("loaded")[1]["digest"] for r in ranks} == {expected(WORLD, 1, 0)}
 
 
-def test_a_component_name_collision_names_the_ranks_and_the_names(s3_server, bucket, tmp_path, monkeypatch):
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    url = f"s3://{bucket}/run"
+def test_a_component_name_collision_names_the_ranks_and_the_names(url, tmp_path):
     stores = [
         castore.Store(tmp_path / f"r{r}", mirror=url, mirror_options=MirrorOptions(rank=r, world=WORLD, attempt="a"))
         for r in range(WORLD)
@@ -208,14 +217,10 @@ def test_a_component_name_collision_names_the_ranks_and_the_names(s3_server, buc
                 store.close()
 
 
-def test_a_waiting_rank_commits_a_step_whose_last_rank_died_after_its_part(s3_server, bucket, tmp_path, monkeypatch):
+def test_a_waiting_rank_commits_a_step_whose_last_rank_died_after_its_part(url, tmp_path, monkeypatch):
     """The last rank writes its part and dies before the step record (one request): a rank
     waiting for the step finds every part and commits it itself."""
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    url = f"s3://{bucket}/run"
-    options = [MirrorOptions(rank=r, world=WORLD, attempt="a", gc_after=0) for r in range(WORLD)]
-    stores = [castore.Store(tmp_path / f"r{r}", mirror=url, mirror_options=options[r]) for r in range(WORLD)]
+    stores = rank_stores(tmp_path, url)
     try:
         for r in (0, 1):
             stores[r].save(1, tree(r, 1, 0))
@@ -236,12 +241,9 @@ def test_a_waiting_rank_commits_a_step_whose_last_rank_died_after_its_part(s3_se
             store.close()
 
 
-def test_a_checkpoint_rank_resumes_from_the_latest_committed_step(s3_server, bucket, tmp_path, monkeypatch):
+def test_a_checkpoint_rank_resumes_from_the_latest_committed_step(url, tmp_path):
     """load_or_save on a rank resumes where every rank committed: not at its own later step
     (which never committed), and on a fresh machine by pulling that step."""
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    url = f"s3://{bucket}/run"
 
     def rank_checkpoint(path, rank: int, attempt: str) -> castore.Checkpoint:
         options = MirrorOptions(rank=rank, world=2, attempt=attempt, gc_after=0)
@@ -278,12 +280,8 @@ def test_a_checkpoint_rank_resumes_from_the_latest_committed_step(s3_server, buc
     fresh.close()
 
 
-def test_bucket_gc_keeps_what_pending_parts_name_and_drops_old_ones(s3_server, bucket, tmp_path, monkeypatch):
-    for name, value in s3_server.env.items():
-        monkeypatch.setenv(name, value)
-    url = f"s3://{bucket}/run"
-    options = [MirrorOptions(rank=r, world=WORLD, attempt="a", gc_after=0) for r in range(WORLD)]
-    stores = [castore.Store(tmp_path / f"r{r}", mirror=url, mirror_options=options[r]) for r in range(WORLD)]
+def test_bucket_gc_keeps_what_pending_parts_name_and_drops_old_ones(url, tmp_path):
+    stores = rank_stores(tmp_path, url)
     try:
         for r in (0, 1):
             stores[r].save(1, tree(r, 1, 0))

@@ -27,7 +27,6 @@ from ..errors import (
     ChunkCorruptError,
     ChunkMissingError,
     CorruptDataError,
-    IntegrityError,
     LockLostError,
     StepExistsError,
     StepNotFoundError,
@@ -35,9 +34,9 @@ from ..errors import (
 from ..format.bucket import CHUNK, PAGE, PackBuilder
 from ..format.chunker import chunk_count
 from ..format.compression import is_encoded
-from ..format.ids import ID_BYTES, chunk_id, short, split_ids
+from ..format.ids import chunk_id, short, split_ids
 from ..format.keys import check_step, describe_key, in_branch, step_key, step_of
-from ..format.manifest import ChunkedBlob, Manifest, PagedBlob, decode_manifest, iter_blobs, page_ids_in
+from ..format.manifest import ChunkedBlob, Manifest, PagedBlob, decode_manifest, iter_blobs
 from ..format.schema import Table
 from ..format.stepinfo import decode_stepinfo, encode_stepinfo
 from ..save.pipeline import ChunkSink, drop_journal
@@ -107,7 +106,17 @@ def remote_key(bucket: Bucket, step: int | str | None, branch: str) -> bytes | N
     return key
 
 
-def step_values(walker: PageWalker, manifest: Manifest, where: str) -> list[tuple[int, bytes, int]]:
+class _Pages:
+    """The pages a pull holds (local, or fetched and checked) as :class:`PageWalker` reads them."""
+
+    def __init__(self, pages: dict[bytes, bytes]):
+        self.pages = pages
+
+    def get(self, table: Table, key: bytes) -> bytes | None:
+        return self.pages.get(bytes(key)) if table is Table.PAGES else None
+
+
+def step_values(walker: PageWalker, manifest: Manifest) -> list[tuple[int, bytes, int]]:
     """``(kind, id, raw bytes)`` of every page and chunk ``manifest`` names, each once, pages
     of a blob before its chunks (raw bytes 0 for pages).  Raises what the walk raises for a
     missing or damaged page."""
@@ -174,7 +183,7 @@ def upload_step(
         manifest = decode_manifest(manifest_raw)
         info = txn.get(Table.STEPINFO, key)
         stepinfo = bytes(info) if info is not None else encode_stepinfo(manifest.created, None)
-        wanted = [(kind, cid) for kind, cid, _ in step_values(PageWalker(txn, check_pages=False), manifest, "")]
+        wanted = [(kind, cid) for kind, cid, _ in step_values(PageWalker(txn, check_pages=False), manifest)]
     wanted = [(kind, cid) for kind, cid in wanted if not bucket.has(cid)]
     sent = value_bytes = packs = object_bytes = 0
     in_flight: list[concurrent.futures.Future] = []
@@ -309,27 +318,16 @@ def pull_step(
             sink.put(Table.PAGES, pid, pages[pid])
             count += 1
             nbytes += len(pages[pid])
-        sizes: dict[bytes, int] = {}
+        sizes: dict[bytes, int] = {}  # the chunks the local store lacks, and their raw lengths
         with backend.read() as txn:
-            for name, node in manifest.components:
-                for blob in iter_blobs(node):
-                    if isinstance(blob, PagedBlob):
-                        ids = b"".join(page_ids_in(pages[pid]) for pid in split_ids(blob.page_ids))
-                    elif isinstance(blob, ChunkedBlob):
-                        ids = blob.ids
+            walker = PageWalker(_Pages(pages), check_pages=False)  # type: ignore[arg-type]  # reads pages only
+            for kind, cid, raw_bytes in step_values(walker, manifest):
+                if kind == CHUNK:
+                    value = txn.get(Table.CHUNKS, cid)
+                    if value is None:
+                        sizes[cid] = raw_bytes
                     else:
-                        continue
-                    n = chunk_count(blob.nbytes, blob.chunk_nbytes)
-                    if len(ids) != n * ID_BYTES:
-                        raise IntegrityError(f"{where}: the pages of component {name!r} list a wrong number of chunks")
-                    for i, cid in enumerate(split_ids(ids)):
-                        if cid in sizes:
-                            continue
-                        value = txn.get(Table.CHUNKS, cid)
-                        if value is not None:
-                            txn.release(value)
-                            continue
-                        sizes[cid] = blob.nbytes - i * blob.chunk_nbytes if i == n - 1 else blob.chunk_nbytes
+                        txn.release(value)
         scratch = threading.local()  # a decode buffer per fetching thread
 
         def check(cid: bytes, value) -> None:  # on the fetching threads: decoding and BLAKE3 in parallel
